@@ -1,0 +1,63 @@
+//! An in-memory state: the same `apply` over a `BTreeMap`. Tests use it as the reference model.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+
+use residency_types::{ApplyResult, Command, Placement, Revision, UserId};
+
+use crate::{KvRead, Mutation, StateDigest, apply, lookup};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryState {
+    entries: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl KvRead for MemoryState {
+    type Error = Infallible;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Infallible> {
+        Ok(self.entries.get(key).cloned())
+    }
+}
+
+impl MemoryState {
+    pub fn new() -> Self {
+        MemoryState::default()
+    }
+
+    /// Applies one entry and its mutations; the model of what the store does atomically.
+    pub fn apply(&mut self, revision: Revision, command: Option<&Command>) -> ApplyResult {
+        let applied = apply(self, revision, command).expect("memory state never fails to read");
+        for mutation in applied.mutations {
+            match mutation {
+                Mutation::Put { key, value } => {
+                    self.entries.insert(key, value);
+                }
+                Mutation::Delete { key } => {
+                    self.entries.remove(&key);
+                }
+            }
+        }
+        applied.result
+    }
+
+    pub fn lookup(&self, user_id: &UserId) -> Option<Placement> {
+        lookup(self, user_id).expect("memory state holds only values it wrote")
+    }
+
+    pub fn digest(&self) -> (String, u64) {
+        let mut digest = StateDigest::new();
+        for (key, value) in &self.entries {
+            digest.update(key, value);
+        }
+        digest.finish()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}

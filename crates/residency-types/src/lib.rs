@@ -1,0 +1,25 @@
+//! The registry's vocabulary: validated identifiers, placements, write commands, their outcomes,
+//! read consistency and the stable reason codes every error carries.
+//!
+//! Everything here is plain data. Constructors validate, so a value of these types is always
+//! well formed; nothing here does IO, is async, or reads a clock.
+//!
+//! - [`ids`]: `UserId`, `LocationId`, `RequestId`, `Jurisdiction`, `CallerId`, `ReasonText`.
+//! - [`placement`]: the user record and the `Revision` it is versioned by.
+//! - [`command`]: what the leader proposes (`Command`) and what apply answers (`Outcome`).
+//! - [`consistency`]: how fresh a read must be.
+//! - [`reason`]: the stable machine-readable reason codes and the validation error.
+//! - [`limits`]: every size limit of the domain, named.
+
+pub mod command;
+pub mod consistency;
+pub mod ids;
+pub mod limits;
+pub mod placement;
+pub mod reason;
+
+pub use command::{ApplyResult, Command, Outcome, Rejection, WriteBody};
+pub use consistency::Consistency;
+pub use ids::{CallerId, Jurisdiction, LocationId, ReasonText, RequestId, UserId};
+pub use placement::{Placement, PlacementState, Revision};
+pub use reason::{ReasonCode, ValidationError};

@@ -1,0 +1,129 @@
+//! Stable, machine-readable reason codes, and the error that validation returns.
+//!
+//! The codes are part of the API: clients match on their strings, so a code is never renamed or
+//! reused, only added.
+
+use std::fmt;
+
+/// Why a request was refused or failed. The string form (`as_str`) is what goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReasonCode {
+    InvalidUserId,
+    InvalidJurisdiction,
+    InvalidLocationId,
+    InvalidRequestId,
+    InvalidCallerId,
+    InvalidReasonText,
+    InvalidConsistency,
+    InvalidArgument,
+    BatchTooLarge,
+    RevisionMismatch,
+    UserNotFound,
+    RequestIdReused,
+    NotLeader,
+    NoLeader,
+    RevisionNotReached,
+    QuorumUnavailable,
+    ClusterNotInitialized,
+    AlreadyInitialized,
+    MemberUnreachable,
+    ShuttingDown,
+    Internal,
+}
+
+impl ReasonCode {
+    /// Every code, for tables and round-trip tests.
+    pub const ALL: [ReasonCode; 21] = [
+        ReasonCode::InvalidUserId,
+        ReasonCode::InvalidJurisdiction,
+        ReasonCode::InvalidLocationId,
+        ReasonCode::InvalidRequestId,
+        ReasonCode::InvalidCallerId,
+        ReasonCode::InvalidReasonText,
+        ReasonCode::InvalidConsistency,
+        ReasonCode::InvalidArgument,
+        ReasonCode::BatchTooLarge,
+        ReasonCode::RevisionMismatch,
+        ReasonCode::UserNotFound,
+        ReasonCode::RequestIdReused,
+        ReasonCode::NotLeader,
+        ReasonCode::NoLeader,
+        ReasonCode::RevisionNotReached,
+        ReasonCode::QuorumUnavailable,
+        ReasonCode::ClusterNotInitialized,
+        ReasonCode::AlreadyInitialized,
+        ReasonCode::MemberUnreachable,
+        ReasonCode::ShuttingDown,
+        ReasonCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::InvalidUserId => "INVALID_USER_ID",
+            ReasonCode::InvalidJurisdiction => "INVALID_JURISDICTION",
+            ReasonCode::InvalidLocationId => "INVALID_LOCATION_ID",
+            ReasonCode::InvalidRequestId => "INVALID_REQUEST_ID",
+            ReasonCode::InvalidCallerId => "INVALID_CALLER_ID",
+            ReasonCode::InvalidReasonText => "INVALID_REASON_TEXT",
+            ReasonCode::InvalidConsistency => "INVALID_CONSISTENCY",
+            ReasonCode::InvalidArgument => "INVALID_ARGUMENT",
+            ReasonCode::BatchTooLarge => "BATCH_TOO_LARGE",
+            ReasonCode::RevisionMismatch => "REVISION_MISMATCH",
+            ReasonCode::UserNotFound => "USER_NOT_FOUND",
+            ReasonCode::RequestIdReused => "REQUEST_ID_REUSED",
+            ReasonCode::NotLeader => "NOT_LEADER",
+            ReasonCode::NoLeader => "NO_LEADER",
+            ReasonCode::RevisionNotReached => "REVISION_NOT_REACHED",
+            ReasonCode::QuorumUnavailable => "QUORUM_UNAVAILABLE",
+            ReasonCode::ClusterNotInitialized => "CLUSTER_NOT_INITIALIZED",
+            ReasonCode::AlreadyInitialized => "ALREADY_INITIALIZED",
+            ReasonCode::MemberUnreachable => "MEMBER_UNREACHABLE",
+            ReasonCode::ShuttingDown => "SHUTTING_DOWN",
+            ReasonCode::Internal => "INTERNAL",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ReasonCode> {
+        ReasonCode::ALL
+            .into_iter()
+            .find(|code| code.as_str() == text)
+    }
+}
+
+impl fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Input that does not meet the domain's rules. Never proposed, never changes state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub code: ReasonCode,
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(code: ReasonCode, field: &'static str, message: impl Into<String>) -> Self {
+        ValidationError {
+            code,
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_code_round_trips_through_its_string() {
+        for code in ReasonCode::ALL {
+            assert_eq!(ReasonCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(ReasonCode::parse("NOT_A_CODE"), None);
+    }
+}
