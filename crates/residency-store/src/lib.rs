@@ -1,1 +1,90 @@
-//! placeholder
+//! The node's storage: the Raft log and vote, and the state machine, in one sled database per
+//! node, plus snapshot files streamed from and to disk.
+//!
+//! - [`durable`]: the database handle and its group-commit flusher (`flush` + `fdatasync`).
+//! - [`log_store`]: openraft's `RaftLogStorage`: checksummed records, verified on open.
+//! - [`state_machine`]: openraft's `RaftStateMachine`: applies entries through
+//!   `residency_core::apply` in one atomic sled batch that also records the applied log id.
+//! - [`snapshot`]: the snapshot file format (header, length-prefixed records, CRC trailer).
+//! - [`reader`]: the read API the server answers queries with.
+//!
+//! This crate knows openraft and sled and nothing of gRPC.
+
+pub mod durable;
+pub mod error;
+pub mod log_store;
+pub mod reader;
+pub mod record;
+pub mod snapshot;
+pub mod state_machine;
+
+use std::fmt;
+use std::path::Path;
+
+use residency_types::{ApplyResult, Command};
+use serde::{Deserialize, Serialize};
+
+pub use durable::{Durable, StoreOptions};
+pub use error::StoreError;
+pub use log_store::LogStore;
+pub use reader::StateReader;
+pub use state_machine::StateMachineStore;
+
+/// What the cluster knows of a member: where to reach it and which jurisdiction it declares.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Address clients use (gRPC `residency.v1`), as `host:port`.
+    pub client_addr: String,
+    /// Address peers use (Raft traffic), as `host:port`.
+    pub peer_addr: String,
+    /// The ISO 3166-1 alpha-2 code the node declares it runs in.
+    pub jurisdiction: String,
+}
+
+impl fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "client={} peer={} jurisdiction={}",
+            self.client_addr, self.peer_addr, self.jurisdiction
+        )
+    }
+}
+
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The registry's Raft types: our commands in, our apply results out, snapshots as files.
+    pub TypeConfig:
+        D = Command,
+        R = ApplyResult,
+        NodeId = NodeId,
+        Node = NodeInfo,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Vote = openraft::Vote<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, NodeInfo>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, NodeInfo>;
+
+/// Opens (or creates) a node's storage under `dir`: the log store, the state machine, and a
+/// reader for queries. Refuses to open a log whose records fail their checksum.
+pub async fn open(
+    dir: &Path,
+    options: StoreOptions,
+) -> Result<(LogStore, StateMachineStore, StateReader), StoreError> {
+    let durable = Durable::open(dir, options)?;
+    let log_store = LogStore::open(durable.clone())?;
+    let state_machine = StateMachineStore::open(durable).await?;
+    let reader = state_machine.reader();
+    Ok((log_store, state_machine, reader))
+}
+
+#[cfg(test)]
+mod tests;

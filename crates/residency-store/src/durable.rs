@@ -1,0 +1,139 @@
+//! The node's sled database and what makes writes to it durable.
+//!
+//! sled's `flush()` writes its log with `sync_file_range`, which is not an fsync (see
+//! `shared/reference/deps.md` §9.2). So a write is durable here only after `flush()` *and* an
+//! `fdatasync` on sled's `db` file. One dedicated thread does both for every pending request at
+//! once (group commit): appends that arrive while a sync runs share the next one. We never call
+//! `flush_async()`, which can hang every sled database in the process (deps.md §9.1).
+//!
+//! A failed fsync aborts the process: after a failed fsync the page cache may have dropped the
+//! dirty pages, so carrying on could acknowledge writes that are not on disk ("fsyncgate").
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use crate::StoreError;
+
+/// How the store is opened. Every field is set by the caller; there are no hidden defaults.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// sled's page cache per node, in bytes. sled's own default is 1 GiB.
+    pub cache_capacity_bytes: u64,
+}
+
+/// Something waiting for the next durable point.
+pub(crate) type SyncWaiter = Box<dyn FnOnce() + Send>;
+
+/// Requests queued to the flusher thread, at most this many before senders wait.
+const SYNC_QUEUE_DEPTH_MAX: usize = 4_096;
+
+#[derive(Clone)]
+pub struct Durable {
+    db: sled::Db,
+    dir: PathBuf,
+    sync_requests: mpsc::SyncSender<SyncWaiter>,
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Durable {
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Durable, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let db_dir = dir.join("sled");
+        let db = sled::Config::new()
+            .path(&db_dir)
+            .cache_capacity(options.cache_capacity_bytes)
+            .open()?;
+        // Any descriptor on the inode serves for fdatasync; sled never replaces its `db` file.
+        let db_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(db_dir.join("db"))?;
+        sync_directory(&db_dir)?;
+        sync_directory(dir)?;
+        let (sync_requests, pending) = mpsc::sync_channel(SYNC_QUEUE_DEPTH_MAX);
+        let flusher_db = db.clone();
+        std::thread::Builder::new()
+            .name("residency-fsync".to_string())
+            .spawn(move || run_flusher(flusher_db, db_file, pending))?;
+        Ok(Durable {
+            db,
+            dir: dir.to_path_buf(),
+            sync_requests,
+        })
+    }
+
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Calls `waiter` once everything written before this call is on disk.
+    pub(crate) fn after_sync(&self, waiter: SyncWaiter) {
+        self.sync_requests
+            .send(waiter)
+            .expect("the flusher thread lives as long as any handle to the store");
+    }
+
+    /// Waits until everything written before this call is on disk.
+    pub async fn sync(&self) {
+        let (done, synced) = tokio::sync::oneshot::channel();
+        self.after_sync(Box::new(move || {
+            let _ = done.send(());
+        }));
+        synced
+            .await
+            .expect("the flusher completes every waiter or aborts the process");
+    }
+}
+
+impl Durable {
+    /// `sync` for code already on a blocking thread (snapshot build and install).
+    pub(crate) fn sync_blocking(&self) {
+        let (done, synced) = mpsc::sync_channel(1);
+        self.after_sync(Box::new(move || {
+            let _ = done.send(());
+        }));
+        synced
+            .recv()
+            .expect("the flusher completes every waiter or aborts the process");
+    }
+}
+
+fn run_flusher(db: sled::Db, db_file: File, pending: mpsc::Receiver<SyncWaiter>) {
+    while let Ok(first) = pending.recv() {
+        let mut waiters = vec![first];
+        waiters.extend(pending.try_iter());
+        let started = Instant::now();
+        if let Err(error) = db
+            .flush()
+            .map_err(io::Error::from)
+            .and_then(|_| db_file.sync_data())
+        {
+            tracing::error!(%error, "fsync of the node's database failed; aborting to avoid acknowledging lost writes");
+            std::process::abort();
+        }
+        metrics::histogram!("residency_fsync_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("residency_fsync_batch_waiters").record(waiters.len() as f64);
+        for waiter in waiters {
+            waiter();
+        }
+    }
+}
+
+/// Makes a directory's entries (a created or renamed file) durable.
+pub fn sync_directory(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}

@@ -1,0 +1,527 @@
+//! The replicated state machine on sled: apply, snapshot build and install.
+//!
+//! The state lives in one sled tree (named by the `sm_pointer` tree, so that installing a
+//! snapshot can build a whole new tree and switch to it in one durable step). Each `apply` call
+//! decides its entries through `residency_core::apply` over an overlay, then writes all their
+//! mutations *and* the applied log id in one atomic sled batch: the applied revision is always
+//! exactly the revision of the data beside it.
+//!
+//! Apply does not fsync: after a crash the node re-applies from its durable log. Before a
+//! snapshot is written (after which the log may be purged) the state is synced.
+//!
+//! A snapshot build holds a read lock on the state for as long as it streams the tree to a file,
+//! so it sees one revision; applies wait for it. (Measured cost and a lock-free design are for
+//! the performance issue.)
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, ErrorVerb, RaftSnapshotBuilder};
+use residency_core::{KvRead, Mutation, codec, keys};
+use residency_types::{ApplyResult, Revision};
+use tokio::sync::RwLock;
+
+use crate::error::{sm_error, snapshot_error};
+use crate::reader::StateReader;
+use crate::snapshot::{SnapshotReader, SnapshotWriter};
+use crate::{
+    Durable, Entry, LogId, SnapshotMeta, StorageError, StoreError, StoredMembership, TypeConfig,
+};
+
+const POINTER_TREE: &str = "sm_pointer";
+const CURRENT_TREE_KEY: &str = "current";
+const NEXT_SEQ_KEY: &str = "next_seq";
+const STATE_TREE_PREFIX: &str = "state-";
+const SNAPSHOT_SUFFIX: &str = ".snap";
+const PARTIAL_SUFFIX: &str = ".partial";
+/// Pairs per sled batch while loading a snapshot: bounds memory during install.
+const INSTALL_BATCH_PAIRS_MAX: usize = 10_000;
+
+pub(crate) fn applied_key() -> Vec<u8> {
+    keys::meta_key("applied")
+}
+
+pub(crate) fn membership_key() -> Vec<u8> {
+    keys::meta_key("membership")
+}
+
+/// A read view of one sled tree for the core.
+pub(crate) struct TreeView<'a>(pub &'a sled::Tree);
+
+impl KvRead for TreeView<'_> {
+    type Error = sled::Error;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
+        Ok(self.0.get(key)?.map(|value| value.to_vec()))
+    }
+}
+
+/// The tree plus the not yet written mutations of the entries applied so far in this call.
+struct Overlay<'a> {
+    tree: &'a sled::Tree,
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl KvRead for Overlay<'_> {
+    type Error = sled::Error;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
+        match self.pending.get(key) {
+            Some(value) => Ok(value.clone()),
+            None => Ok(self.tree.get(key)?.map(|value| value.to_vec())),
+        }
+    }
+}
+
+impl Overlay<'_> {
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.pending.insert(key, Some(value));
+    }
+
+    fn extend(&mut self, mutations: Vec<Mutation>) {
+        for mutation in mutations {
+            match mutation {
+                Mutation::Put { key, value } => self.pending.insert(key, Some(value)),
+                Mutation::Delete { key } => self.pending.insert(key, None),
+            };
+        }
+    }
+
+    fn into_batch(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (key, value) in self.pending {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) durable: Durable,
+    pointer: sled::Tree,
+    pub(crate) state: Arc<RwLock<sled::Tree>>,
+    /// One more than the index of the last applied entry (0 before any: index 0 is a real
+    /// entry, the initial membership). Updated under the state write lock.
+    pub(crate) applied_next: AtomicU64,
+    snapshot_dir: PathBuf,
+    current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf)>>,
+    incoming: Mutex<Vec<PathBuf>>,
+}
+
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachineStore").finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn read_applied(tree: &sled::Tree) -> Result<Option<LogId>, StoreError> {
+    match tree.get(applied_key())? {
+        Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+fn read_membership(tree: &sled::Tree) -> Result<StoredMembership, StoreError> {
+    match tree.get(membership_key())? {
+        Some(bytes) => Ok(codec::decode(&bytes)?),
+        None => Ok(StoredMembership::default()),
+    }
+}
+
+impl StateMachineStore {
+    pub async fn open(durable: Durable) -> Result<StateMachineStore, StoreError> {
+        let db = durable.db().clone();
+        let pointer = db.open_tree(POINTER_TREE)?;
+        let current_name = match pointer.get(CURRENT_TREE_KEY)? {
+            Some(name) => String::from_utf8(name.to_vec())
+                .map_err(|_| StoreError::corrupt("state tree pointer is not UTF-8"))?,
+            None => format!("{STATE_TREE_PREFIX}0"),
+        };
+        for name in db.tree_names() {
+            let stale =
+                name.starts_with(STATE_TREE_PREFIX.as_bytes()) && name != current_name.as_bytes();
+            if stale {
+                // Left by an install that crashed before switching to it.
+                db.drop_tree(&name)?;
+            }
+        }
+        let tree = db.open_tree(&current_name)?;
+        let applied = read_applied(&tree)?;
+        let snapshot_dir = durable.dir().join("snapshots");
+        std::fs::create_dir_all(&snapshot_dir)?;
+        let current_snapshot = find_current_snapshot(&snapshot_dir)?;
+        let shared = Shared {
+            durable,
+            pointer,
+            state: Arc::new(RwLock::new(tree)),
+            applied_next: AtomicU64::new(applied.map_or(0, |log_id| log_id.index + 1)),
+            snapshot_dir,
+            current_snapshot: Mutex::new(current_snapshot),
+            incoming: Mutex::new(Vec::new()),
+        };
+        Ok(StateMachineStore {
+            shared: Arc::new(shared),
+        })
+    }
+
+    pub fn reader(&self) -> StateReader {
+        StateReader::new(self.shared.clone())
+    }
+
+    async fn apply_entries(&self, entries: Vec<Entry>) -> Result<Vec<ApplyResult>, StoreError> {
+        let tree = self.shared.state.write().await;
+        let mut overlay = Overlay {
+            tree: &tree,
+            pending: BTreeMap::new(),
+        };
+        let mut results = Vec::with_capacity(entries.len());
+        let mut last_applied = None;
+        for entry in entries {
+            let revision = Revision(entry.log_id.index);
+            let applied = match &entry.payload {
+                EntryPayload::Blank => residency_core::apply(&overlay, revision, None)?,
+                EntryPayload::Normal(command) => {
+                    residency_core::apply(&overlay, revision, Some(command))?
+                }
+                EntryPayload::Membership(membership) => {
+                    let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
+                    overlay.put(membership_key(), codec::encode(&stored));
+                    residency_core::apply(&overlay, revision, None)?
+                }
+            };
+            overlay.extend(applied.mutations);
+            overlay.put(applied_key(), codec::encode(&entry.log_id));
+            results.push(applied.result);
+            last_applied = Some(entry.log_id);
+        }
+        tree.apply_batch(overlay.into_batch())?;
+        if let Some(log_id) = last_applied {
+            let previous = self
+                .shared
+                .applied_next
+                .swap(log_id.index + 1, Ordering::SeqCst);
+            assert!(previous <= log_id.index, "applied index went backwards");
+        }
+        metrics::counter!("residency_entries_applied_total").increment(results.len() as u64);
+        Ok(results)
+    }
+}
+
+fn find_current_snapshot(dir: &Path) -> Result<Option<(SnapshotMeta, PathBuf)>, StoreError> {
+    let mut newest: Option<(SnapshotMeta, PathBuf)> = None;
+    for item in std::fs::read_dir(dir)? {
+        let path = item?.path();
+        let name = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if !name.ends_with(SNAPSHOT_SUFFIX) {
+            // Partial builds and receptions from before a crash.
+            std::fs::remove_file(&path)?;
+            continue;
+        }
+        let (_, meta) = SnapshotReader::open(File::open(&path)?)?;
+        let newer = newest
+            .as_ref()
+            .is_none_or(|(best, _)| meta.last_log_id > best.last_log_id);
+        if newer {
+            if let Some((_, older)) = newest.take() {
+                std::fs::remove_file(older)?;
+            }
+            newest = Some((meta, path));
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(newest)
+}
+
+impl Shared {
+    /// A number never handed out before on this node, for file and tree names. Kept in sled so
+    /// that a restart cannot reuse the name of the live state tree or snapshot.
+    fn next_seq(&self) -> Result<u64, StoreError> {
+        let bumped = self.pointer.update_and_fetch(NEXT_SEQ_KEY, |old| {
+            let old = old
+                .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                .map_or(1, u64::from_be_bytes);
+            Some((old + 1).to_be_bytes().to_vec())
+        })?;
+        let bytes = bumped.expect("update_and_fetch always stores a value here");
+        let bytes: [u8; 8] = bytes.as_ref().try_into().expect("the counter is 8 bytes");
+        Ok(u64::from_be_bytes(bytes))
+    }
+
+    fn next_path(&self, stem: &str, suffix: &str) -> Result<PathBuf, StoreError> {
+        let seq = self.next_seq()?;
+        Ok(self.snapshot_dir.join(format!("{stem}-{seq:020}{suffix}")))
+    }
+
+    /// Makes `path` the current snapshot and deletes the one it replaces.
+    fn adopt_snapshot(&self, meta: SnapshotMeta, partial: &Path) -> Result<PathBuf, StoreError> {
+        let path = self.next_path("snapshot", SNAPSHOT_SUFFIX)?;
+        std::fs::rename(partial, &path)?;
+        crate::durable::sync_directory(&self.snapshot_dir)?;
+        let previous = self
+            .current_snapshot
+            .lock()
+            .expect("snapshot lock poisoned")
+            .replace((meta, path.clone()));
+        if let Some((_, old_path)) = previous {
+            std::fs::remove_file(old_path)?;
+        }
+        Ok(path)
+    }
+
+    /// Streams the state tree to a new snapshot file; the caller holds the state read lock.
+    fn write_snapshot(&self, tree: &sled::Tree) -> Result<(SnapshotMeta, PathBuf), StoreError> {
+        // The log may be purged up to this snapshot, so the state it covers must be durable.
+        self.durable.sync_blocking();
+        let last_log_id = read_applied(tree)?;
+        let last_membership = read_membership(tree)?;
+        let seq = self.next_seq()?;
+        let snapshot_id = match last_log_id {
+            Some(log_id) => format!("{}-{}-{seq}", log_id.leader_id.term, log_id.index),
+            None => format!("empty-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id,
+        };
+        let partial = self.next_path("build", PARTIAL_SUFFIX)?;
+        let file = File::create(&partial)?;
+        let mut writer = SnapshotWriter::new(file, &meta)?;
+        for item in tree.iter() {
+            let (key, value) = item?;
+            writer.pair(&key, &value)?;
+        }
+        let pairs = writer.finish()?;
+        let path = self.adopt_snapshot(meta.clone(), &partial)?;
+        tracing::info!(
+            pairs,
+            index = meta.last_log_id.map(|log_id| log_id.index),
+            "snapshot built"
+        );
+        Ok((meta, path))
+    }
+
+    /// The path of a received snapshot file: the one `begin_receiving_snapshot` made for it, or,
+    /// for a snapshot handed over some other way, a copy of it in the snapshot directory.
+    fn claim_received(&self, mut file: File) -> Result<PathBuf, StoreError> {
+        file.sync_all()?;
+        let inode = file.metadata()?.ino();
+        let mut incoming = self.incoming.lock().expect("incoming lock poisoned");
+        let position = incoming
+            .iter()
+            .position(|path| std::fs::metadata(path).is_ok_and(|found| found.ino() == inode));
+        if let Some(position) = position {
+            return Ok(incoming.remove(position));
+        }
+        drop(incoming);
+        let path = self.next_path("copied", PARTIAL_SUFFIX)?;
+        let mut copy = File::create(&path)?;
+        file.seek(SeekFrom::Start(0))?;
+        std::io::copy(&mut file, &mut copy)?;
+        copy.sync_all()?;
+        Ok(path)
+    }
+
+    /// Loads a received snapshot file into a fresh tree, verifies it, then switches to it.
+    fn install_snapshot_file(&self, meta: &SnapshotMeta, partial: &Path) -> Result<(), StoreError> {
+        let (mut reader, header) = SnapshotReader::open(File::open(partial)?)?;
+        if header.last_log_id != meta.last_log_id {
+            return Err(StoreError::corrupt(format!(
+                "snapshot file is for {:?}, the leader announced {:?}",
+                header.last_log_id, meta.last_log_id
+            )));
+        }
+        let db = self.durable.db();
+        let name = format!("{STATE_TREE_PREFIX}{}", self.next_seq()?);
+        db.drop_tree(&name)?;
+        let tree = db.open_tree(&name)?;
+        let loaded = load_pairs(&mut reader, &tree).and_then(|()| {
+            let applied = read_applied(&tree)?;
+            if applied != meta.last_log_id {
+                return Err(StoreError::corrupt(
+                    "snapshot state disagrees with its header",
+                ));
+            }
+            Ok(applied)
+        });
+        let applied = match loaded {
+            Ok(applied) => applied,
+            Err(error) => {
+                db.drop_tree(&name)?;
+                return Err(error);
+            }
+        };
+        self.durable.sync_blocking();
+        let old_name = {
+            let mut current = self.state.blocking_write();
+            self.pointer.insert(CURRENT_TREE_KEY, name.as_bytes())?;
+            self.durable.sync_blocking();
+            let old = std::mem::replace(&mut *current, tree);
+            self.applied_next.store(
+                applied.map_or(0, |log_id| log_id.index + 1),
+                Ordering::SeqCst,
+            );
+            old.name()
+        };
+        db.drop_tree(&old_name)?;
+        self.adopt_snapshot(meta.clone(), partial)?;
+        tracing::info!(
+            index = applied.map(|log_id| log_id.index),
+            "snapshot installed"
+        );
+        Ok(())
+    }
+}
+
+fn load_pairs(reader: &mut SnapshotReader, tree: &sled::Tree) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut in_batch = 0_usize;
+    while let Some((key, value)) = reader.next_pair()? {
+        batch.insert(key, value);
+        in_batch += 1;
+        if in_batch == INSTALL_BATCH_PAIRS_MAX {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+            in_batch = 0;
+        }
+    }
+    tree.apply_batch(batch)?;
+    Ok(())
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let tree = self.shared.state.read().await;
+        let applied = read_applied(&tree).map_err(sm_error(ErrorVerb::Read))?;
+        let membership = read_membership(&tree).map_err(sm_error(ErrorVerb::Read))?;
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.apply_entries(entries)
+            .await
+            .map_err(sm_error(ErrorVerb::Write))
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder {
+            shared: self.shared.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = self
+            .shared
+            .next_path("incoming", PARTIAL_SUFFIX)
+            .map_err(snapshot_error(ErrorVerb::Write))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|error| snapshot_error(ErrorVerb::Write)(error.into()))?;
+        self.shared
+            .incoming
+            .lock()
+            .expect("incoming lock poisoned")
+            .push(path);
+        Ok(Box::new(tokio::fs::File::from_std(file)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        let file = snapshot.into_std().await;
+        let partial = self
+            .shared
+            .claim_received(file)
+            .map_err(snapshot_error(ErrorVerb::Write))?;
+        let shared = self.shared.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = shared.install_snapshot_file(&meta, &partial);
+            if result.is_err() {
+                let _ = std::fs::remove_file(&partial);
+            }
+            result
+        })
+        .await
+        .expect("snapshot install thread panicked")
+        .map_err(snapshot_error(ErrorVerb::Write))
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let current = self
+            .shared
+            .current_snapshot
+            .lock()
+            .expect("snapshot lock poisoned")
+            .clone();
+        let Some((meta, path)) = current else {
+            return Ok(None);
+        };
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|error| snapshot_error(ErrorVerb::Read)(error.into()))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
+    }
+}
+
+#[derive(Clone)]
+pub struct SnapshotBuilder {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SnapshotBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotBuilder").finish_non_exhaustive()
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let tree = self.shared.state.clone().read_owned().await;
+        let shared = self.shared.clone();
+        let (meta, path) = tokio::task::spawn_blocking(move || shared.write_snapshot(&tree))
+            .await
+            .expect("snapshot build thread panicked")
+            .map_err(snapshot_error(ErrorVerb::Write))?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|error| snapshot_error(ErrorVerb::Read)(error.into()))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
