@@ -13,7 +13,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = ["residency/v1/registry.proto", "residency/v1/cluster.proto", "residency/v1/peer.proto"];
+    let files = [
+        "residency/v1/registry.proto",
+        "residency/v1/cluster.proto",
+        "residency/v1/peer.proto",
+    ];
     let paths: Vec<PathBuf> = files.iter().map(|file| proto_root.join(file)).collect();
     for path in &paths {
         println!("cargo:rerun-if-changed={}", path.display());

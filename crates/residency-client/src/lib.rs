@@ -1,1 +1,404 @@
-//! placeholder
+//! A typed async client for the Residency Registry.
+//!
+//! Give it the client endpoints of the nodes (`host:port`); it finds the leader for writes by
+//! following the leader hints in UNAVAILABLE answers, moves on to the next endpoint when one is
+//! unreachable, and retries within the call's deadline. A write keeps its request id across
+//! retries, so the registry applies it once however often it is sent.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), residency_client::ClientError> {
+//! use residency_client::{Client, ClientOptions};
+//! use residency_types::{Consistency, Jurisdiction, LocationId, UserId};
+//!
+//! let client = Client::new(vec!["127.0.0.1:7101".into()], ClientOptions::default())?;
+//! let user = UserId::parse("user-42").expect("valid id");
+//! let location = LocationId::parse("us-east-1/pg-1").expect("valid id");
+//! client.assign(&user, Jurisdiction::US, &location, None).await?;
+//! let read = client.lookup(&user, Consistency::Linearizable).await?;
+//! println!("{:?} at revision {}", read.placement, read.revision);
+//! # Ok(()) }
+//! ```
+
+mod error;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub use error::ClientError;
+use residency_proto::convert::consistency_to_pb;
+pub use residency_proto::pb;
+use residency_proto::pb::cluster_client::ClusterClient;
+use residency_proto::pb::registry_client::RegistryClient;
+use residency_types::{
+    Consistency, Jurisdiction, LocationId, Placement, ReasonCode, Revision, UserId,
+};
+use tonic::transport::{Channel, Endpoint};
+
+/// The endpoints a client is given when none are: the local three-node cluster.
+pub const LOCAL_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
+/// Largest message the client accepts, in bytes (the server's default limit).
+const MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// First pause between retries, doubled after each pause up to the maximum, in milliseconds.
+const RETRY_BACKOFF_MS_MIN: u64 = 50;
+const RETRY_BACKOFF_MS_MAX: u64 = 1_000;
+/// Attempts of one call at most, whatever its deadline.
+const CALL_ATTEMPTS_MAX: usize = 64;
+const CONNECT_TIMEOUT_MS: u64 = 1_000;
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The deadline of one call, retries included.
+    pub timeout: Duration,
+    /// The identity recorded with writes (until mutual TLS sets it).
+    pub caller: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: Duration::from_secs(10),
+            caller: String::new(),
+        }
+    }
+}
+
+/// A placement as read, and the state it was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read<T> {
+    pub placement: T,
+    /// The revision of the state read; use it as an `AtLeast` token elsewhere.
+    pub revision: Revision,
+    pub served_by: u64,
+    /// For stale reads: how long since the answering node heard from a leader.
+    pub millis_since_leader_contact: Option<u64>,
+}
+
+/// The result of an assign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assigned {
+    pub placement: Placement,
+    pub created: bool,
+    pub revision: Revision,
+}
+
+/// Options of a write beyond its body.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// Only if the placement's mod_revision is this (0: must not exist).
+    pub expected_mod_revision: Option<Revision>,
+    /// The idempotency key; a fresh random one when `None`.
+    pub request_id: Option<String>,
+    /// Why the write is made, recorded with it.
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub struct Client {
+    endpoints: Vec<String>,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Where to send the next call first: the last leader we learned of, or the last endpoint
+    /// that answered.
+    preferred: Mutex<Option<String>>,
+    options: ClientOptions,
+}
+
+/// What one attempt at one endpoint tells the retry loop.
+enum Attempt<T> {
+    Done(T),
+    Retry {
+        next: Option<String>,
+        pause: bool,
+        error: ClientError,
+    },
+}
+
+impl Client {
+    pub fn new(endpoints: Vec<String>, options: ClientOptions) -> Result<Client, ClientError> {
+        let endpoints: Vec<String> = endpoints
+            .into_iter()
+            .map(|endpoint| endpoint.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(ClientError::Config("no endpoints given".to_string()));
+        }
+        Ok(Client {
+            endpoints,
+            channels: Mutex::default(),
+            preferred: Mutex::default(),
+            options,
+        })
+    }
+
+    fn channel(&self, endpoint: &str) -> Result<Channel, ClientError> {
+        let mut channels = self.channels.lock().expect("channel lock poisoned");
+        if let Some(channel) = channels.get(endpoint) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{endpoint}"))
+            .map_err(|error| ClientError::Config(format!("endpoint {endpoint:?}: {error}")))?
+            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(endpoint.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    fn registry(&self, endpoint: &str) -> Result<RegistryClient<Channel>, ClientError> {
+        Ok(RegistryClient::new(self.channel(endpoint)?)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+
+    fn cluster(&self, endpoint: &str) -> Result<ClusterClient<Channel>, ClientError> {
+        Ok(ClusterClient::new(self.channel(endpoint)?))
+    }
+
+    fn request<T>(&self, message: T, remaining: Duration) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(remaining);
+        request
+    }
+
+    /// Runs `call` against endpoints until it succeeds, fails for good, or the deadline passes.
+    async fn with_retries<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(String, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.options.timeout;
+        let first = self
+            .preferred
+            .lock()
+            .expect("preferred lock poisoned")
+            .clone();
+        let mut next = first.unwrap_or_else(|| self.endpoints[0].clone());
+        let mut rotation = 0;
+        let mut backoff_ms = RETRY_BACKOFF_MS_MIN;
+        let mut failed: Vec<String> = Vec::new();
+        let mut last_error = None;
+        for _ in 0..CALL_ATTEMPTS_MAX {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            let attempt = match call(next.clone(), remaining).await {
+                Ok(value) => Attempt::Done(value),
+                Err(status) => classify(status),
+            };
+            let (hinted, pause, error) = match attempt {
+                Attempt::Done(value) => {
+                    *self.preferred.lock().expect("preferred lock poisoned") = Some(next);
+                    return Ok(value);
+                }
+                Attempt::Retry { next, pause, error } => (next, pause, error),
+            };
+            if !error.is_retryable() {
+                return Err(error);
+            }
+            failed.push(next.clone());
+            last_error = Some(error);
+            // Follow a leader hint at once, unless that node already failed us in this call:
+            // then the hint is stale (the cluster is electing) and we wait and rotate instead.
+            let fresh_hint = hinted.filter(|leader| !failed.contains(leader));
+            let follow_at_once = fresh_hint.is_some() && !pause;
+            next = match fresh_hint {
+                Some(leader) => leader,
+                None => {
+                    rotation += 1;
+                    self.endpoints[rotation % self.endpoints.len()].clone()
+                }
+            };
+            *self.preferred.lock().expect("preferred lock poisoned") = Some(next.clone());
+            if !follow_at_once {
+                let pause_ms =
+                    backoff_ms.min(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX));
+                tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(RETRY_BACKOFF_MS_MAX);
+                failed.clear();
+            }
+        }
+        Err(last_error.unwrap_or(ClientError::Deadline))
+    }
+
+    pub async fn lookup(
+        &self,
+        user_id: &UserId,
+        consistency: Consistency,
+    ) -> Result<Read<Option<Placement>>, ClientError> {
+        let message = pb::LookupRequest {
+            user_id: user_id.to_string(),
+            consistency: Some(consistency_to_pb(consistency)),
+        };
+        let answer = self
+            .with_retries(|endpoint, remaining| {
+                let message = message.clone();
+                async move {
+                    let mut client = self
+                        .registry(&endpoint)
+                        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+                    client.lookup(self.request(message, remaining)).await
+                }
+            })
+            .await;
+        match answer {
+            Ok(response) => {
+                let response = response.into_inner();
+                let header = response.header.unwrap_or_default();
+                let placement = response.placement.map(Placement::try_from).transpose()?;
+                Ok(Read {
+                    placement,
+                    revision: Revision(header.revision),
+                    served_by: header.served_by,
+                    millis_since_leader_contact: header.millis_since_leader_contact,
+                })
+            }
+            Err(ClientError::Status {
+                reason: Some(ReasonCode::UserNotFound),
+                revision,
+                ..
+            }) => Ok(Read {
+                placement: None,
+                revision: Revision(revision.unwrap_or(0)),
+                served_by: 0,
+                millis_since_leader_contact: None,
+            }),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn context(&self, options: &WriteOptions) -> pb::WriteContext {
+        pb::WriteContext {
+            request_id: options
+                .request_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            caller: self.options.caller.clone(),
+            reason: options.reason.clone(),
+        }
+    }
+
+    pub async fn assign(
+        &self,
+        user_id: &UserId,
+        residency: Jurisdiction,
+        location_id: &LocationId,
+        options: Option<WriteOptions>,
+    ) -> Result<Assigned, ClientError> {
+        let options = options.unwrap_or_default();
+        // Made once, outside the retry loop: every retry carries the same request id.
+        let message = pb::AssignRequest {
+            user_id: user_id.to_string(),
+            residency: residency.to_string(),
+            location_id: location_id.to_string(),
+            expected_mod_revision: options.expected_mod_revision.map(|revision| revision.0),
+            context: Some(self.context(&options)),
+        };
+        let response = self
+            .with_retries(|endpoint, remaining| {
+                let message = message.clone();
+                async move {
+                    let mut client = self
+                        .registry(&endpoint)
+                        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+                    client.assign(self.request(message, remaining)).await
+                }
+            })
+            .await?
+            .into_inner();
+        let placement = response.placement.ok_or_else(|| {
+            ClientError::Protocol("assign answered without a placement".to_string())
+        })?;
+        Ok(Assigned {
+            placement: Placement::try_from(placement)?,
+            created: response.created,
+            revision: Revision(response.revision),
+        })
+    }
+
+    /// Deletes a placement; returns the revision it was deleted at.
+    pub async fn forget(
+        &self,
+        user_id: &UserId,
+        options: Option<WriteOptions>,
+    ) -> Result<Revision, ClientError> {
+        let options = options.unwrap_or_default();
+        let message = pb::ForgetRequest {
+            user_id: user_id.to_string(),
+            expected_mod_revision: options.expected_mod_revision.map(|revision| revision.0),
+            context: Some(self.context(&options)),
+        };
+        let response = self
+            .with_retries(|endpoint, remaining| {
+                let message = message.clone();
+                async move {
+                    let mut client = self
+                        .registry(&endpoint)
+                        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+                    client.forget(self.request(message, remaining)).await
+                }
+            })
+            .await?
+            .into_inner();
+        Ok(Revision(response.revision))
+    }
+
+    /// The cluster's status as the first reachable endpoint sees it.
+    pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {
+        let response = self
+            .with_retries(|endpoint, remaining| async move {
+                let mut client = self
+                    .cluster(&endpoint)
+                    .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+                client
+                    .status(self.request(pb::StatusRequest {}, remaining))
+                    .await
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Forms a cluster of the nodes at `peer_addrs`, asking the first endpoint.
+    pub async fn initialize(
+        &self,
+        peer_addrs: Vec<String>,
+    ) -> Result<pb::InitializeResponse, ClientError> {
+        let endpoint = self.endpoints[0].clone();
+        let mut client = self.cluster(&endpoint)?;
+        let request = self.request(pb::InitializeRequest { peer_addrs }, self.options.timeout);
+        client
+            .initialize(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(ClientError::from_status)
+    }
+}
+
+fn classify<T>(status: tonic::Status) -> Attempt<T> {
+    let error = ClientError::from_status(status);
+    match &error {
+        ClientError::Status {
+            reason: Some(ReasonCode::NotLeader),
+            leader_addr,
+            ..
+        } => Attempt::Retry {
+            next: leader_addr.clone(),
+            pause: leader_addr.is_none(),
+            error,
+        },
+        ClientError::Status {
+            reason: Some(ReasonCode::NoLeader | ReasonCode::QuorumUnavailable),
+            ..
+        } => Attempt::Retry {
+            next: None,
+            pause: true,
+            error,
+        },
+        _ => Attempt::Retry {
+            next: None,
+            pause: false,
+            error,
+        },
+    }
+}

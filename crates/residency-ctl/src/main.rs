@@ -1,1 +1,103 @@
-fn main() {}
+//! `residencyctl`: the operator's command line for the Residency Registry.
+//!
+//! Exit codes: 0 success; 1 the request failed (a one-line reason on stderr, starting with the
+//! stable reason code); 2 bad usage; 3 the user has no placement (`user get`).
+
+mod cmd;
+mod output;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use residency_client::{Client, ClientOptions, LOCAL_ENDPOINTS};
+
+use crate::output::OutputFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "residencyctl",
+    version,
+    about = "Operate and query a Residency Registry cluster"
+)]
+struct Cli {
+    /// Client endpoints of the cluster's nodes, comma-separated host:port.
+    #[arg(long, global = true, env = "RESIDENCY_ENDPOINTS", default_value = LOCAL_ENDPOINTS, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// How to print results.
+    #[arg(long, short, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+    /// Deadline of each request, retries included, in milliseconds.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// The identity recorded with writes (unauthenticated until mutual TLS is on).
+    #[arg(long, global = true, env = "RESIDENCY_CALLER", default_value = "")]
+    caller: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Members, roles, leader, term, and commit and applied index per node.
+    Status,
+    /// Cluster life: bootstrap and status.
+    #[command(subcommand)]
+    Cluster(cmd::cluster::ClusterCommand),
+    /// Placements: assign, get, forget.
+    #[command(subcommand)]
+    User(cmd::user::UserCommand),
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit_code: u8,
+    pub message: String,
+}
+
+impl From<residency_client::ClientError> for Failure {
+    fn from(error: residency_client::ClientError) -> Self {
+        Failure {
+            exit_code: 1,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl From<residency_types::ValidationError> for Failure {
+    fn from(error: residency_types::ValidationError) -> Self {
+        Failure {
+            exit_code: 2,
+            message: format!("{}: {error}", error.code),
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let options = ClientOptions {
+        timeout: Duration::from_millis(cli.timeout_ms),
+        caller: cli.caller.clone(),
+    };
+    let client = match Client::new(cli.endpoints.clone(), options) {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Status => cmd::cluster::status(&client, cli.output).await,
+        Command::Cluster(command) => cmd::cluster::run(&client, cli.output, command).await,
+        Command::User(command) => cmd::user::run(&client, cli.output, command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message.replace('\n', " "));
+            ExitCode::from(failure.exit_code)
+        }
+    }
+}

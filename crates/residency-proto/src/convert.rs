@@ -60,12 +60,18 @@ impl TryFrom<pb::Placement> for Placement {
 }
 
 /// A missing `consistency` means linearizable, the safe default.
-pub fn consistency_from_pb(consistency: Option<pb::Consistency>) -> Result<Consistency, ValidationError> {
+pub fn consistency_from_pb(
+    consistency: Option<pb::Consistency>,
+) -> Result<Consistency, ValidationError> {
     let Some(consistency) = consistency else {
         return Ok(Consistency::Linearizable);
     };
     let invalid = |message: String| {
-        Err(ValidationError::new(ReasonCode::InvalidConsistency, "consistency", message))
+        Err(ValidationError::new(
+            ReasonCode::InvalidConsistency,
+            "consistency",
+            message,
+        ))
     };
     match pb::ConsistencyMode::try_from(consistency.mode) {
         Ok(pb::ConsistencyMode::Unspecified | pb::ConsistencyMode::Linearizable) => {
@@ -74,7 +80,9 @@ pub fn consistency_from_pb(consistency: Option<pb::Consistency>) -> Result<Consi
             }
             Ok(Consistency::Linearizable)
         }
-        Ok(pb::ConsistencyMode::AtLeast) => Ok(Consistency::AtLeast(Revision(consistency.at_least_revision))),
+        Ok(pb::ConsistencyMode::AtLeast) => Ok(Consistency::AtLeast(Revision(
+            consistency.at_least_revision,
+        ))),
         Ok(pb::ConsistencyMode::Stale) => {
             if consistency.at_least_revision != 0 {
                 return invalid("at_least_revision is only for CONSISTENCY_MODE_AT_LEAST".into());
@@ -95,7 +103,10 @@ pub fn consistency_to_pb(consistency: Consistency) -> pb::Consistency {
             mode: pb::ConsistencyMode::AtLeast as i32,
             at_least_revision: revision.0,
         },
-        Consistency::Stale => pb::Consistency { mode: pb::ConsistencyMode::Stale as i32, at_least_revision: 0 },
+        Consistency::Stale => pb::Consistency {
+            mode: pb::ConsistencyMode::Stale as i32,
+            at_least_revision: 0,
+        },
     }
 }
 
@@ -115,11 +126,21 @@ pub struct WriteContext {
     pub reason: ReasonText,
 }
 
-pub fn write_context_from_pb(context: Option<pb::WriteContext>) -> Result<WriteContext, ValidationError> {
+pub fn write_context_from_pb(
+    context: Option<pb::WriteContext>,
+) -> Result<WriteContext, ValidationError> {
     let context = context.ok_or_else(|| {
-        ValidationError::new(ReasonCode::InvalidRequestId, "context", "a write needs a context with a request_id")
+        ValidationError::new(
+            ReasonCode::InvalidRequestId,
+            "context",
+            "a write needs a context with a request_id",
+        )
     })?;
-    let caller = if context.caller.is_empty() { ANONYMOUS_CALLER.to_string() } else { context.caller };
+    let caller = if context.caller.is_empty() {
+        ANONYMOUS_CALLER.to_string()
+    } else {
+        context.caller
+    };
     Ok(WriteContext {
         request_id: RequestId::parse(context.request_id)?,
         caller: CallerId::parse(caller)?,
@@ -134,12 +155,24 @@ mod tests {
     #[test]
     fn consistency_defaults_to_linearizable_and_rejects_unknown_modes() {
         assert_eq!(consistency_from_pb(None), Ok(Consistency::Linearizable));
-        let at_least = pb::Consistency { mode: pb::ConsistencyMode::AtLeast as i32, at_least_revision: 9 };
-        assert_eq!(consistency_from_pb(Some(at_least)), Ok(Consistency::AtLeast(Revision(9))));
-        let unknown = pb::Consistency { mode: 42, at_least_revision: 0 };
+        let at_least = pb::Consistency {
+            mode: pb::ConsistencyMode::AtLeast as i32,
+            at_least_revision: 9,
+        };
+        assert_eq!(
+            consistency_from_pb(Some(at_least)),
+            Ok(Consistency::AtLeast(Revision(9)))
+        );
+        let unknown = pb::Consistency {
+            mode: 42,
+            at_least_revision: 0,
+        };
         let refused = consistency_from_pb(Some(unknown)).expect_err("unknown mode refused");
         assert_eq!(refused.code, ReasonCode::InvalidConsistency);
-        let stray = pb::Consistency { mode: pb::ConsistencyMode::Stale as i32, at_least_revision: 3 };
+        let stray = pb::Consistency {
+            mode: pb::ConsistencyMode::Stale as i32,
+            at_least_revision: 3,
+        };
         assert!(consistency_from_pb(Some(stray)).is_err());
     }
 
@@ -147,8 +180,17 @@ mod tests {
     fn a_write_without_request_id_is_refused() {
         let refused = write_context_from_pb(None).expect_err("no context");
         assert_eq!(refused.code, ReasonCode::InvalidRequestId);
-        let empty = pb::WriteContext { request_id: String::new(), caller: String::new(), reason: String::new() };
-        assert_eq!(write_context_from_pb(Some(empty)).expect_err("empty id").code, ReasonCode::InvalidRequestId);
+        let empty = pb::WriteContext {
+            request_id: String::new(),
+            caller: String::new(),
+            reason: String::new(),
+        };
+        assert_eq!(
+            write_context_from_pb(Some(empty))
+                .expect_err("empty id")
+                .code,
+            ReasonCode::InvalidRequestId
+        );
     }
 
     #[test]

@@ -20,10 +20,10 @@ pub mod generated {
     }
 }
 
-/// The public API, package `residency.v1`.
-pub use generated::residency::v1 as pb;
 /// Node-to-node traffic, package `residency.peer.v1`.
 pub use generated::residency::peer::v1 as peer_pb;
+/// The public API, package `residency.v1`.
+pub use generated::residency::v1 as pb;
 
 /// The encoded descriptors of every service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("residency_descriptor");

@@ -12,7 +12,10 @@ pub const LEADER_ADDR_KEY: &str = "residency-leader-addr";
 pub const REVISION_KEY: &str = "residency-revision";
 
 fn text<'a>(status: &'a tonic::Status, key: &str) -> Option<&'a str> {
-    status.metadata().get(key).and_then(|value| value.to_str().ok())
+    status
+        .metadata()
+        .get(key)
+        .and_then(|value| value.to_str().ok())
 }
 
 /// The reason code of a status from our servers, if it carries one we know.

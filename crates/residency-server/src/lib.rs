@@ -1,1 +1,221 @@
-//! placeholder
+//! A registry node as a library: `run(config, listeners, shutdown)` starts Raft over the store,
+//! serves clients, peers and metrics on their own listeners, and stops cleanly when `shutdown`
+//! resolves. `residencyd` is a thin binary over it; tests can start nodes on port 0.
+//!
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`node`]: the read barrier per consistency mode and the write path to the leader.
+//! - [`read_index`]: linearizable reads sharing read-index rounds.
+//! - [`network`] / [`peer_service`]: Raft and node-to-node traffic on the peer listener.
+//! - [`registry_service`] / [`cluster_service`]: the public gRPC API on the client listener.
+//! - [`error`]: the one table from errors to gRPC statuses and reason codes.
+//! - [`observability`]: metrics, health, readiness and logging; [`watchdog`]: the election guard.
+
+pub mod cluster_service;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod network;
+pub mod node;
+pub mod observability;
+pub mod peer_service;
+pub mod read_index;
+pub mod registry_service;
+pub mod watchdog;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::SnapshotPolicy;
+use residency_proto::pb::cluster_server::ClusterServer;
+use residency_proto::pb::registry_server::RegistryServer;
+use residency_proto::peer_pb::peer_server::PeerServer;
+use residency_store::{NodeInfo, Raft, StoreOptions};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::ValidConfig;
+use crate::network::{NetworkFactory, PeerChannels};
+use crate::node::Node;
+
+/// How long in-flight requests get to finish once shutdown starts.
+const SHUTDOWN_GRACE_MS: u64 = 5_000;
+
+/// The node's three listeners, bound before `run` so tests can use port 0.
+#[derive(Debug)]
+pub struct Listeners {
+    pub client: TcpListener,
+    pub peer: TcpListener,
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &ValidConfig) -> anyhow::Result<Listeners> {
+        let bind = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))
+        };
+        Ok(Listeners {
+            client: bind(config.listen_client).await?,
+            peer: bind(config.listen_peer).await?,
+            metrics: bind(config.listen_metrics).await?,
+        })
+    }
+}
+
+fn raft_config(config: &ValidConfig) -> anyhow::Result<openraft::Config> {
+    let raft = &config.raft;
+    let openraft_config = openraft::Config {
+        cluster_name: "residency-registry".to_string(),
+        heartbeat_interval: raft.heartbeat_interval_ms,
+        election_timeout_min: raft.election_timeout_ms_min,
+        election_timeout_max: raft.election_timeout_ms_max,
+        install_snapshot_timeout: raft.install_snapshot_timeout_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(raft.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: raft.max_in_snapshot_log_to_keep,
+        snapshot_max_chunk_size: raft.snapshot_chunk_bytes_max,
+        max_payload_entries: raft.max_payload_entries,
+        ..openraft::Config::default()
+    };
+    Ok(openraft_config.validate()?)
+}
+
+/// Resolves once the shutdown flag is raised.
+async fn stopped(mut flag: watch::Receiver<bool>) {
+    let _ = flag.wait_for(|stop| *stop).await;
+}
+
+/// Runs a node until `shutdown` resolves or its Raft core stops on a fatal error.
+pub async fn run(
+    config: ValidConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let options = StoreOptions {
+        cache_capacity_bytes: config.storage.cache_capacity_bytes,
+    };
+    let (log_store, state_machine, reader) = residency_store::open(&config.data_dir, options)
+        .await
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let committed = log_store.committed_index();
+    let info = NodeInfo {
+        client_addr: match &config.advertise_client {
+            Some(addr) => addr.clone(),
+            None => listeners.client.local_addr()?.to_string(),
+        },
+        peer_addr: match &config.advertise_peer {
+            Some(addr) => addr.clone(),
+            None => listeners.peer.local_addr()?.to_string(),
+        },
+        jurisdiction: config.jurisdiction.to_string(),
+    };
+    let peers = PeerChannels::new(config.limits.grpc_message_bytes_max);
+    let raft = Raft::new(
+        config.node_id,
+        Arc::new(raft_config(&config)?),
+        NetworkFactory::new(peers.clone()),
+        log_store,
+        state_machine,
+    )
+    .await
+    .context("cannot start raft")?;
+    let node = Arc::new(Node::new(
+        config.clone(),
+        raft.clone(),
+        reader,
+        committed,
+        info.clone(),
+        peers,
+    ));
+    tracing::info!(node_id = config.node_id, client = %info.client_addr, peer = %info.peer_addr, "node started");
+
+    tokio::spawn(watchdog::run(
+        raft.clone(),
+        config.node_id,
+        Duration::from_millis(config.raft.election_timeout_ms_max),
+    ));
+    tokio::spawn(observability::sample_raft_metrics(node.clone()));
+
+    let (stop, stop_flag) = watch::channel(false);
+    let message_bytes_max = config.limits.grpc_message_bytes_max;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RegistryServer<registry_service::RegistryService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(residency_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let client_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            RegistryServer::new(registry_service::RegistryService::new(node.clone()))
+                .max_decoding_message_size(message_bytes_max)
+                .max_encoding_message_size(message_bytes_max),
+        )
+        .add_service(
+            ClusterServer::new(cluster_service::ClusterService::new(node.clone()))
+                .max_decoding_message_size(message_bytes_max)
+                .max_encoding_message_size(message_bytes_max),
+        )
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.client),
+            stopped(stop_flag.clone()),
+        );
+    let peer_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            PeerServer::new(peer_service::PeerService::new(node.clone()))
+                .max_decoding_message_size(message_bytes_max)
+                .max_encoding_message_size(message_bytes_max),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.peer),
+            stopped(stop_flag.clone()),
+        );
+    let metrics_server = axum::serve(listeners.metrics, observability::router(node.clone()))
+        .with_graceful_shutdown(stopped(stop_flag.clone()));
+    let client_task = tokio::spawn(client_server);
+    let peer_task = tokio::spawn(peer_server);
+    let metrics_task = tokio::spawn(async move { metrics_server.await });
+
+    let mut raft_metrics = raft.metrics();
+    let raft_failed = async move {
+        let _ = raft_metrics
+            .wait_for(|metrics| metrics.running_state.is_err())
+            .await;
+    };
+    let fatal = tokio::select! {
+        () = shutdown => false,
+        () = raft_failed => true,
+    };
+    tracing::info!("shutting down");
+    health_reporter
+        .set_not_serving::<RegistryServer<registry_service::RegistryService>>()
+        .await;
+    let _ = stop.send(true);
+    let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
+    for task in [client_task, peer_task] {
+        match tokio::time::timeout(grace, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "a listener ended with an error"),
+            Ok(Err(error)) => tracing::warn!(%error, "a listener task failed"),
+            Err(_) => tracing::warn!("a listener did not stop within the grace period"),
+        }
+    }
+    let _ = tokio::time::timeout(grace, metrics_task).await;
+    let raft_state = raft.metrics().borrow().running_state.clone();
+    raft.shutdown()
+        .await
+        .context("raft did not shut down cleanly")?;
+    if fatal {
+        anyhow::bail!("raft stopped on a fatal error: {raft_state:?}");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

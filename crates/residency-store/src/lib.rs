@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 
 pub use durable::{Durable, StoreOptions};
 pub use error::StoreError;
-pub use log_store::LogStore;
-pub use reader::StateReader;
+pub use log_store::{CommittedIndex, LogStore};
+pub use reader::{DigestAt, StateReader};
 pub use state_machine::StateMachineStore;
 
 /// What the cluster knows of a member: where to reach it and which jurisdiction it declares.

@@ -7,6 +7,8 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorVerb, RaftLogReader};
@@ -26,6 +28,26 @@ pub struct LogStore {
     durable: Durable,
     log: sled::Tree,
     meta: sled::Tree,
+    committed: CommittedIndex,
+}
+
+/// The committed index as last saved by openraft, readable by the server for status and
+/// readiness (openraft 0.9's metrics do not report it).
+#[derive(Debug, Clone, Default)]
+pub struct CommittedIndex(Arc<AtomicU64>);
+
+impl CommittedIndex {
+    /// The committed index, or `None` before anything was committed.
+    pub fn get(&self) -> Option<u64> {
+        self.0.load(Ordering::SeqCst).checked_sub(1)
+    }
+
+    fn set(&self, committed: Option<LogId>) {
+        self.0.store(
+            committed.map_or(0, |log_id| log_id.index + 1),
+            Ordering::SeqCst,
+        );
+    }
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -45,9 +67,19 @@ impl LogStore {
     pub fn open(durable: Durable) -> Result<LogStore, StoreError> {
         let log = durable.db().open_tree(LOG_TREE)?;
         let meta = durable.db().open_tree(META_TREE)?;
-        let store = LogStore { durable, log, meta };
+        let store = LogStore {
+            durable,
+            log,
+            meta,
+            committed: CommittedIndex::default(),
+        };
         store.verify()?;
+        store.committed.set(store.read_meta(COMMITTED_KEY)?);
         Ok(store)
+    }
+
+    pub fn committed_index(&self) -> CommittedIndex {
+        self.committed.clone()
     }
 
     fn verify(&self) -> Result<(), StoreError> {
@@ -207,6 +239,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// The committed id is a hint that lets a restarted node re-apply without waiting for the
     /// leader; it becomes durable with the next sync, which is all it needs.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.committed.set(committed);
         match committed {
             Some(log_id) => self.write_meta(COMMITTED_KEY, &log_id),
             None => self

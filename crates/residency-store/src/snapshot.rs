@@ -15,6 +15,9 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use crate::{SnapshotMeta, StoreError};
 
+/// One (key, value) pair of the state.
+pub type StatePair = (Vec<u8>, Vec<u8>);
+
 const MAGIC: &[u8; 8] = b"RRSNAP01";
 const END_MARKER: u32 = u32::MAX;
 /// The header is a small JSON document; anything larger is not one of ours.
@@ -180,7 +183,7 @@ impl SnapshotReader {
     }
 
     /// The next pair, or `None` after a trailer whose count and CRC check out.
-    pub fn next_pair(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn next_pair(&mut self) -> Result<Option<StatePair>, StoreError> {
         assert!(!self.finished, "read past the end of a snapshot");
         let key_len = u32::from_be_bytes(self.input.exact::<4>()?);
         if key_len == END_MARKER {

@@ -5,8 +5,10 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// Why a request was refused or failed. The string form (`as_str`) is what goes on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReasonCode {
     InvalidUserId,
     InvalidJurisdiction,
@@ -29,11 +31,13 @@ pub enum ReasonCode {
     MemberUnreachable,
     ShuttingDown,
     Internal,
+    Overloaded,
+    DeadlineExceeded,
 }
 
 impl ReasonCode {
     /// Every code, for tables and round-trip tests.
-    pub const ALL: [ReasonCode; 21] = [
+    pub const ALL: [ReasonCode; 23] = [
         ReasonCode::InvalidUserId,
         ReasonCode::InvalidJurisdiction,
         ReasonCode::InvalidLocationId,
@@ -55,6 +59,8 @@ impl ReasonCode {
         ReasonCode::MemberUnreachable,
         ReasonCode::ShuttingDown,
         ReasonCode::Internal,
+        ReasonCode::Overloaded,
+        ReasonCode::DeadlineExceeded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +86,8 @@ impl ReasonCode {
             ReasonCode::MemberUnreachable => "MEMBER_UNREACHABLE",
             ReasonCode::ShuttingDown => "SHUTTING_DOWN",
             ReasonCode::Internal => "INTERNAL",
+            ReasonCode::Overloaded => "OVERLOADED",
+            ReasonCode::DeadlineExceeded => "DEADLINE_EXCEEDED",
         }
     }
 

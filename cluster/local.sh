@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# The local three-node cluster on loopback.
+#
+#   ./cluster/local.sh up       build, start the three nodes, initialise the cluster (first time
+#                               only), wait for a leader, and print how to talk to it
+#   ./cluster/local.sh down     stop exactly the processes `up` started (by pid, never by name)
+#   ./cluster/local.sh status   which nodes run, and the cluster's status
+#   ./cluster/local.sh clean    down, then delete ./data
+#
+# Data lives in ./data/node{1,2,3} (logs in ./data/nodeN/residencyd.log); `up` after `down`
+# restarts the nodes on their existing data. Ports: clients 7101-7103, peers 7201-7203,
+# metrics and health 7301-7303. RESIDENCY_PROFILE=release builds optimised binaries.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+profile="${RESIDENCY_PROFILE:-debug}"
+nodes=(1 2 3)
+up_timeout_s=60
+
+say() { printf '%s\n' "$*"; }
+die() { printf 'local.sh: %s\n' "$*" >&2; exit 1; }
+
+ensure_toolchain() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    command -v cargo >/dev/null 2>&1 || die "cargo is not installed: install Rust from rustup.rs (stable 1.88 or later)"
+}
+
+bin_dir() {
+    local target="${CARGO_TARGET_DIR:-$root/target}"
+    printf '%s/%s' "$target" "$profile"
+}
+
+build() {
+    ensure_toolchain
+    local flags=()
+    [ "$profile" = "release" ] && flags+=(--release)
+    say "building residencyd and residencyctl ($profile)..."
+    cargo build "${flags[@]}" --bin residencyd --bin residencyctl
+}
+
+pid_file() { printf 'data/node%s/residencyd.pid' "$1"; }
+
+# The pid of node $1 if the process recorded for it is alive and is a residencyd.
+running_pid() {
+    local file pid
+    file="$(pid_file "$1")"
+    [ -f "$file" ] || return 1
+    pid="$(cat "$file")"
+    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
+    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "residencyd" || return 1
+    printf '%s' "$pid"
+}
+
+wait_port() {
+    local port="$1" deadline=$((SECONDS + up_timeout_s))
+    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.2
+    done
+}
+
+ctl() { "$(bin_dir)/residencyctl" "$@"; }
+
+up() {
+    build
+    local bin
+    bin="$(bin_dir)/residencyd"
+    for n in "${nodes[@]}"; do
+        mkdir -p "data/node$n"
+        if pid="$(running_pid "$n")"; then
+            say "node $n already running (pid $pid)"
+            continue
+        fi
+        nohup "$bin" --config "cluster/local/node$n.toml" >>"data/node$n/residencyd.log" 2>&1 &
+        echo $! >"$(pid_file "$n")"
+        say "node $n started (pid $!), log: data/node$n/residencyd.log"
+    done
+    for n in "${nodes[@]}"; do
+        wait_port "710$n" || die "node $n did not open its client port; see data/node$n/residencyd.log"
+    done
+    local init_output
+    if init_output="$(ctl --endpoints 127.0.0.1:7101 cluster init --peers 127.0.0.1:7201,127.0.0.1:7202,127.0.0.1:7203 2>&1)"; then
+        say "cluster initialised"
+    elif grep -q ALREADY_INITIALIZED <<<"$init_output"; then
+        say "cluster already initialised: restarted on existing data"
+    else
+        die "cluster init failed: $init_output"
+    fi
+    local deadline=$((SECONDS + up_timeout_s))
+    until ctl status -o json 2>/dev/null | grep -q '"leader_id": [0-9]'; do
+        [ "$SECONDS" -lt "$deadline" ] || die "no leader elected within ${up_timeout_s}s; see data/node*/residencyd.log"
+        sleep 0.3
+    done
+    ctl status
+    cat <<EOT
+
+The registry is up. Try:
+  $(bin_dir)/residencyctl user assign alice --residency US --location us-east-1/oci-ashburn/pg-042
+  $(bin_dir)/residencyctl --endpoints 127.0.0.1:7103 user get alice
+  $(bin_dir)/residencyctl status
+Metrics and health: http://127.0.0.1:7301/metrics  /healthz  /readyz
+Stop with: ./cluster/local.sh down
+EOT
+}
+
+down() {
+    local stopped=0
+    for n in "${nodes[@]}"; do
+        if pid="$(running_pid "$n")"; then
+            kill -TERM "$pid"
+            local deadline=$((SECONDS + 15))
+            while kill -0 "$pid" 2>/dev/null; do
+                if [ "$SECONDS" -ge "$deadline" ]; then
+                    say "node $n (pid $pid) ignored SIGTERM for 15s; sending SIGKILL"
+                    kill -KILL "$pid" 2>/dev/null || true
+                fi
+                sleep 0.2
+            done
+            say "node $n stopped (pid $pid)"
+            stopped=$((stopped + 1))
+        fi
+        rm -f "$(pid_file "$n")"
+    done
+    [ "$stopped" -gt 0 ] || say "no node was running"
+}
+
+status() {
+    for n in "${nodes[@]}"; do
+        if pid="$(running_pid "$n")"; then say "node $n: running (pid $pid)"; else say "node $n: stopped"; fi
+    done
+    [ -x "$(bin_dir)/residencyctl" ] && ctl status || true
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    status) status ;;
+    clean) down; rm -rf data; say "removed ./data" ;;
+    *) say "usage: $0 up|down|status|clean"; exit 2 ;;
+esac

@@ -1,0 +1,203 @@
+//! `residencyctl user assign|get|forget`.
+
+use std::str::FromStr;
+
+use clap::Subcommand;
+use residency_client::{Client, WriteOptions};
+use residency_types::{Consistency, Jurisdiction, LocationId, Placement, Revision, UserId};
+use serde_json::json;
+
+use crate::Failure;
+use crate::output::{self, OutputFormat};
+
+/// `linearizable` (default), `stale`, or `at-least=REVISION`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsistencyArg(Consistency);
+
+impl FromStr for ConsistencyArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "linearizable" => Ok(ConsistencyArg(Consistency::Linearizable)),
+            "stale" => Ok(ConsistencyArg(Consistency::Stale)),
+            _ => match text.strip_prefix("at-least=").map(str::parse::<u64>) {
+                Some(Ok(revision)) => Ok(ConsistencyArg(Consistency::AtLeast(Revision(revision)))),
+                _ => Err(format!(
+                    "{text:?}: expected linearizable, stale or at-least=REVISION"
+                )),
+            },
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WriteArgs {
+    /// Apply only if the placement's mod_revision is this (0: only if it does not exist).
+    #[arg(long)]
+    expected_mod_revision: Option<u64>,
+    /// Idempotency key: a retry with the same id is applied once. Random if not given.
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Why, recorded with the write.
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+impl WriteArgs {
+    fn options(self) -> WriteOptions {
+        WriteOptions {
+            expected_mod_revision: self.expected_mod_revision.map(Revision),
+            request_id: self.request_id,
+            reason: self.reason,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Creates or updates a user's placement.
+    Assign {
+        user_id: String,
+        /// ISO 3166-1 alpha-2 code of the jurisdiction the user's data belongs to.
+        #[arg(long)]
+        residency: String,
+        /// The storage location that holds the data.
+        #[arg(long)]
+        location: String,
+        #[command(flatten)]
+        write: WriteArgs,
+    },
+    /// Shows a user's placement.
+    Get {
+        user_id: String,
+        /// linearizable (default), stale, or at-least=REVISION.
+        #[arg(long, default_value = "linearizable")]
+        consistency: ConsistencyArg,
+    },
+    /// Deletes a user's placement.
+    Forget {
+        user_id: String,
+        #[command(flatten)]
+        write: WriteArgs,
+    },
+}
+
+fn placement_json(placement: &Placement) -> serde_json::Value {
+    json!({
+        "user_id": placement.user_id.as_str(),
+        "residency": placement.residency.as_str(),
+        "location_id": placement.location_id.as_str(),
+        "state": placement.state.as_str(),
+        "epoch": placement.epoch,
+        "create_revision": placement.create_revision.0,
+        "mod_revision": placement.mod_revision.0,
+        "updated_at_ms": placement.updated_at_ms,
+        "updated_by": placement.updated_by.as_str(),
+        "reason": placement.reason.as_str(),
+    })
+}
+
+fn print_placement(format: OutputFormat, placement: &Placement, extra: serde_json::Value) {
+    match format {
+        OutputFormat::Json => {
+            let mut value = json!({ "placement": placement_json(placement) });
+            if let (Some(object), Some(extra)) = (value.as_object_mut(), extra.as_object()) {
+                object.extend(extra.clone());
+            }
+            output::json(&value);
+        }
+        OutputFormat::Table => {
+            let row = vec![
+                placement.user_id.to_string(),
+                placement.residency.to_string(),
+                placement.location_id.to_string(),
+                placement.state.as_str().to_string(),
+                placement.epoch.to_string(),
+                placement.create_revision.to_string(),
+                placement.mod_revision.to_string(),
+                placement.updated_by.to_string(),
+            ];
+            output::table(
+                &[
+                    "USER",
+                    "RESIDENCY",
+                    "LOCATION",
+                    "STATE",
+                    "EPOCH",
+                    "CREATED",
+                    "MODIFIED",
+                    "BY",
+                ],
+                &[row],
+            );
+            if let Some(extra) = extra.as_object() {
+                let notes: Vec<String> = extra
+                    .iter()
+                    .map(|(key, value)| format!("{key}: {value}"))
+                    .collect();
+                println!("{}", notes.join("   "));
+            }
+        }
+    }
+}
+
+pub async fn run(
+    client: &Client,
+    format: OutputFormat,
+    command: UserCommand,
+) -> Result<(), Failure> {
+    match command {
+        UserCommand::Assign {
+            user_id,
+            residency,
+            location,
+            write,
+        } => {
+            let user_id = UserId::parse(user_id)?;
+            let residency = Jurisdiction::parse(&residency)?;
+            let location = LocationId::parse(location)?;
+            let assigned = client
+                .assign(&user_id, residency, &location, Some(write.options()))
+                .await?;
+            let extra = json!({ "created": assigned.created, "revision": assigned.revision.0 });
+            print_placement(format, &assigned.placement, extra);
+            Ok(())
+        }
+        UserCommand::Get {
+            user_id,
+            consistency,
+        } => {
+            let user_id = UserId::parse(user_id)?;
+            let read = client.lookup(&user_id, consistency.0).await?;
+            let Some(placement) = read.placement else {
+                return Err(Failure {
+                    exit_code: 3,
+                    message: format!(
+                        "USER_NOT_FOUND: {user_id} has no placement (revision {})",
+                        read.revision
+                    ),
+                });
+            };
+            let mut extra = json!({ "revision": read.revision.0, "served_by": read.served_by });
+            if let (Some(object), Some(millis)) =
+                (extra.as_object_mut(), read.millis_since_leader_contact)
+            {
+                object.insert("millis_since_leader_contact".to_string(), json!(millis));
+            }
+            print_placement(format, &placement, extra);
+            Ok(())
+        }
+        UserCommand::Forget { user_id, write } => {
+            let user_id = UserId::parse(user_id)?;
+            let revision = client.forget(&user_id, Some(write.options())).await?;
+            match format {
+                OutputFormat::Json => output::json(
+                    &json!({ "user_id": user_id.as_str(), "forgotten": true, "revision": revision.0 }),
+                ),
+                OutputFormat::Table => println!("forgot {user_id} at revision {revision}"),
+            }
+            Ok(())
+        }
+    }
+}

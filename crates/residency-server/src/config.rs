@@ -1,0 +1,342 @@
+//! The node's configuration: a TOML file (every field documented in `docs/configuration.md`),
+//! overridden by flags, validated once into a `ValidConfig` that the rest of the node receives.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use residency_types::Jurisdiction;
+use serde::Deserialize;
+
+/// Raft timing and snapshot settings, in milliseconds, entries and bytes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log behind a snapshot, so a briefly lagging follower needs no snapshot.
+    pub max_in_snapshot_log_to_keep: u64,
+    pub snapshot_chunk_bytes_max: u64,
+    pub install_snapshot_timeout_ms: u64,
+    pub max_payload_entries: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_interval_ms: 100,
+            // A wide window relative to the 150 ms election tick makes openraft 0.9's repeated
+            // split vote (one random timeout per process) unlikely; the watchdog covers the rest.
+            election_timeout_ms_min: 1_000,
+            election_timeout_ms_max: 3_000,
+            snapshot_logs_since_last: 10_000,
+            max_in_snapshot_log_to_keep: 1_000,
+            snapshot_chunk_bytes_max: 1024 * 1024,
+            install_snapshot_timeout_ms: 10_000,
+            max_payload_entries: 300,
+        }
+    }
+}
+
+/// Limits on requests, in bytes and milliseconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest gRPC message accepted or sent, on the client and peer listeners.
+    pub grpc_message_bytes_max: usize,
+    /// The deadline of a request that names none, and the cap on any deadline a client names.
+    pub request_timeout_ms_max: u64,
+    /// Timeout of one peer RPC other than Raft's own (forwarded writes, read index, status).
+    pub peer_rpc_timeout_ms: u64,
+    /// How long Status waits for each member's own figures.
+    pub status_member_timeout_ms: u64,
+    /// Reads waiting for a shared read-index round; more are refused with RESOURCE_EXHAUSTED.
+    pub read_index_waiters_max: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            grpc_message_bytes_max: 4 * 1024 * 1024,
+            request_timeout_ms_max: 10_000,
+            peer_rpc_timeout_ms: 5_000,
+            status_member_timeout_ms: 1_000,
+            read_index_waiters_max: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// sled's page cache, in bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            cache_capacity_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `info,openraft=warn`; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info,openraft=warn".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Addresses {
+    pub client: Option<String>,
+    pub peer: Option<String>,
+    pub metrics: Option<String>,
+}
+
+/// The file as written. Optional sections take the defaults listed in docs/configuration.md.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node_id: Option<u64>,
+    pub jurisdiction: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub listen: Addresses,
+    #[serde(default)]
+    pub advertise: Addresses,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// A configuration that passed validation; the only kind the node accepts.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    pub node_id: u64,
+    pub jurisdiction: Jurisdiction,
+    pub data_dir: PathBuf,
+    pub listen_client: SocketAddr,
+    pub listen_peer: SocketAddr,
+    pub listen_metrics: SocketAddr,
+    /// Addresses other nodes and clients use; `None` means "the bound listen address".
+    pub advertise_client: Option<String>,
+    pub advertise_peer: Option<String>,
+    pub raft: RaftConfig,
+    pub limits: LimitsConfig,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+}
+
+fn socket_addr(field: &'static str, text: Option<&String>) -> Result<SocketAddr, ConfigError> {
+    let text = text.ok_or_else(|| invalid(field, "is required"))?;
+    text.parse().map_err(|error| {
+        invalid(
+            field,
+            format!("{text:?} is not host:port with an IP host ({error})"),
+        )
+    })
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn validate(self) -> Result<ValidConfig, ConfigError> {
+        let node_id = self
+            .node_id
+            .ok_or_else(|| invalid("node_id", "is required"))?;
+        if node_id == 0 {
+            return Err(invalid("node_id", "must be at least 1"));
+        }
+        let jurisdiction_text = self
+            .jurisdiction
+            .ok_or_else(|| invalid("jurisdiction", "is required"))?;
+        let jurisdiction = Jurisdiction::parse(&jurisdiction_text)
+            .map_err(|error| invalid("jurisdiction", error.message))?;
+        let data_dir = self
+            .data_dir
+            .ok_or_else(|| invalid("data_dir", "is required"))?;
+        let raft = &self.raft;
+        if raft.heartbeat_interval_ms == 0 {
+            return Err(invalid("raft.heartbeat_interval_ms", "must be positive"));
+        }
+        if raft.election_timeout_ms_min < 3 * raft.heartbeat_interval_ms {
+            return Err(invalid(
+                "raft.election_timeout_ms_min",
+                "must be at least 3 × raft.heartbeat_interval_ms, or followers campaign between heartbeats",
+            ));
+        }
+        if raft.election_timeout_ms_max < 2 * raft.election_timeout_ms_min {
+            return Err(invalid(
+                "raft.election_timeout_ms_max",
+                "must be at least 2 × raft.election_timeout_ms_min: a narrow window risks repeated split votes",
+            ));
+        }
+        if raft.snapshot_logs_since_last == 0 || raft.max_payload_entries == 0 {
+            return Err(invalid(
+                "raft",
+                "snapshot_logs_since_last and max_payload_entries must be positive",
+            ));
+        }
+        let limits = &self.limits;
+        // A snapshot chunk travels in one peer message with a little framing around it.
+        if raft.snapshot_chunk_bytes_max + 64 * 1024 > limits.grpc_message_bytes_max as u64 {
+            return Err(invalid(
+                "raft.snapshot_chunk_bytes_max",
+                "must be at least 64 KiB below limits.grpc_message_bytes_max",
+            ));
+        }
+        if limits.request_timeout_ms_max == 0
+            || limits.peer_rpc_timeout_ms == 0
+            || limits.read_index_waiters_max == 0
+        {
+            return Err(invalid(
+                "limits",
+                "timeouts and read_index_waiters_max must be positive",
+            ));
+        }
+        if self.storage.cache_capacity_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "storage.cache_capacity_bytes",
+                "must be at least 1 MiB",
+            ));
+        }
+        Ok(ValidConfig {
+            node_id,
+            jurisdiction,
+            data_dir,
+            listen_client: socket_addr("listen.client", self.listen.client.as_ref())?,
+            listen_peer: socket_addr("listen.peer", self.listen.peer.as_ref())?,
+            listen_metrics: socket_addr("listen.metrics", self.listen.metrics.as_ref())?,
+            advertise_client: self.advertise.client,
+            advertise_peer: self.advertise.peer,
+            raft: self.raft,
+            limits: self.limits,
+            storage: self.storage,
+            log: self.log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ValidConfig, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("test.toml"),
+            source: Box::new(source),
+        })?;
+        config.validate()
+    }
+
+    const MINIMAL: &str = r#"
+node_id = 1
+jurisdiction = "US"
+data_dir = "data/node1"
+[listen]
+client = "127.0.0.1:7101"
+peer = "127.0.0.1:7201"
+metrics = "127.0.0.1:7301"
+"#;
+
+    #[test]
+    fn a_minimal_config_takes_the_documented_defaults() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(config.raft.heartbeat_interval_ms, 100);
+        assert_eq!(config.jurisdiction, Jurisdiction::US);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field_at_fault() {
+        let cases = [
+            (MINIMAL.replace("node_id = 1", "node_id = 0"), "node_id"),
+            (MINIMAL.replace("\"US\"", "\"usa\""), "jurisdiction"),
+            (
+                MINIMAL.replace("127.0.0.1:7201", "localhost"),
+                "listen.peer",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[raft]\nelection_timeout_ms_min = 1000\nelection_timeout_ms_max = 1500\n"
+                ),
+                "raft.election_timeout_ms_max",
+            ),
+            (
+                format!("{MINIMAL}[raft]\nheartbeat_interval_ms = 500\n"),
+                "raft.election_timeout_ms_min",
+            ),
+        ];
+        for (text, field) in cases {
+            match parse(&text) {
+                Err(ConfigError::Invalid { field: found, .. }) => assert_eq!(found, field),
+                other => panic!("expected an error on {field}, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse(&format!("{MINIMAL}unknown = 1\n")),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

@@ -1,0 +1,204 @@
+//! The node's API errors and the one table that turns them into gRPC statuses.
+//!
+//! | error | gRPC code | reason |
+//! |---|---|---|
+//! | `Invalid` | INVALID_ARGUMENT | the field's code (`INVALID_USER_ID`, `BATCH_TOO_LARGE`, ...) |
+//! | `Rejected(RevisionMismatch)` | FAILED_PRECONDITION | `REVISION_MISMATCH` |
+//! | `Rejected(RequestIdReused)` | FAILED_PRECONDITION | `REQUEST_ID_REUSED` |
+//! | `Rejected(UserNotFound)`, `UserNotFound` | NOT_FOUND | `USER_NOT_FOUND` |
+//! | `NotLeader` | UNAVAILABLE + leader id and address | `NOT_LEADER` |
+//! | `NoLeader` | UNAVAILABLE | `NO_LEADER` |
+//! | `QuorumUnavailable` | UNAVAILABLE | `QUORUM_UNAVAILABLE` |
+//! | `RevisionNotReached` | UNAVAILABLE | `REVISION_NOT_REACHED` |
+//! | `MemberUnreachable` | UNAVAILABLE | `MEMBER_UNREACHABLE` |
+//! | `ShuttingDown` | UNAVAILABLE | `SHUTTING_DOWN` |
+//! | `ClusterNotInitialized` | FAILED_PRECONDITION | `CLUSTER_NOT_INITIALIZED` |
+//! | `AlreadyInitialized` | FAILED_PRECONDITION | `ALREADY_INITIALIZED` |
+//! | `Overloaded` | RESOURCE_EXHAUSTED | `OVERLOADED` |
+//! | `DeadlineExceeded` | DEADLINE_EXCEEDED (a write may or may not have applied) | `DEADLINE_EXCEEDED` |
+//! | `Internal` | INTERNAL | `INTERNAL` |
+
+use residency_proto::metadata::{LEADER_ADDR_KEY, LEADER_ID_KEY, REASON_KEY, REVISION_KEY};
+use residency_types::{ReasonCode, Rejection, Revision, ValidationError};
+use serde::{Deserialize, Serialize};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+/// Everything a request can fail with. Serializable so that a leader's answer to a forwarded
+/// write reaches the client unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {message}")]
+    Invalid {
+        code: ReasonCode,
+        field: String,
+        message: String,
+    },
+    #[error("{}", .0.message())]
+    Rejected(Rejection),
+    #[error("the user has no placement (read at revision {revision})")]
+    UserNotFound { revision: Revision },
+    #[error("this node is not the leader")]
+    NotLeader {
+        leader_id: Option<u64>,
+        leader_addr: Option<String>,
+    },
+    #[error("no leader is known; the cluster may be electing one or may have lost its quorum")]
+    NoLeader,
+    #[error("leadership could not be confirmed with a quorum: {0}")]
+    QuorumUnavailable(String),
+    #[error(
+        "this node has applied revision {applied}, the read needs {wanted}; try another node or later"
+    )]
+    RevisionNotReached { wanted: Revision, applied: Revision },
+    #[error("member unreachable: {0}")]
+    MemberUnreachable(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error("this node has not joined a cluster yet")]
+    ClusterNotInitialized,
+    #[error("this node already belongs to a cluster")]
+    AlreadyInitialized,
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("the deadline passed after {0} ms; a write may or may not have been applied")]
+    DeadlineExceeded(u64),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(error: ValidationError) -> Self {
+        ApiError::Invalid {
+            code: error.code,
+            field: error.field.to_string(),
+            message: error.message,
+        }
+    }
+}
+
+impl ApiError {
+    pub fn invalid(code: ReasonCode, field: &str, message: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            code,
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(error: impl std::fmt::Display) -> Self {
+        ApiError::Internal(error.to_string())
+    }
+
+    pub fn reason_code(&self) -> ReasonCode {
+        match self {
+            ApiError::Invalid { code, .. } => *code,
+            ApiError::Rejected(rejection) => rejection.reason_code(),
+            ApiError::UserNotFound { .. } => ReasonCode::UserNotFound,
+            ApiError::NotLeader { .. } => ReasonCode::NotLeader,
+            ApiError::NoLeader => ReasonCode::NoLeader,
+            ApiError::QuorumUnavailable(_) => ReasonCode::QuorumUnavailable,
+            ApiError::RevisionNotReached { .. } => ReasonCode::RevisionNotReached,
+            ApiError::MemberUnreachable(_) => ReasonCode::MemberUnreachable,
+            ApiError::ShuttingDown => ReasonCode::ShuttingDown,
+            ApiError::ClusterNotInitialized => ReasonCode::ClusterNotInitialized,
+            ApiError::AlreadyInitialized => ReasonCode::AlreadyInitialized,
+            ApiError::Overloaded(_) => ReasonCode::Overloaded,
+            ApiError::DeadlineExceeded(_) => ReasonCode::DeadlineExceeded,
+            ApiError::Internal(_) => ReasonCode::Internal,
+        }
+    }
+
+    pub fn grpc_code(&self) -> Code {
+        match self {
+            ApiError::Invalid { .. } => Code::InvalidArgument,
+            ApiError::Rejected(Rejection::UserNotFound) | ApiError::UserNotFound { .. } => {
+                Code::NotFound
+            }
+            ApiError::Rejected(_)
+            | ApiError::ClusterNotInitialized
+            | ApiError::AlreadyInitialized => Code::FailedPrecondition,
+            ApiError::NotLeader { .. }
+            | ApiError::NoLeader
+            | ApiError::QuorumUnavailable(_)
+            | ApiError::RevisionNotReached { .. }
+            | ApiError::MemberUnreachable(_)
+            | ApiError::ShuttingDown => Code::Unavailable,
+            ApiError::Overloaded(_) => Code::ResourceExhausted,
+            ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            ApiError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+fn insert(status: &mut tonic::Status, key: &'static str, value: &str) {
+    if let Ok(value) = MetadataValue::try_from(value) {
+        status.metadata_mut().insert(key, value);
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(error: ApiError) -> Self {
+        let mut status = tonic::Status::new(error.grpc_code(), error.to_string());
+        insert(&mut status, REASON_KEY, error.reason_code().as_str());
+        match &error {
+            ApiError::NotLeader {
+                leader_id,
+                leader_addr,
+            } => {
+                if let Some(leader_id) = leader_id {
+                    insert(&mut status, LEADER_ID_KEY, &leader_id.to_string());
+                }
+                if let Some(leader_addr) = leader_addr {
+                    insert(&mut status, LEADER_ADDR_KEY, leader_addr);
+                }
+            }
+            ApiError::UserNotFound { revision } => {
+                insert(&mut status, REVISION_KEY, &revision.to_string())
+            }
+            _ => {}
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_carries_its_reason_and_the_leader_hint_when_known() {
+        let status = tonic::Status::from(ApiError::NotLeader {
+            leader_id: Some(2),
+            leader_addr: Some("127.0.0.1:7102".to_string()),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            residency_proto::metadata::reason(&status),
+            Some(ReasonCode::NotLeader)
+        );
+        assert_eq!(
+            residency_proto::metadata::leader_hint(&status),
+            (Some(2), Some("127.0.0.1:7102".to_string()))
+        );
+        let mismatch = ApiError::Rejected(Rejection::RevisionMismatch {
+            expected: Revision(1),
+            actual: Revision(2),
+        });
+        assert_eq!(
+            tonic::Status::from(mismatch).code(),
+            Code::FailedPrecondition
+        );
+        let invalid = ApiError::from(ValidationError::new(
+            ReasonCode::InvalidUserId,
+            "user_id",
+            "bad",
+        ));
+        let status = tonic::Status::from(invalid);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            residency_proto::metadata::reason(&status),
+            Some(ReasonCode::InvalidUserId)
+        );
+    }
+}

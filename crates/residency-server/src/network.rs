@@ -1,0 +1,177 @@
+//! Raft traffic to peers over gRPC: one cached channel per peer, openraft's messages as postcard
+//! bytes in a protobuf `bytes` field.
+//!
+//! openraft 0.9 calls `new_client` for every replication stream and for every linearizable read,
+//! so channels are cached here: a new connection per call made reads slow and flaky (deps.md §2).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use residency_proto::peer_pb::RaftPayload;
+use residency_proto::peer_pb::peer_client::PeerClient;
+use residency_store::{NodeId, NodeInfo, TypeConfig};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long to wait for a TCP connection to a peer.
+const PEER_CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// HTTP/2 keepalive towards peers, so a dead connection is noticed between heartbeats.
+const PEER_KEEPALIVE_INTERVAL_MS: u64 = 5_000;
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("raft messages always serialize")
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+/// One lazily connected channel per peer address, shared by Raft and by forwarding.
+#[derive(Debug, Clone)]
+pub struct PeerChannels {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    message_bytes_max: usize,
+}
+
+impl PeerChannels {
+    pub fn new(message_bytes_max: usize) -> PeerChannels {
+        PeerChannels {
+            channels: Arc::default(),
+            message_bytes_max,
+        }
+    }
+
+    /// A client for the peer at `peer_addr` (`host:port`), reusing its channel.
+    pub fn client(&self, peer_addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+        let mut channels = self.channels.lock().expect("channel cache lock poisoned");
+        let channel = match channels.get(peer_addr) {
+            Some(channel) => channel.clone(),
+            None => {
+                let channel = Endpoint::from_shared(format!("http://{peer_addr}"))?
+                    .connect_timeout(Duration::from_millis(PEER_CONNECT_TIMEOUT_MS))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_millis(PEER_KEEPALIVE_INTERVAL_MS))
+                    .keep_alive_while_idle(true)
+                    .connect_lazy();
+                channels.insert(peer_addr.to_string(), channel.clone());
+                channel
+            }
+        };
+        Ok(PeerClient::new(channel)
+            .max_decoding_message_size(self.message_bytes_max)
+            .max_encoding_message_size(self.message_bytes_max))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NetworkFactory {
+    channels: PeerChannels,
+}
+
+impl NetworkFactory {
+    pub fn new(channels: PeerChannels) -> NetworkFactory {
+        NetworkFactory { channels }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerConnection {
+        PeerConnection {
+            target,
+            client: self.channels.client(&node.peer_addr),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct PeerConnection {
+    target: NodeId,
+    client: Result<PeerClient<Channel>, tonic::transport::Error>,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: RpcKind,
+        request: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &mut self.client {
+            Ok(client) => client,
+            Err(error) => return Err(RPCError::Unreachable(Unreachable::new(error))),
+        };
+        let payload = tonic::Request::new(RaftPayload {
+            data: encode(request).into(),
+        });
+        let call = async {
+            match kind {
+                RpcKind::AppendEntries => client.append_entries(payload).await,
+                RpcKind::Vote => client.vote(payload).await,
+                RpcKind::InstallSnapshot => client.install_snapshot(payload).await,
+            }
+        };
+        let response = match tokio::time::timeout(option.hard_ttl(), call).await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
+            Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
+            Err(elapsed) => return Err(RPCError::Network(NetworkError::new(&elapsed))),
+        };
+        let answer: Result<Resp, RaftError<NodeId, E>> =
+            decode(&response.data).map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
+        answer.map_err(|error| {
+            RPCError::RemoteError(openraft::error::RemoteError::new(self.target, error))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RpcKind {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        request: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call(RpcKind::AppendEntries, &request, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        request: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(RpcKind::InstallSnapshot, &request, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        request: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call(RpcKind::Vote, &request, &option).await
+    }
+}

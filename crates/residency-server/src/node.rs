@@ -1,0 +1,347 @@
+//! The node: Raft, the store's reader and the peers, and the two paths every request takes —
+//! the read barrier for its consistency mode, and the write path to the leader.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::ServerState;
+use openraft::error::{ClientWriteError, RaftError};
+use residency_proto::convert::WriteContext;
+use residency_proto::pb;
+use residency_proto::peer_pb::{LocalStatusRequest, RaftPayload, ReadIndexRequest};
+use residency_store::{CommittedIndex, NodeId, NodeInfo, Raft, StateReader};
+use residency_types::{ApplyResult, Command, Consistency, Revision, WriteBody};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ValidConfig;
+use crate::error::ApiError;
+use crate::network::{PeerChannels, decode, encode};
+use crate::read_index::{ReadIndexBatcher, not_leader};
+
+/// A write handed from a follower to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardedWrite {
+    pub request_id: residency_types::RequestId,
+    pub caller: residency_types::CallerId,
+    pub reason: residency_types::ReasonText,
+    pub body: WriteBody,
+}
+
+/// What a read barrier established: the revision the answer must include, and for stale reads
+/// how long since the leader was heard.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadBarrier {
+    pub consistency: Consistency,
+    pub millis_since_leader_contact: Option<u64>,
+}
+
+pub struct Node {
+    pub config: Arc<ValidConfig>,
+    pub raft: Raft,
+    pub reader: StateReader,
+    pub committed: CommittedIndex,
+    /// The committed index when this node started: ready once applied reaches it.
+    pub committed_at_start: Option<u64>,
+    pub info: NodeInfo,
+    pub peers: PeerChannels,
+    read_index: ReadIndexBatcher,
+    last_leader_contact: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.config.node_id)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    u64::try_from(since_epoch.as_millis()).expect("milliseconds since 1970 fit in u64")
+}
+
+impl Node {
+    pub fn new(
+        config: Arc<ValidConfig>,
+        raft: Raft,
+        reader: StateReader,
+        committed: CommittedIndex,
+        info: NodeInfo,
+        peers: PeerChannels,
+    ) -> Node {
+        let read_index =
+            ReadIndexBatcher::start(raft.clone(), config.limits.read_index_waiters_max);
+        let committed_at_start = committed.get();
+        Node {
+            config,
+            raft,
+            reader,
+            committed,
+            committed_at_start,
+            info,
+            peers,
+            read_index,
+            last_leader_contact: Mutex::new(None),
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.node_id
+    }
+
+    fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.limits.peer_rpc_timeout_ms)
+    }
+
+    /// The leader as this node knows it: its id and member record.
+    pub fn leader(&self) -> Option<(NodeId, Option<NodeInfo>)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader_id = metrics.current_leader?;
+        let node = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader_id)
+            .cloned();
+        Some((leader_id, node))
+    }
+
+    pub fn note_leader_contact(&self) {
+        *self
+            .last_leader_contact
+            .lock()
+            .expect("leader contact lock poisoned") = Some(Instant::now());
+    }
+
+    pub fn millis_since_leader_contact(&self) -> Option<u64> {
+        if self
+            .leader()
+            .is_some_and(|(leader_id, _)| leader_id == self.id())
+        {
+            return Some(0);
+        }
+        let last = *self
+            .last_leader_contact
+            .lock()
+            .expect("leader contact lock poisoned");
+        last.map(|at| u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Waits until this node has applied `index`, or fails when `timeout` passes.
+    async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), ApiError> {
+        if self.reader.applied_revision().0 >= index {
+            return Ok(());
+        }
+        let waited = self
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await;
+        match waited {
+            Ok(_) => Ok(()),
+            Err(_) => Err(ApiError::RevisionNotReached {
+                wanted: Revision(index),
+                applied: self.reader.applied_revision(),
+            }),
+        }
+    }
+
+    /// Makes the state this node is about to read fresh enough for `consistency`.
+    pub async fn read_barrier(
+        &self,
+        consistency: Consistency,
+        timeout: Duration,
+    ) -> Result<ReadBarrier, ApiError> {
+        match consistency {
+            Consistency::Linearizable => {
+                let read_index = self.linearizable_read_index().await?;
+                self.wait_applied(read_index, timeout).await?;
+            }
+            Consistency::AtLeast(revision) => self.wait_applied(revision.0, timeout).await?,
+            Consistency::Stale => {}
+        }
+        Ok(ReadBarrier {
+            consistency,
+            millis_since_leader_contact: self.millis_since_leader_contact(),
+        })
+    }
+
+    /// The read index for a linearizable read: from our own (shared) round when we lead, else
+    /// from the leader's, over the peer port.
+    async fn linearizable_read_index(&self) -> Result<u64, ApiError> {
+        match self.leader() {
+            Some((leader_id, _)) if leader_id == self.id() => self.read_index.read_index().await,
+            Some((leader_id, Some(leader))) => {
+                let mut client = self
+                    .peers
+                    .client(&leader.peer_addr)
+                    .map_err(ApiError::internal)?;
+                let call = client.read_index(ReadIndexRequest {});
+                match tokio::time::timeout(self.peer_timeout(), call).await {
+                    Ok(Ok(response)) => Ok(response.into_inner().read_index),
+                    Ok(Err(status)) => Err(forwarded_status(status, leader_id, &leader)),
+                    Err(_) => Err(not_leader(Some(leader_id), Some(&leader))),
+                }
+            }
+            Some((leader_id, None)) => Err(not_leader(Some(leader_id), None)),
+            None => Err(ApiError::NoLeader),
+        }
+    }
+
+    /// The read index for a follower's linearizable read, served on the leader.
+    pub async fn serve_read_index(&self) -> Result<u64, ApiError> {
+        self.read_index.read_index().await
+    }
+
+    /// Sends a write to the leader: proposed here when this node leads, else forwarded once.
+    pub async fn write(
+        &self,
+        context: WriteContext,
+        body: WriteBody,
+    ) -> Result<ApplyResult, ApiError> {
+        let forwarded = ForwardedWrite {
+            request_id: context.request_id,
+            caller: context.caller,
+            reason: context.reason,
+            body,
+        };
+        match self.leader() {
+            Some((leader_id, _)) if leader_id == self.id() => self.propose(forwarded).await,
+            Some((leader_id, Some(leader))) => self.forward(leader_id, &leader, &forwarded).await,
+            Some((leader_id, None)) => Err(not_leader(Some(leader_id), None)),
+            None => Err(ApiError::NoLeader),
+        }
+    }
+
+    /// Proposes a write on this node, stamping the leader's clock into the command.
+    pub async fn propose(&self, write: ForwardedWrite) -> Result<ApplyResult, ApiError> {
+        let command = Command {
+            request_id: write.request_id,
+            caller: write.caller,
+            reason: write.reason,
+            stamped_at_ms: now_ms(),
+            body: write.body,
+        };
+        match self.raft.client_write(command).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(not_leader(forward.leader_id, forward.leader_node.as_ref()))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
+                Err(ApiError::internal(format!(
+                    "a write was refused as a membership change: {error}"
+                )))
+            }
+            Err(RaftError::Fatal(_)) => Err(ApiError::ShuttingDown),
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader_id: NodeId,
+        leader: &NodeInfo,
+        write: &ForwardedWrite,
+    ) -> Result<ApplyResult, ApiError> {
+        let mut client = self
+            .peers
+            .client(&leader.peer_addr)
+            .map_err(ApiError::internal)?;
+        let call = client.forward_write(RaftPayload {
+            data: encode(write).into(),
+        });
+        let response = match tokio::time::timeout(self.peer_timeout(), call).await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return Err(forwarded_status(status, leader_id, leader)),
+            // The leader may have applied it: the client must treat this as unknown.
+            Err(_) => {
+                return Err(ApiError::DeadlineExceeded(
+                    self.config.limits.peer_rpc_timeout_ms,
+                ));
+            }
+        };
+        let answer: Result<ApplyResult, ApiError> =
+            decode(&response.data).map_err(ApiError::internal)?;
+        answer
+    }
+
+    /// This node's own identity and progress, as it reports to Status.
+    pub fn local_status(&self) -> pb::MemberStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let is_voter = membership.voter_ids().any(|id| id == self.id());
+        let state = match metrics.state {
+            ServerState::Leader => pb::RaftState::Leader,
+            ServerState::Follower => pb::RaftState::Follower,
+            ServerState::Candidate => pb::RaftState::Candidate,
+            ServerState::Learner => pb::RaftState::Learner,
+            ServerState::Shutdown => pb::RaftState::Shutdown,
+        };
+        pb::MemberStatus {
+            id: self.id(),
+            client_addr: self.info.client_addr.clone(),
+            peer_addr: self.info.peer_addr.clone(),
+            jurisdiction: self.info.jurisdiction.clone(),
+            role: if is_voter {
+                pb::MemberRole::Voter
+            } else {
+                pb::MemberRole::Learner
+            } as i32,
+            state: state as i32,
+            term: metrics.current_term,
+            leader_id: metrics.current_leader,
+            last_log_index: metrics.last_log_index,
+            committed_index: self.committed.get(),
+            applied_index: metrics.last_applied.map(|log_id| log_id.index),
+            snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
+            purged_index: metrics.purged.map(|log_id| log_id.index),
+            lag_entries: None,
+            error: String::new(),
+        }
+    }
+
+    /// Asks the node at `peer_addr` for its status.
+    pub async fn remote_status(
+        &self,
+        peer_addr: &str,
+        timeout: Duration,
+    ) -> Result<pb::MemberStatus, String> {
+        let mut client = self
+            .peers
+            .client(peer_addr)
+            .map_err(|error| error.to_string())?;
+        match tokio::time::timeout(timeout, client.local_status(LocalStatusRequest {})).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(status.message().to_string()),
+            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        }
+    }
+
+    /// Every member of the current membership with its node record, voters first by id.
+    pub fn members(&self) -> Vec<(NodeId, NodeInfo, bool)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let nodes: BTreeMap<NodeId, NodeInfo> = membership
+            .nodes()
+            .map(|(id, node)| (*id, node.clone()))
+            .collect();
+        nodes
+            .into_iter()
+            .map(|(id, node)| (id, node, voters.contains(&id)))
+            .collect()
+    }
+}
+
+/// Turns a leader's error status into ours: the leader puts its `ApiError` in the status details
+/// (see `peer_service::peer_status`); anything else is a transport failure, reported as "not
+/// leader" with the leader we tried, so the client can go there directly.
+fn forwarded_status(status: tonic::Status, leader_id: NodeId, leader: &NodeInfo) -> ApiError {
+    match decode::<ApiError>(status.details()) {
+        Ok(error) if !status.details().is_empty() => error,
+        _ => not_leader(Some(leader_id), Some(leader)),
+    }
+}

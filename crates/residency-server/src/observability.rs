@@ -1,0 +1,120 @@
+//! The metrics listener: `/metrics` (Prometheus), `/healthz` (the process and its Raft core
+//! run) and `/readyz` (a leader is known and this node has applied what was committed when it
+//! started). Also the tracing setup and the sampler that turns Raft's state into gauges.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::config::{LogConfig, LogFormat};
+use crate::node::Node;
+
+/// How often Raft's state is copied into gauges.
+const METRICS_SAMPLE_INTERVAL_MS: u64 = 1_000;
+
+/// The process-wide Prometheus recorder (one per process, whatever the number of nodes in it).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .expect("the metrics recorder is installed once per process")
+        })
+        .clone()
+}
+
+pub fn init_tracing(log: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    if let Err(error) = result {
+        eprintln!("tracing was already set up: {error}");
+    }
+}
+
+#[derive(Clone)]
+struct Probe {
+    node: Arc<Node>,
+    prometheus: PrometheusHandle,
+}
+
+pub fn router(node: Arc<Node>) -> Router {
+    let probe = Probe {
+        node,
+        prometheus: prometheus(),
+    };
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(probe): State<Probe>| async move { probe.prometheus.render() }),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(probe)
+}
+
+async fn healthz(State(probe): State<Probe>) -> (StatusCode, &'static str) {
+    match probe.node.raft.metrics().borrow().running_state {
+        Ok(()) => (StatusCode::OK, "ok\n"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "raft stopped\n"),
+    }
+}
+
+async fn readyz(State(probe): State<Probe>) -> (StatusCode, String) {
+    let node = &probe.node;
+    let applied = node.reader.applied_revision().0;
+    if node.leader().is_none() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no leader known\n".to_string(),
+        );
+    }
+    match node.committed_at_start {
+        Some(committed) if applied < committed => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("catching up: applied {applied} of {committed} committed at start\n"),
+        ),
+        _ => (StatusCode::OK, "ready\n".to_string()),
+    }
+}
+
+/// Copies Raft's state into gauges until the node stops.
+pub async fn sample_raft_metrics(node: Arc<Node>) {
+    let prometheus = prometheus();
+    loop {
+        tokio::time::sleep(Duration::from_millis(METRICS_SAMPLE_INTERVAL_MS)).await;
+        let metrics = node.raft.metrics().borrow().clone();
+        if metrics.running_state.is_err() {
+            return;
+        }
+        let is_leader = metrics.current_leader == Some(node.id());
+        metrics::gauge!("residency_raft_term").set(metrics.current_term as f64);
+        metrics::gauge!("residency_raft_is_leader").set(if is_leader { 1.0 } else { 0.0 });
+        metrics::gauge!("residency_raft_leader_known").set(if metrics.current_leader.is_some() {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!("residency_raft_last_log_index")
+            .set(metrics.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("residency_raft_applied_index")
+            .set(node.reader.applied_revision().0 as f64);
+        metrics::gauge!("residency_raft_committed_index")
+            .set(node.committed.get().unwrap_or(0) as f64);
+        metrics::gauge!("residency_raft_snapshot_index")
+            .set(metrics.snapshot.map_or(0.0, |log_id| log_id.index as f64));
+        prometheus.run_upkeep();
+    }
+}

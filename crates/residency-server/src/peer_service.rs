@@ -1,0 +1,104 @@
+//! The peer listener's service: Raft messages in, plus read index, forwarded writes and local
+//! status for the other nodes. Only peers should reach this port.
+
+use std::sync::Arc;
+
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use residency_proto::pb;
+use residency_proto::peer_pb::peer_server::Peer;
+use residency_proto::peer_pb::{
+    LocalStatusRequest, RaftPayload, ReadIndexRequest, ReadIndexResponse,
+};
+use residency_store::{NodeId, TypeConfig};
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::network::{decode, encode};
+use crate::node::{ForwardedWrite, Node};
+
+#[derive(Debug, Clone)]
+pub struct PeerService {
+    node: Arc<Node>,
+}
+
+impl PeerService {
+    pub fn new(node: Arc<Node>) -> PeerService {
+        PeerService { node }
+    }
+}
+
+/// An error for a peer: the status a plain gRPC client understands, with the exact `ApiError`
+/// in the details for our own nodes.
+pub fn peer_status(error: ApiError) -> Status {
+    let code = error.grpc_code();
+    let message = error.to_string();
+    Status::with_details(code, message, encode(&error).into())
+}
+
+fn payload<T: serde::de::DeserializeOwned>(request: Request<RaftPayload>) -> Result<T, Status> {
+    decode(&request.into_inner().data)
+        .map_err(|error| Status::invalid_argument(format!("undecodable peer message: {error}")))
+}
+
+fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
+    Ok(Response::new(RaftPayload {
+        data: encode(value).into(),
+    }))
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let request: AppendEntriesRequest<TypeConfig> = payload(request)?;
+        let answer = self.node.raft.append_entries(request).await;
+        if answer.is_ok() {
+            self.node.note_leader_contact();
+        }
+        reply(&answer)
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let request: VoteRequest<NodeId> = payload(request)?;
+        reply(&self.node.raft.vote(request).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let request: InstallSnapshotRequest<TypeConfig> = payload(request)?;
+        let answer = self.node.raft.install_snapshot(request).await;
+        if answer.is_ok() {
+            self.node.note_leader_contact();
+        }
+        reply(&answer)
+    }
+
+    async fn read_index(
+        &self,
+        _request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        let read_index = self.node.serve_read_index().await.map_err(peer_status)?;
+        Ok(Response::new(ReadIndexResponse { read_index }))
+    }
+
+    async fn forward_write(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let write: ForwardedWrite = payload(request)?;
+        // Proposed here only: a forwarded write is never forwarded again, so it cannot loop.
+        let answer = self.node.propose(write).await;
+        reply(&answer)
+    }
+
+    async fn local_status(
+        &self,
+        _request: Request<LocalStatusRequest>,
+    ) -> Result<Response<pb::MemberStatus>, Status> {
+        Ok(Response::new(self.node.local_status()))
+    }
+}
