@@ -1,1 +1,350 @@
-//! placeholder
+//! The test harness: real `residencyd` processes on loopback, each with its own sled directory,
+//! started, killed and restarted the way an operator (or a crash) would.
+//!
+//! Tests run one cluster at a time (`serially`): on a 2-core machine two clusters at once make
+//! election timing a matter of luck. When a test fails, the cluster's directory (configs, data,
+//! each node's log) is kept and its path printed.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use residency_client::{Client, ClientOptions, pb};
+
+/// How long a cluster may take to elect a leader after start or after losing one.
+pub const LEADER_WAIT: Duration = Duration::from_secs(30);
+/// How long a node may take to open its client port.
+const PORT_WAIT: Duration = Duration::from_secs(30);
+/// How long a node gets to stop on SIGTERM before it is killed.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Runs `test` on its own runtime while no other cluster test runs in this process.
+pub fn serially<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
+    let _guard = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(test());
+}
+
+/// Where cargo put `residencyd`: beside the directory of this test binary (`target/debug`).
+fn residencyd_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = profile_dir.join("residencyd");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+#[derive(Debug)]
+pub struct NodeHandle {
+    pub id: u64,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub metrics_port: u16,
+    pub data_dir: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeHandle {
+    pub fn client_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn peer_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.peer_port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} is already running", self.id);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("node log file");
+        let child = Command::new(residencyd_path())
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,openraft=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("residencyd starts");
+        self.child = Some(child);
+    }
+
+    fn signal(&mut self, signal: i32) {
+        let child = self.child.as_mut().expect("node is running");
+        let pid = i32::try_from(child.id()).expect("pid fits i32");
+        let sent = send_signal(pid, signal);
+        assert!(sent, "signal {signal} to node {} failed", self.id);
+    }
+
+    /// SIGKILL: the process dies at once, as in a crash; the page cache survives.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let mut child = self.child.take().expect("node is running");
+        child.wait().expect("reap node");
+    }
+
+    /// SIGTERM, and waits for a clean exit.
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("node is running");
+        let deadline = Instant::now() + STOP_WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("poll node") {
+                assert!(
+                    status.success(),
+                    "node {} exited with {status} on SIGTERM",
+                    self.id
+                );
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "node {} did not stop within {STOP_WAIT:?} of SIGTERM",
+                    self.id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn send_signal(pid: i32, signal: i32) -> bool {
+    // SAFETY: kill(2) has no memory-safety preconditions; `pid` is a child this harness spawned.
+    unsafe { libc::kill(pid, signal) == 0 }
+}
+
+/// A cluster of real processes, its directory removed when the test passes.
+#[derive(Debug)]
+pub struct Cluster {
+    pub nodes: BTreeMap<u64, NodeHandle>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    /// Starts `size` nodes with `raft_toml` as their `[raft]` section, forms the cluster and
+    /// waits for a leader.
+    pub async fn start(size: u64, raft_toml: &str) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("residency-cluster-")
+            .tempdir()
+            .expect("cluster dir");
+        let mut nodes = BTreeMap::new();
+        for id in 1..=size {
+            let data_dir = dir.path().join(format!("node{id}"));
+            fs::create_dir_all(&data_dir).expect("node dir");
+            let (client_port, peer_port, metrics_port) = (free_port(), free_port(), free_port());
+            let config_path = dir.path().join(format!("node{id}.toml"));
+            let config = format!(
+                "node_id = {id}\njurisdiction = \"US\"\ndata_dir = \"{}\"\n\n[listen]\nclient = \"127.0.0.1:{client_port}\"\n\
+                 peer = \"127.0.0.1:{peer_port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\n[raft]\n{raft_toml}\n\n\
+                 [storage]\ncache_capacity_bytes = 16777216\n",
+                data_dir.display()
+            );
+            fs::write(&config_path, config).expect("node config");
+            let log_path = dir.path().join(format!("node{id}.log"));
+            let node = NodeHandle {
+                id,
+                client_port,
+                peer_port,
+                metrics_port,
+                data_dir,
+                config_path,
+                log_path,
+                child: None,
+            };
+            nodes.insert(id, node);
+        }
+        let mut cluster = Cluster {
+            nodes,
+            dir: Some(dir),
+        };
+        for node in cluster.nodes.values_mut() {
+            node.start();
+        }
+        for node in cluster.nodes.values() {
+            wait_port(node.client_port).await;
+        }
+        let peers: Vec<String> = cluster.nodes.values().map(NodeHandle::peer_addr).collect();
+        let first = cluster.client_for(1);
+        first.initialize(peers).await.expect("cluster initializes");
+        cluster.wait_for_leader(None).await;
+        cluster
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut NodeHandle {
+        self.nodes.get_mut(&id).expect("no such node")
+    }
+
+    fn options() -> ClientOptions {
+        ClientOptions {
+            timeout: Duration::from_secs(20),
+            caller: "cluster-test".to_string(),
+        }
+    }
+
+    /// A client that knows every node.
+    pub fn client(&self) -> Client {
+        let endpoints = self.nodes.values().map(NodeHandle::client_addr).collect();
+        Client::new(endpoints, Self::options()).expect("client")
+    }
+
+    /// A client that talks to node `id` only.
+    pub fn client_for(&self, id: u64) -> Client {
+        Client::new(vec![self.nodes[&id].client_addr()], Self::options()).expect("client")
+    }
+
+    /// A client for node `id` with a short deadline, for calls expected to fail.
+    pub fn impatient_client_for(&self, id: u64, timeout: Duration) -> Client {
+        let options = ClientOptions {
+            timeout,
+            caller: "cluster-test".to_string(),
+        };
+        Client::new(vec![self.nodes[&id].client_addr()], options).expect("client")
+    }
+
+    /// A raw gRPC client for node `id`, to send what the typed client would refuse to build.
+    pub async fn raw_registry(
+        &self,
+        id: u64,
+    ) -> pb::registry_client::RegistryClient<tonic::transport::Channel> {
+        pb::registry_client::RegistryClient::connect(format!(
+            "http://{}",
+            self.nodes[&id].client_addr()
+        ))
+        .await
+        .expect("connect")
+    }
+
+    /// Node `id`'s own view of itself.
+    pub async fn member_status(&self, id: u64) -> pb::MemberStatus {
+        let status = self.client_for(id).status().await.expect("status");
+        status
+            .members
+            .into_iter()
+            .find(|member| member.id == id)
+            .expect("node lists itself")
+    }
+
+    /// Waits until the running nodes agree on a leader (other than `not`) and returns it.
+    pub async fn wait_for_leader(&self, not: Option<u64>) -> u64 {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let mut seen = Vec::new();
+            for node in self.nodes.values().filter(|node| node.is_running()) {
+                let client = self.impatient_client_for(node.id, Duration::from_secs(2));
+                let member = client.status().await.ok().and_then(|status| {
+                    status
+                        .members
+                        .into_iter()
+                        .find(|member| member.id == node.id)
+                });
+                seen.push(member.and_then(|member| member.leader_id));
+            }
+            if let Some(Some(leader)) = seen.first().copied()
+                && seen.iter().all(|view| *view == Some(leader))
+                && Some(leader) != not
+                && self.nodes[&leader].is_running()
+            {
+                return leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader within {LEADER_WAIT:?}: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until node `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64) {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let applied = self.member_status(id).await.applied_index.unwrap_or(0);
+            if applied >= index {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} applied only {applied} of {index}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        self.node(id).start();
+    }
+
+    pub async fn wait_serving(&self, id: u64) {
+        wait_port(self.nodes[&id].client_port).await;
+    }
+}
+
+async fn wait_port(port: u16) {
+    let deadline = Instant::now() + PORT_WAIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "port {port} did not open within {PORT_WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            eprintln!(
+                "cluster test failed; configs, data and node logs kept in {}",
+                kept.display()
+            );
+        }
+    }
+}

@@ -198,7 +198,15 @@ impl Client {
                 return Err(error);
             }
             failed.push(next.clone());
-            last_error = Some(error);
+            // Report the most telling failure: a server's reason beats a later transport error
+            // (such as running out of deadline while retrying).
+            let keep_previous = error.reason().is_none()
+                && last_error
+                    .as_ref()
+                    .is_some_and(|e: &ClientError| e.reason().is_some());
+            if !keep_previous {
+                last_error = Some(error);
+            }
             // Follow a leader hint at once, unless that node already failed us in this call:
             // then the hint is stale (the cluster is electing) and we wait and rotate instead.
             let fresh_hint = hinted.filter(|leader| !failed.contains(leader));
@@ -266,6 +274,42 @@ impl Client {
             }),
             Err(error) => Err(error),
         }
+    }
+
+    /// Up to 1,000 users read at one revision, in request order; `None` for users not placed.
+    pub async fn batch_lookup(
+        &self,
+        user_ids: &[UserId],
+        consistency: Consistency,
+    ) -> Result<Read<Vec<Option<Placement>>>, ClientError> {
+        let message = pb::BatchLookupRequest {
+            user_ids: user_ids.iter().map(ToString::to_string).collect(),
+            consistency: Some(consistency_to_pb(consistency)),
+        };
+        let response = self
+            .with_retries(|endpoint, remaining| {
+                let message = message.clone();
+                async move {
+                    let mut client = self
+                        .registry(&endpoint)
+                        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+                    client.batch_lookup(self.request(message, remaining)).await
+                }
+            })
+            .await?
+            .into_inner();
+        let header = response.header.unwrap_or_default();
+        let placements = response
+            .entries
+            .into_iter()
+            .map(|entry| entry.placement.map(Placement::try_from).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Read {
+            placement: placements,
+            revision: Revision(header.revision),
+            served_by: header.served_by,
+            millis_since_leader_contact: header.millis_since_leader_contact,
+        })
     }
 
     fn context(&self, options: &WriteOptions) -> pb::WriteContext {

@@ -1,0 +1,40 @@
+//! Three-node clusters of real `residencyd` processes on loopback: replication, forwarding,
+//! leader loss, restart from disk, catch-up by snapshot, idempotent retries, and refusal of
+//! malformed input. One binary, one cluster at a time.
+
+mod t10_replication;
+mod t20_leader_loss;
+mod t30_restart;
+mod t40_snapshot_catch_up;
+mod t50_idempotence;
+mod t60_bad_input;
+mod t70_consistency;
+
+use residency_client::Client;
+use residency_types::{Jurisdiction, LocationId, Placement, UserId};
+
+/// The `[raft]` section most tests use: the shipped defaults.
+pub const DEFAULT_RAFT: &str =
+    "heartbeat_interval_ms = 100\nelection_timeout_ms_min = 1000\nelection_timeout_ms_max = 3000";
+
+pub fn user(id: &str) -> UserId {
+    UserId::parse(id).expect("valid user id")
+}
+
+pub fn location(id: &str) -> LocationId {
+    LocationId::parse(id).expect("valid location id")
+}
+
+/// Assigns `user` to `location` and returns the placement the registry acknowledged.
+pub async fn assign(client: &Client, user_id: &str, location_id: &str) -> Placement {
+    client
+        .assign(
+            &user(user_id),
+            Jurisdiction::US,
+            &location(location_id),
+            None,
+        )
+        .await
+        .unwrap_or_else(|error| panic!("assign {user_id}: {error}"))
+        .placement
+}

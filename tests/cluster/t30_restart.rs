@@ -1,0 +1,54 @@
+//! Nodes restarted on their data directories come back with everything they had.
+
+use residency_tests::{Cluster, serially};
+use residency_types::{Consistency, UserId};
+
+use crate::{DEFAULT_RAFT, assign, user};
+
+#[test]
+fn a_whole_cluster_restarted_from_disk_keeps_every_write() {
+    serially(|| async {
+        let mut cluster = Cluster::start(3, DEFAULT_RAFT).await;
+        let client = cluster.client();
+        let mut written = Vec::new();
+        for n in 0..30 {
+            written.push(assign(&client, &format!("durable-{n}"), "us-central-1/pg-7").await);
+        }
+        // A follower crashes (SIGKILL) and the rest stop cleanly (SIGTERM).
+        let leader = cluster.wait_for_leader(None).await;
+        let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+        cluster.node(follower).kill();
+        for id in (1..=3).filter(|id| *id != follower) {
+            cluster.node(id).stop();
+        }
+        for id in 1..=3 {
+            cluster.restart(id);
+        }
+        for id in 1..=3 {
+            cluster.wait_serving(id).await;
+        }
+        cluster.wait_for_leader(None).await;
+
+        let ids: Vec<UserId> = written
+            .iter()
+            .map(|placement| placement.user_id.clone())
+            .collect();
+        let read = cluster
+            .client()
+            .batch_lookup(&ids, Consistency::Linearizable)
+            .await
+            .expect("batch lookup");
+        for (placement, found) in written.iter().zip(&read.placement) {
+            assert_eq!(found.as_ref(), Some(placement), "write lost across restart");
+        }
+        // The crashed follower recovered its own copy from disk and the log.
+        let last = written.last().expect("writes").mod_revision;
+        cluster.wait_applied(follower, last.0).await;
+        let stale = cluster
+            .client_for(follower)
+            .lookup(&user("durable-0"), Consistency::Stale)
+            .await
+            .expect("stale");
+        assert_eq!(stale.placement.as_ref(), written.first());
+    });
+}
