@@ -310,6 +310,33 @@ impl Cluster {
         self.node(id).start();
     }
 
+    /// Everything the nodes have logged so far (at `info` level, openraft included).
+    pub fn logs(&self) -> String {
+        self.nodes
+            .values()
+            .map(|node| fs::read_to_string(&node.log_path).unwrap_or_default())
+            .collect()
+    }
+
+    /// GETs `path` from node `id`'s metrics listener; returns the status line and the body.
+    pub fn http_get(&self, id: u64, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.nodes[&id].metrics_port))
+            .expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        let status = response.lines().next().unwrap_or_default().to_string();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
     pub async fn wait_serving(&self, id: u64) {
         wait_port(self.nodes[&id].client_port).await;
     }
