@@ -12,7 +12,8 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::StoreError;
@@ -34,7 +35,31 @@ const SYNC_QUEUE_DEPTH_MAX: usize = 4_096;
 pub struct Durable {
     db: sled::Db,
     dir: PathBuf,
-    sync_requests: mpsc::SyncSender<SyncWaiter>,
+    flusher: Arc<Flusher>,
+}
+
+/// The flusher thread and the queue into it, shared by every handle to the store.
+struct Flusher {
+    sync_requests: Option<mpsc::SyncSender<SyncWaiter>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    // The thread holds a clone of the sled `Db`, and sled keeps the directory locked until its
+    // last clone is gone. Left to exit on its own, the thread would close the database some
+    // time after the last handle was dropped, and reopening the directory (a node restart, a
+    // test) could fail with "could not acquire lock". So close the queue and wait (at most one
+    // fsync): the thread completes the waiters it holds and exits, dropping its clone, so the
+    // database closes with the last of the store's own handles.
+    fn drop(&mut self) {
+        drop(self.sync_requests.take());
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
+            // A panic on that thread was reported when it happened; nothing is left to do.
+            let _ = thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Durable {
@@ -62,13 +87,17 @@ impl Durable {
         sync_directory(dir)?;
         let (sync_requests, pending) = mpsc::sync_channel(SYNC_QUEUE_DEPTH_MAX);
         let flusher_db = db.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("residency-fsync".to_string())
             .spawn(move || run_flusher(flusher_db, db_file, pending))?;
+        let flusher = Flusher {
+            sync_requests: Some(sync_requests),
+            thread: Some(thread),
+        };
         Ok(Durable {
             db,
             dir: dir.to_path_buf(),
-            sync_requests,
+            flusher: Arc::new(flusher),
         })
     }
 
@@ -82,7 +111,10 @@ impl Durable {
 
     /// Calls `waiter` once everything written before this call is on disk.
     pub(crate) fn after_sync(&self, waiter: SyncWaiter) {
-        self.sync_requests
+        self.flusher
+            .sync_requests
+            .as_ref()
+            .expect("the queue closes only when the last handle is dropped")
             .send(waiter)
             .expect("the flusher thread lives as long as any handle to the store");
     }

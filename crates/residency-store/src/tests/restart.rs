@@ -1,0 +1,242 @@
+//! What a reopened store keeps: its vote, log, committed id, applied state and request dedup,
+//! after a clean close and after its process dies without closing anything.
+
+use std::path::Path;
+
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::{LogState, RaftLogReader};
+use residency_types::{Outcome, Revision};
+
+use super::{
+    assign, blank_entry, log_id, membership_entry, open_store, stored_membership, user, write_entry,
+};
+use crate::{Entry, Vote};
+
+/// A short history: the initial membership, a leader's blank entry, then two writes.
+fn history() -> Vec<Entry> {
+    vec![
+        membership_entry(0, 0, &[1, 2, 3]),
+        blank_entry(1, 1),
+        write_entry(1, 2, assign("req-1", "alice", "US", "us-east-1/pg-1")),
+        write_entry(1, 3, assign("req-2", "bruno", "CA", "ca-central-1/pg-7")),
+    ]
+}
+
+#[tokio::test]
+async fn a_reopened_store_keeps_its_vote_log_and_state() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let vote = Vote::new_committed(1, 1);
+    let mut store = open_store(dir.path()).await;
+    store.log.save_vote(&vote).await.expect("vote saved");
+    store
+        .log
+        .blocking_append(history())
+        .await
+        .expect("log appended");
+    store
+        .log
+        .save_committed(Some(log_id(1, 3)))
+        .await
+        .expect("committed saved");
+    let results = store
+        .state_machine
+        .apply(history())
+        .await
+        .expect("entries applied");
+    let revisions: Vec<Revision> = results.iter().map(|result| result.revision).collect();
+    assert_eq!(
+        revisions,
+        [Revision(0), Revision(1), Revision(2), Revision(3)]
+    );
+    let digest = store.reader.digest().await.expect("digest");
+    drop(store);
+
+    let mut store = open_store(dir.path()).await;
+    assert_eq!(store.log.read_vote().await.expect("vote read"), Some(vote));
+    assert_eq!(
+        store.log.get_log_state().await.expect("log state"),
+        LogState {
+            last_purged_log_id: None,
+            last_log_id: Some(log_id(1, 3)),
+        }
+    );
+    assert_eq!(
+        store.log.try_get_log_entries(..).await.expect("entries"),
+        history()
+    );
+    assert_eq!(
+        store.log.try_get_log_entries(1..3).await.expect("entries"),
+        history()[1..3]
+    );
+    assert_eq!(
+        store.log.read_committed().await.expect("committed"),
+        Some(log_id(1, 3))
+    );
+    assert_eq!(store.log.committed_index().get(), Some(3));
+    assert_eq!(
+        store
+            .state_machine
+            .applied_state()
+            .await
+            .expect("applied state"),
+        (Some(log_id(1, 3)), stored_membership(0, 0, &[1, 2, 3]))
+    );
+    let (placement, revision) = store.reader.lookup(&user("bruno")).await.expect("lookup");
+    let placement = placement.expect("bruno was assigned before the restart");
+    assert_eq!(placement.residency.as_str(), "CA");
+    assert_eq!(placement.location_id.as_str(), "ca-central-1/pg-7");
+    assert_eq!(placement.mod_revision, Revision(3));
+    assert_eq!(revision, Revision(3));
+    assert_eq!(store.reader.digest().await.expect("digest"), digest);
+}
+
+#[tokio::test]
+async fn the_request_dedup_survives_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = assign("req-1", "alice", "US", "us-east-1/pg-1");
+    let mut store = open_store(dir.path()).await;
+    let first = store
+        .state_machine
+        .apply([
+            membership_entry(0, 0, &[1]),
+            write_entry(1, 1, write.clone()),
+        ])
+        .await
+        .expect("entries applied")
+        .pop()
+        .expect("one result per entry");
+    assert_eq!(first.revision, Revision(1));
+    assert!(matches!(
+        first.outcome,
+        Some(Outcome::Assigned { created: true, .. })
+    ));
+    drop(store);
+
+    let mut store = open_store(dir.path()).await;
+    let retried = store
+        .state_machine
+        .apply([write_entry(1, 2, write)])
+        .await
+        .expect("entry applied");
+    assert_eq!(retried, [first], "a retry answers with the first result");
+    let (placement, revision) = store.reader.lookup(&user("alice")).await.expect("lookup");
+    let placement = placement.expect("alice was assigned");
+    assert_eq!(
+        placement.mod_revision,
+        Revision(1),
+        "the retry wrote nothing"
+    );
+    assert_eq!(
+        revision,
+        Revision(2),
+        "the retry still advanced the applied revision"
+    );
+}
+
+/// Reopening is possible the moment the last handle is dropped: nothing of the store lingers
+/// on a background thread holding sled's file lock.
+#[tokio::test]
+async fn a_store_can_be_reopened_as_soon_as_its_handles_are_dropped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for index in 0..20 {
+        let mut store = open_store(dir.path()).await;
+        store
+            .log
+            .blocking_append([blank_entry(1, index)])
+            .await
+            .expect("log appended");
+        drop(store);
+    }
+    let mut store = open_store(dir.path()).await;
+    let last = store
+        .log
+        .get_log_state()
+        .await
+        .expect("log state")
+        .last_log_id;
+    assert_eq!(last, Some(log_id(1, 19)));
+}
+
+/// Set in the child processes of `an_acknowledged_append_and_vote_survive_a_killed_process`:
+/// the store's directory, and which write the child makes before it dies.
+const CHILD_DIR: &str = "RESIDENCY_STORE_TEST_CHILD_DIR";
+const CHILD_WRITE: &str = "RESIDENCY_STORE_TEST_CHILD_WRITE";
+/// Written by a child once the store acknowledged its write.
+const ACKNOWLEDGED_MARKER: &str = "acknowledged";
+
+fn child_vote() -> Vote {
+    Vote::new_committed(7, 2)
+}
+
+/// Whatever `append` or `save_vote` acknowledged is on disk even if the process then dies
+/// without dropping anything, so sled's own flush on drop never runs. Each child makes one
+/// write and exits at once: any later sled write could carry the earlier one to disk and hide
+/// a missing sync.
+#[tokio::test]
+async fn an_acknowledged_append_and_vote_survive_a_killed_process() {
+    if let (Some(dir), Ok(write)) = (std::env::var_os(CHILD_DIR), std::env::var(CHILD_WRITE)) {
+        write_then_die(Path::new(&dir), &write).await;
+    }
+    let dir = run_child("log");
+    let mut store = open_store(dir.path()).await;
+    assert_eq!(
+        store.log.try_get_log_entries(..).await.expect("entries"),
+        history()
+    );
+    drop(store);
+
+    let dir = run_child("vote");
+    let mut store = open_store(dir.path()).await;
+    assert_eq!(
+        store.log.read_vote().await.expect("vote"),
+        Some(child_vote())
+    );
+}
+
+/// Runs this test again in a child process that makes `write` in a new store, then dies.
+fn run_child(write: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let test = concat!(
+        module_path!(),
+        "::an_acknowledged_append_and_vote_survive_a_killed_process"
+    );
+    let (_crate, test) = test
+        .split_once("::")
+        .expect("a module path starts with its crate");
+    let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD_DIR, dir.path())
+        .env(CHILD_WRITE, write)
+        .output()
+        .expect("the child test process runs");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the {write} child failed: {}: {said}",
+        output.status
+    );
+    let ran = dir.path().join(ACKNOWLEDGED_MARKER).exists();
+    assert!(ran, "the {write} child never made its write: {said}");
+    dir
+}
+
+/// The child's half: one acknowledged write, then exit without running any destructor, as a
+/// killed process would.
+async fn write_then_die(dir: &Path, write: &str) -> ! {
+    let mut store = open_store(dir).await;
+    match write {
+        "log" => store
+            .log
+            .blocking_append(history())
+            .await
+            .expect("log appended"),
+        "vote" => store
+            .log
+            .save_vote(&child_vote())
+            .await
+            .expect("vote saved"),
+        other => panic!("no such child write: {other}"),
+    }
+    std::fs::write(dir.join(ACKNOWLEDGED_MARKER), b"").expect("marker written");
+    std::process::exit(0);
+}

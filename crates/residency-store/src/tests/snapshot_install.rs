@@ -1,0 +1,186 @@
+//! A snapshot built on one store installs on another and gives it the same state; a damaged or
+//! mislabelled one is refused and leaves the receiving store exactly as it was.
+
+use std::path::Path;
+
+use openraft::RaftSnapshotBuilder;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use residency_types::Revision;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{
+    Store, assign, blank_entry, log_id, membership_entry, open_store, stored_membership, user,
+    write_entry,
+};
+use crate::{SnapshotMeta, StorageError, StoredMembership};
+
+/// Store A's history: a membership, then writes, one of which moves a user.
+async fn source_store(dir: &Path) -> Store {
+    let mut store = open_store(dir).await;
+    let entries = [
+        membership_entry(0, 0, &[1, 2, 3]),
+        blank_entry(1, 1),
+        write_entry(1, 2, assign("req-1", "alice", "US", "us-east-1/pg-1")),
+        write_entry(1, 3, assign("req-2", "bruno", "CA", "ca-central-1/pg-7")),
+        write_entry(2, 4, assign("req-3", "alice", "DE", "eu-central-1/pg-3")),
+    ];
+    store
+        .state_machine
+        .apply(entries)
+        .await
+        .expect("entries applied");
+    store
+}
+
+async fn build_snapshot(store: &mut Store) -> (SnapshotMeta, Vec<u8>) {
+    let mut builder = store.state_machine.get_snapshot_builder().await;
+    let snapshot = builder.build_snapshot().await.expect("snapshot built");
+    (snapshot.meta.clone(), snapshot_bytes(snapshot).await)
+}
+
+async fn snapshot_bytes(mut snapshot: Snapshot<crate::TypeConfig>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    snapshot
+        .snapshot
+        .read_to_end(&mut bytes)
+        .await
+        .expect("snapshot file reads");
+    bytes
+}
+
+/// Receives `bytes` the way openraft does (into the file `begin_receiving_snapshot` made),
+/// then installs them as the snapshot `meta` describes.
+async fn receive(store: &mut Store, meta: &SnapshotMeta, bytes: &[u8]) -> Result<(), StorageError> {
+    let mut file = store.state_machine.begin_receiving_snapshot().await?;
+    file.write_all(bytes).await.expect("snapshot bytes written");
+    file.flush().await.expect("snapshot bytes flushed");
+    store.state_machine.install_snapshot(meta, file).await
+}
+
+#[tokio::test]
+async fn a_snapshot_installs_on_another_store_with_the_same_digest() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let mut store_a = source_store(dir_a.path()).await;
+    let (meta, bytes) = build_snapshot(&mut store_a).await;
+    assert_eq!(meta.last_log_id, Some(log_id(2, 4)));
+    assert_eq!(meta.last_membership, stored_membership(0, 0, &[1, 2, 3]));
+    let digest_a = store_a.reader.digest().await.expect("digest");
+
+    let mut store_b = open_store(dir_b.path()).await;
+    receive(&mut store_b, &meta, &bytes)
+        .await
+        .expect("snapshot installed");
+    assert_eq!(store_b.reader.digest().await.expect("digest"), digest_a);
+    assert_eq!(
+        store_b
+            .state_machine
+            .applied_state()
+            .await
+            .expect("applied state"),
+        (meta.last_log_id, meta.last_membership.clone())
+    );
+    let (alice, revision) = store_b.reader.lookup(&user("alice")).await.expect("lookup");
+    let alice = alice.expect("alice is in the snapshot");
+    assert_eq!(
+        (alice.residency.as_str(), alice.mod_revision),
+        ("DE", Revision(4))
+    );
+    assert_eq!(revision, Revision(4));
+    drop(store_b);
+
+    let mut store_b = open_store(dir_b.path()).await;
+    assert_eq!(store_b.reader.digest().await.expect("digest"), digest_a);
+    let current = store_b
+        .state_machine
+        .get_current_snapshot()
+        .await
+        .expect("current snapshot")
+        .expect("the installed snapshot is the current one after a restart");
+    assert_eq!(current.meta, meta);
+    assert_eq!(snapshot_bytes(current).await, bytes);
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_is_refused_and_changes_nothing() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (meta, bytes) = build_snapshot(&mut source_store(dir_a.path()).await).await;
+    let middle = bytes.len() / 2;
+    let flipped_in_the_middle = flip(&bytes, middle);
+    let flipped_in_the_header = flip(&bytes, 20);
+    let flipped_in_the_trailer = flip(&bytes, bytes.len() - 1);
+    let cut_short = &bytes[..bytes.len() - 6];
+    let other_log_id = SnapshotMeta {
+        last_log_id: Some(log_id(2, 5)),
+        ..meta.clone()
+    };
+    // (what went wrong, the announced meta, the bytes received)
+    let cases: [(&str, &SnapshotMeta, &[u8]); 6] = [
+        (
+            "a byte flipped in the middle",
+            &meta,
+            &flipped_in_the_middle,
+        ),
+        (
+            "a byte flipped in the header",
+            &meta,
+            &flipped_in_the_header,
+        ),
+        (
+            "a byte flipped in the checksum",
+            &meta,
+            &flipped_in_the_trailer,
+        ),
+        ("the end cut off", &meta, cut_short),
+        ("nothing received", &meta, &[]),
+        ("a file for another log id", &other_log_id, &bytes),
+    ];
+
+    let mut store_b = open_store(dir_b.path()).await;
+    let empty = store_b.reader.digest().await.expect("digest");
+    for (what, announced, received) in cases {
+        let refused = receive(&mut store_b, announced, received).await;
+        assert!(refused.is_err(), "{what}: the snapshot was installed");
+        assert_eq!(
+            store_b.reader.digest().await.expect("digest"),
+            empty,
+            "{what}"
+        );
+        assert_eq!(
+            store_b
+                .state_machine
+                .applied_state()
+                .await
+                .expect("applied state"),
+            (None, StoredMembership::default()),
+            "{what}"
+        );
+        let current = store_b
+            .state_machine
+            .get_current_snapshot()
+            .await
+            .expect("current");
+        assert!(
+            current.is_none(),
+            "{what}: a refused snapshot became the current one"
+        );
+        let left_behind = std::fs::read_dir(dir_b.path().join("snapshots"))
+            .expect("dir")
+            .count();
+        assert_eq!(left_behind, 0, "{what}: the refused file was left behind");
+    }
+    drop(store_b);
+    let store_b = open_store(dir_b.path()).await;
+    assert_eq!(store_b.reader.digest().await.expect("digest"), empty);
+}
+
+fn flip(bytes: &[u8], at: usize) -> Vec<u8> {
+    let mut flipped = bytes.to_vec();
+    flipped[at] ^= 0x01;
+    flipped
+}
