@@ -39,17 +39,24 @@ struct Round {
 }
 
 fn entry(index: u64) -> Entry<TypeConfig> {
-    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(sample_command(index)) }
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(sample_command(index)),
+    }
 }
 
 async fn sled_round(dir: &Path, batch: usize, batches: usize) -> anyhow::Result<Round> {
-    let options = StoreOptions { cache_capacity_bytes: 64 * 1024 * 1024 };
+    let options = StoreOptions {
+        cache_capacity_bytes: 64 * 1024 * 1024,
+    };
     let (mut log_store, _state_machine, _reader) = residency_store::open(dir, options).await?;
     let mut latencies = Vec::with_capacity(batches);
     let started = Instant::now();
     let mut next_index = 1_u64;
     for _ in 0..batches {
-        let entries: Vec<_> = (0..batch as u64).map(|offset| entry(next_index + offset)).collect();
+        let entries: Vec<_> = (0..batch as u64)
+            .map(|offset| entry(next_index + offset))
+            .collect();
         next_index += batch as u64;
         let one = Instant::now();
         log_store.blocking_append(entries).await?;
@@ -65,7 +72,10 @@ async fn sled_round(dir: &Path, batch: usize, batches: usize) -> anyhow::Result<
 
 /// The same records, checksummed, appended to one file with an fdatasync per batch.
 fn file_round(dir: &Path, batch: usize, batches: usize) -> anyhow::Result<Round> {
-    let mut file = OpenOptions::new().create(true).append(true).open(dir.join("plain.log"))?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("plain.log"))?;
     let mut latencies = Vec::with_capacity(batches);
     let started = Instant::now();
     let mut next_index = 1_u64;
@@ -91,11 +101,20 @@ fn file_round(dir: &Path, batch: usize, batches: usize) -> anyhow::Result<Round>
 }
 
 fn summarize(rounds: &[Round]) -> (f64, f64, f64, Duration, Duration) {
-    let mut rates: Vec<f64> = rounds.iter().map(|round| round.entries_per_second).collect();
+    let mut rates: Vec<f64> = rounds
+        .iter()
+        .map(|round| round.entries_per_second)
+        .collect();
     rates.sort_by(f64::total_cmp);
     let p50 = median(rounds.iter().map(|round| round.p50).collect());
     let p99 = median(rounds.iter().map(|round| round.p99).collect());
-    (rates[rates.len() / 2], rates[0], rates[rates.len() - 1], p50, p99)
+    (
+        rates[rates.len() / 2],
+        rates[0],
+        rates[rates.len() - 1],
+        p50,
+        p99,
+    )
 }
 
 #[tokio::main]
@@ -105,7 +124,12 @@ async fn main() -> anyhow::Result<()> {
         Some(dir) => tempfile::tempdir_in(dir)?,
         None => tempfile::tempdir()?,
     };
-    println!("log-append: {} rounds x {} batches per configuration, in {}", args.rounds, args.batches, scratch.path().display());
+    println!(
+        "log-append: {} rounds x {} batches per configuration, in {}",
+        args.rounds,
+        args.batches,
+        scratch.path().display()
+    );
     println!(
         "{:<6} {:>7} {:>12} {:>21} {:>10} {:>10}",
         "store", "batch", "entries/s", "spread (min..max)", "p50", "p99"
@@ -129,7 +153,11 @@ async fn main() -> anyhow::Result<()> {
                 p99
             );
         }
-        println!("{:<6} {batch:>7} sled/file rate ratio {:.2}", "ratio", sled.0 / file.0);
+        println!(
+            "{:<6} {batch:>7} sled/file rate ratio {:.2}",
+            "ratio",
+            sled.0 / file.0
+        );
     }
     Ok(())
 }

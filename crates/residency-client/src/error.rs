@@ -5,8 +5,9 @@ use residency_types::{ReasonCode, ValidationError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The server refused or failed the call; `reason` is its stable reason code.
-    #[error("{}: {message}", reason.map_or("UNKNOWN".to_string(), |code| code.to_string()))]
+    /// The server refused or failed the call; `reason` is its stable reason code. Without one
+    /// (the call never reached our server) the gRPC code stands in, e.g. `UNAVAILABLE`.
+    #[error("{}: {message}", label(*reason, *code))]
     Status {
         code: tonic::Code,
         reason: Option<ReasonCode>,
@@ -15,7 +16,9 @@ pub enum ClientError {
         revision: Option<u64>,
     },
     /// No endpoint could be reached, or the deadline passed during retries.
-    #[error("no answer before the deadline; a write may or may not have been applied")]
+    #[error(
+        "DEADLINE_EXCEEDED: no answer before the deadline; a write may or may not have been applied"
+    )]
     Deadline,
     #[error("the server answered something this client cannot read: {0}")]
     Protocol(String),
@@ -23,6 +26,35 @@ pub enum ClientError {
     Invalid(#[from] ValidationError),
     #[error("client configuration: {0}")]
     Config(String),
+}
+
+fn label(reason: Option<ReasonCode>, code: tonic::Code) -> String {
+    match reason {
+        Some(reason) => reason.to_string(),
+        None => grpc_code_name(code).to_string(),
+    }
+}
+
+fn grpc_code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::Unknown => "UNKNOWN",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        tonic::Code::Internal => "INTERNAL",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 impl ClientError {

@@ -181,13 +181,13 @@ impl Cluster for ClusterService {
             for peer_addr in &request.peer_addrs {
                 let (id, info) = self.identify(peer_addr).await?;
                 let declared = Jurisdiction::parse(&info.jurisdiction).map_err(ApiError::from)?;
-                if declared != self.node.config.jurisdiction {
+                let required = self.node.config.required_jurisdiction;
+                if declared != required {
                     return Err(ApiError::invalid(
                         ReasonCode::InvalidJurisdiction,
                         "peer_addrs",
                         format!(
-                            "node {id} declares {declared}, this cluster runs in {}",
-                            self.node.config.jurisdiction
+                            "node {id} declares {declared}; every member must be in {required}"
                         ),
                     ));
                 }

@@ -29,6 +29,8 @@ impl Default for RaftConfig {
             heartbeat_interval_ms: 100,
             // A wide window relative to the 150 ms election tick makes openraft 0.9's repeated
             // split vote (one random timeout per process) unlikely; the watchdog covers the rest.
+            // Failover takes longer than this window: a follower first waits out the leader
+            // lease (election_timeout_ms_max), so expect 4 to 6 s with these values.
             election_timeout_ms_min: 1_000,
             election_timeout_ms_max: 3_000,
             snapshot_logs_since_last: 10_000,
@@ -115,17 +117,28 @@ pub struct Addresses {
     pub metrics: Option<String>,
 }
 
+/// Addresses other nodes and clients should use, when not the bound ones (behind NAT, in
+/// containers). Metrics are scraped where they listen, so they have none.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdvertiseAddresses {
+    pub client: Option<String>,
+    pub peer: Option<String>,
+}
+
 /// The file as written. Optional sections take the defaults listed in docs/configuration.md.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub node_id: Option<u64>,
     pub jurisdiction: Option<String>,
+    /// The jurisdiction every member of the cluster must declare (invariant I6); "US" if unset.
+    pub required_jurisdiction: Option<String>,
     pub data_dir: Option<PathBuf>,
     #[serde(default)]
     pub listen: Addresses,
     #[serde(default)]
-    pub advertise: Addresses,
+    pub advertise: AdvertiseAddresses,
     #[serde(default)]
     pub raft: RaftConfig,
     #[serde(default)]
@@ -167,6 +180,7 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 pub struct ValidConfig {
     pub node_id: u64,
     pub jurisdiction: Jurisdiction,
+    pub required_jurisdiction: Jurisdiction,
     pub data_dir: PathBuf,
     pub listen_client: SocketAddr,
     pub listen_peer: SocketAddr,
@@ -214,6 +228,11 @@ impl Config {
             .ok_or_else(|| invalid("jurisdiction", "is required"))?;
         let jurisdiction = Jurisdiction::parse(&jurisdiction_text)
             .map_err(|error| invalid("jurisdiction", error.message))?;
+        let required_text = self
+            .required_jurisdiction
+            .unwrap_or_else(|| "US".to_string());
+        let required_jurisdiction = Jurisdiction::parse(&required_text)
+            .map_err(|error| invalid("required_jurisdiction", error.message))?;
         let data_dir = self
             .data_dir
             .ok_or_else(|| invalid("data_dir", "is required"))?;
@@ -249,11 +268,18 @@ impl Config {
         }
         if limits.request_timeout_ms_max == 0
             || limits.peer_rpc_timeout_ms == 0
+            || limits.status_member_timeout_ms == 0
             || limits.read_index_waiters_max == 0
         {
             return Err(invalid(
                 "limits",
                 "timeouts and read_index_waiters_max must be positive",
+            ));
+        }
+        if raft.install_snapshot_timeout_ms == 0 {
+            return Err(invalid(
+                "raft.install_snapshot_timeout_ms",
+                "must be positive",
             ));
         }
         if self.storage.cache_capacity_bytes < 1024 * 1024 {
@@ -265,6 +291,7 @@ impl Config {
         Ok(ValidConfig {
             node_id,
             jurisdiction,
+            required_jurisdiction,
             data_dir,
             listen_client: socket_addr("listen.client", self.listen.client.as_ref())?,
             listen_peer: socket_addr("listen.peer", self.listen.peer.as_ref())?,
@@ -327,6 +354,14 @@ metrics = "127.0.0.1:7301"
                 format!("{MINIMAL}[raft]\nheartbeat_interval_ms = 500\n"),
                 "raft.election_timeout_ms_min",
             ),
+            (
+                format!("required_jurisdiction = \"U\"\n{MINIMAL}"),
+                "required_jurisdiction",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nstatus_member_timeout_ms = 0\n"),
+                "limits",
+            ),
         ];
         for (text, field) in cases {
             match parse(&text) {
@@ -336,6 +371,11 @@ metrics = "127.0.0.1:7301"
         }
         assert!(matches!(
             parse(&format!("{MINIMAL}unknown = 1\n")),
+            Err(ConfigError::Parse { .. })
+        ));
+        let metrics_advertised = format!("{MINIMAL}[advertise]\nmetrics = \"127.0.0.1:1\"\n");
+        assert!(matches!(
+            parse(&metrics_advertised),
             Err(ConfigError::Parse { .. })
         ));
     }

@@ -146,9 +146,17 @@ pub async fn run(
     health_reporter
         .set_serving::<RegistryServer<registry_service::RegistryService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(residency_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection lists what this port serves: not the peer service, which shares the file set.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(residency_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("residency.v1.Registry")
+            .with_service_name("residency.v1.Cluster")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let client_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
@@ -162,7 +170,8 @@ pub async fn run(
                 .max_encoding_message_size(message_bytes_max),
         )
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listeners.client),
             stopped(stop_flag.clone()),

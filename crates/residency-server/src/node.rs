@@ -74,8 +74,11 @@ impl Node {
         info: NodeInfo,
         peers: PeerChannels,
     ) -> Node {
-        let read_index =
-            ReadIndexBatcher::start(raft.clone(), config.limits.read_index_waiters_max);
+        let read_index = ReadIndexBatcher::start(
+            raft.clone(),
+            config.limits.read_index_waiters_max,
+            Duration::from_millis(config.limits.request_timeout_ms_max),
+        );
         let committed_at_start = committed.get();
         Node {
             config,
@@ -129,6 +132,23 @@ impl Node {
             .lock()
             .expect("leader contact lock poisoned");
         last.map(|at| u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Why there is no leader to go to: this node has not joined a cluster, or the cluster has
+    /// none right now.
+    fn leaderless(&self) -> ApiError {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .next()
+            .is_none()
+        {
+            ApiError::ClusterNotInitialized
+        } else {
+            ApiError::NoLeader
+        }
     }
 
     /// Waits until this node has applied `index`, or fails when `timeout` passes.
@@ -188,7 +208,7 @@ impl Node {
                 }
             }
             Some((leader_id, None)) => Err(not_leader(Some(leader_id), None)),
-            None => Err(ApiError::NoLeader),
+            None => Err(self.leaderless()),
         }
     }
 
@@ -213,7 +233,7 @@ impl Node {
             Some((leader_id, _)) if leader_id == self.id() => self.propose(forwarded).await,
             Some((leader_id, Some(leader))) => self.forward(leader_id, &leader, &forwarded).await,
             Some((leader_id, None)) => Err(not_leader(Some(leader_id), None)),
-            None => Err(ApiError::NoLeader),
+            None => Err(self.leaderless()),
         }
     }
 

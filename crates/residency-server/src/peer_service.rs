@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+};
 use residency_proto::pb;
 use residency_proto::peer_pb::peer_server::Peer;
 use residency_proto::peer_pb::{
@@ -54,7 +56,9 @@ impl Peer for PeerService {
     ) -> Result<Response<RaftPayload>, Status> {
         let request: AppendEntriesRequest<TypeConfig> = payload(request)?;
         let answer = self.node.raft.append_entries(request).await;
-        if answer.is_ok() {
+        // A deposed leader (answered HigherVote) is not contact with the leader.
+        if matches!(&answer, Ok(response) if !matches!(response, AppendEntriesResponse::HigherVote(_)))
+        {
             self.node.note_leader_contact();
         }
         reply(&answer)

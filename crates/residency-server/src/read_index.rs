@@ -5,6 +5,8 @@
 //! round started (a read that arrives during a round waits for the next one, so the round it
 //! gets began after it did: that is what keeps it linearizable).
 
+use std::time::Duration;
+
 use openraft::error::{CheckIsLeaderError, RaftError};
 use residency_store::{NodeId, NodeInfo, Raft};
 use tokio::sync::{mpsc, oneshot};
@@ -24,9 +26,11 @@ pub struct ReadIndexBatcher {
 }
 
 impl ReadIndexBatcher {
-    pub fn start(raft: Raft, waiters_max: usize) -> ReadIndexBatcher {
+    /// `round_timeout` bounds one round, including the wait for the leader to apply up to the
+    /// read index, so one slow apply cannot stall every later read.
+    pub fn start(raft: Raft, waiters_max: usize, round_timeout: Duration) -> ReadIndexBatcher {
         let (waiters, queue) = mpsc::channel(waiters_max);
-        tokio::spawn(run_rounds(raft, queue));
+        tokio::spawn(run_rounds(raft, queue, round_timeout));
         ReadIndexBatcher { waiters }
     }
 
@@ -44,14 +48,20 @@ impl ReadIndexBatcher {
     }
 }
 
-async fn run_rounds(raft: Raft, mut queue: mpsc::Receiver<Waiter>) {
+async fn run_rounds(raft: Raft, mut queue: mpsc::Receiver<Waiter>, round_timeout: Duration) {
     let mut round = Vec::new();
     while queue
         .recv_many(&mut round, READ_INDEX_ROUND_READS_MAX)
         .await
         > 0
     {
-        let result = confirm_leadership(&raft).await;
+        let result = match tokio::time::timeout(round_timeout, confirm_leadership(&raft)).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::QuorumUnavailable(format!(
+                "no read index within {} ms",
+                round_timeout.as_millis()
+            ))),
+        };
         metrics::histogram!("residency_read_index_round_reads").record(round.len() as f64);
         for waiter in round.drain(..) {
             let _ = waiter.send(result.clone());

@@ -89,7 +89,14 @@ impl Registry for RegistryService {
         let request = request.into_inner();
         observe("BatchLookup", timeout, async {
             let count = request.user_ids.len();
-            if count == 0 || count > BATCH_LOOKUP_IDS_MAX {
+            if count == 0 {
+                return Err(ApiError::invalid(
+                    ReasonCode::InvalidArgument,
+                    "user_ids",
+                    "names no user id",
+                ));
+            }
+            if count > BATCH_LOOKUP_IDS_MAX {
                 return Err(ApiError::invalid(
                     ReasonCode::BatchTooLarge,
                     "user_ids",

@@ -135,10 +135,10 @@ pub async fn status(client: &Client, format: OutputFormat) -> Result<(), Failure
         let leader = status
             .leader_id
             .map_or_else(|| "none".to_string(), |id| id.to_string());
-        println!(
+        output::line(&format!(
             "leader: {leader}   term: {}   answered by: node {}",
             status.term, status.served_by
-        );
+        ));
     }
     print_members(format, status.leader_id, &status.members);
     Ok(())

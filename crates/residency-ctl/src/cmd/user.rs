@@ -136,7 +136,7 @@ fn print_placement(format: OutputFormat, placement: &Placement, extra: serde_jso
                     .iter()
                     .map(|(key, value)| format!("{key}: {value}"))
                     .collect();
-                println!("{}", notes.join("   "));
+                output::line(&notes.join("   "));
             }
         }
     }
@@ -195,7 +195,9 @@ pub async fn run(
                 OutputFormat::Json => output::json(
                     &json!({ "user_id": user_id.as_str(), "forgotten": true, "revision": revision.0 }),
                 ),
-                OutputFormat::Table => println!("forgot {user_id} at revision {revision}"),
+                OutputFormat::Table => {
+                    output::line(&format!("forgot {user_id} at revision {revision}"))
+                }
             }
             Ok(())
         }
