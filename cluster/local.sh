@@ -43,14 +43,17 @@ build() {
 
 pid_file() { printf 'data/node%s/residencyd.pid' "$1"; }
 
-# The pid of node $1 if the process recorded for it is alive and is a residencyd.
+# The pid of node $1 if the process recorded for it is alive and runs a residencyd binary
+# with that node's config (a reused pid, or `tail -f .../residencyd.log`, does not count).
 running_pid() {
-    local file pid
+    local file pid exe
     file="$(pid_file "$1")"
     [ -f "$file" ] || return 1
     pid="$(cat "$file")"
     [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "residencyd" || return 1
+    exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
+    [ "$(basename "${exe% (deleted)}")" = "residencyd" ] || return 1
+    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q -- "cluster/local/node$1.toml" || return 1
     printf '%s' "$pid"
 }
 
@@ -63,6 +66,13 @@ wait_port() {
 }
 
 ctl() { "$(bin_dir)/residencyctl" "$@"; }
+
+# Whether node $1's /readyz answers 200 (leader known, caught up to the leader's commit index).
+ready() {
+    local reply
+    reply="$( (exec 3<>"/dev/tcp/127.0.0.1/730$1" && printf 'GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3 && cat <&3) 2>/dev/null || true)"
+    grep -q '200 OK' <<<"$reply"
+}
 
 up() {
     build
@@ -93,6 +103,12 @@ up() {
     until ctl status -o json 2>/dev/null | grep -q '"leader_id": [0-9]'; do
         [ "$SECONDS" -lt "$deadline" ] || die "no leader elected within ${up_timeout_s}s; see data/node*/residencyd.log"
         sleep 0.3
+    done
+    for n in "${nodes[@]}"; do
+        until ready "$n"; do
+            [ "$SECONDS" -lt "$deadline" ] || die "node $n is not ready after ${up_timeout_s}s; see data/node$n/residencyd.log"
+            sleep 0.3
+        done
     done
     ctl status
     cat <<EOT

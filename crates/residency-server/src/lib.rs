@@ -139,6 +139,7 @@ pub async fn run(
         Duration::from_millis(config.raft.election_timeout_ms_max),
     ));
     tokio::spawn(observability::sample_raft_metrics(node.clone()));
+    tokio::spawn(node.clone().learn_ready_index());
 
     let (stop, stop_flag) = watch::channel(false);
     let message_bytes_max = config.limits.grpc_message_bytes_max;

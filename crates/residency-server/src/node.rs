@@ -2,7 +2,7 @@
 //! the read barrier for its consistency mode, and the write path to the leader.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::ServerState;
@@ -41,8 +41,9 @@ pub struct Node {
     pub raft: Raft,
     pub reader: StateReader,
     pub committed: CommittedIndex,
-    /// The committed index when this node started: ready once applied reaches it.
-    pub committed_at_start: Option<u64>,
+    /// The cluster's commit index as the leader reported it after this node started: the node
+    /// is ready once it has applied that far (see `learn_ready_index`).
+    pub ready_index: OnceLock<u64>,
     pub info: NodeInfo,
     pub peers: PeerChannels,
     read_index: ReadIndexBatcher,
@@ -57,6 +58,9 @@ impl std::fmt::Debug for Node {
             .finish_non_exhaustive()
     }
 }
+
+/// How long one attempt to learn the ready index may take, and the pause between attempts.
+const READY_INDEX_ATTEMPT_MS: u64 = 500;
 
 fn now_ms() -> u64 {
     let since_epoch = SystemTime::now()
@@ -79,13 +83,12 @@ impl Node {
             config.limits.read_index_waiters_max,
             Duration::from_millis(config.limits.request_timeout_ms_max),
         );
-        let committed_at_start = committed.get();
         Node {
             config,
             raft,
             reader,
             committed,
-            committed_at_start,
+            ready_index: OnceLock::new(),
             info,
             peers,
             read_index,
@@ -120,12 +123,13 @@ impl Node {
             .expect("leader contact lock poisoned") = Some(Instant::now());
     }
 
+    /// How long since this node heard from a leader. On a leader it is how long since a quorum
+    /// last acknowledged it: openraft 0.9 does not step a leader down when it loses its quorum,
+    /// so "I am the leader" alone would claim 0 ms on a leader cut off from the others.
     pub fn millis_since_leader_contact(&self) -> Option<u64> {
-        if self
-            .leader()
-            .is_some_and(|(leader_id, _)| leader_id == self.id())
-        {
-            return Some(0);
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.current_leader == Some(self.id()) {
+            return metrics.millis_since_quorum_ack;
         }
         let last = *self
             .last_leader_contact
@@ -178,8 +182,10 @@ impl Node {
     ) -> Result<ReadBarrier, ApiError> {
         match consistency {
             Consistency::Linearizable => {
-                let read_index = self.linearizable_read_index().await?;
-                self.wait_applied(read_index, timeout).await?;
+                let started = Instant::now();
+                let read_index = self.linearizable_read_index(timeout).await?;
+                self.wait_applied(read_index, timeout.saturating_sub(started.elapsed()))
+                    .await?;
             }
             Consistency::AtLeast(revision) => self.wait_applied(revision.0, timeout).await?,
             Consistency::Stale => {}
@@ -192,7 +198,7 @@ impl Node {
 
     /// The read index for a linearizable read: from our own (shared) round when we lead, else
     /// from the leader's, over the peer port.
-    async fn linearizable_read_index(&self) -> Result<u64, ApiError> {
+    pub async fn linearizable_read_index(&self, timeout: Duration) -> Result<u64, ApiError> {
         match self.leader() {
             Some((leader_id, _)) if leader_id == self.id() => self.read_index.read_index().await,
             Some((leader_id, Some(leader))) => {
@@ -201,7 +207,7 @@ impl Node {
                     .client(&leader.peer_addr)
                     .map_err(ApiError::internal)?;
                 let call = client.read_index(ReadIndexRequest {});
-                match tokio::time::timeout(self.peer_timeout(), call).await {
+                match tokio::time::timeout(self.peer_timeout().min(timeout), call).await {
                     Ok(Ok(response)) => Ok(response.into_inner().read_index),
                     Ok(Err(status)) => Err(forwarded_status(status, leader_id, &leader)),
                     Err(_) => Err(not_leader(Some(leader_id), Some(&leader))),
@@ -209,6 +215,22 @@ impl Node {
             }
             Some((leader_id, None)) => Err(not_leader(Some(leader_id), None)),
             None => Err(self.leaderless()),
+        }
+    }
+
+    /// Learns what this node must apply before it is ready: a read index from the leader, taken
+    /// once after start. Until it has one, and has applied that far, `/readyz` says not ready.
+    pub async fn learn_ready_index(self: Arc<Self>) {
+        let attempt_timeout = Duration::from_millis(READY_INDEX_ATTEMPT_MS);
+        loop {
+            if self.raft.metrics().borrow().running_state.is_err() {
+                return;
+            }
+            if let Ok(index) = self.linearizable_read_index(attempt_timeout).await {
+                let _ = self.ready_index.set(index);
+                return;
+            }
+            tokio::time::sleep(attempt_timeout).await;
         }
     }
 

@@ -1,6 +1,7 @@
 //! The metrics listener: `/metrics` (Prometheus), `/healthz` (the process and its Raft core
-//! run) and `/readyz` (a leader is known and this node has applied what was committed when it
-//! started). Also the tracing setup and the sampler that turns Raft's state into gauges.
+//! run) and `/readyz` (a leader is known and this node has applied up to the commit index the
+//! leader reported after this node started). Also the tracing setup and the sampler that turns
+//! Raft's state into gauges.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -81,12 +82,16 @@ async fn readyz(State(probe): State<Probe>) -> (StatusCode, String) {
             "no leader known\n".to_string(),
         );
     }
-    match node.committed_at_start {
-        Some(committed) if applied < committed => (
+    match node.ready_index.get() {
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("catching up: applied {applied} of {committed} committed at start\n"),
+            "waiting to learn the cluster's commit index from the leader\n".to_string(),
         ),
-        _ => (StatusCode::OK, "ready\n".to_string()),
+        Some(&index) if applied < index => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("catching up: applied {applied} of {index}\n"),
+        ),
+        Some(_) => (StatusCode::OK, "ready\n".to_string()),
     }
 }
 

@@ -70,14 +70,39 @@ impl std::fmt::Debug for Durable {
     }
 }
 
+/// How long opening waits for sled's directory lock to be released.
+const SLED_LOCK_WAIT_MS_MAX: u64 = 5_000;
+const SLED_LOCK_RETRY_MS: u64 = 10;
+
+/// Opens sled, waiting a bounded time for its directory lock. After the last handle to a
+/// database is dropped, sled's own I/O threads can hold the locked file a few milliseconds
+/// longer, so an in-process reopen (tests, a restarted node in one process) can find it still
+/// locked. A second process holding it keeps it past the wait, and gets the lock error.
+pub fn open_sled(db_dir: &Path, cache_capacity_bytes: u64) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + std::time::Duration::from_millis(SLED_LOCK_WAIT_MS_MAX);
+    loop {
+        match sled::Config::new()
+            .path(db_dir)
+            .cache_capacity(cache_capacity_bytes)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(SLED_LOCK_RETRY_MS));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
 impl Durable {
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Durable, StoreError> {
         std::fs::create_dir_all(dir)?;
         let db_dir = dir.join("sled");
-        let db = sled::Config::new()
-            .path(&db_dir)
-            .cache_capacity(options.cache_capacity_bytes)
-            .open()?;
+        let db = open_sled(&db_dir, options.cache_capacity_bytes)?;
         // Any descriptor on the inode serves for fdatasync; sled never replaces its `db` file.
         let db_file = OpenOptions::new()
             .read(true)

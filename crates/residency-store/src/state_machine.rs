@@ -164,6 +164,7 @@ impl StateMachineStore {
         let snapshot_dir = durable.dir().join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)?;
         let current_snapshot = find_current_snapshot(&snapshot_dir)?;
+        raise_seq_past_existing_names(&pointer, &db, current_snapshot.as_ref())?;
         let shared = Shared {
             durable,
             pointer,
@@ -221,6 +222,39 @@ impl StateMachineStore {
     }
 }
 
+/// The number in a name such as `snapshot-00000000000000000042.snap` or `state-42`.
+fn seq_in_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(SNAPSHOT_SUFFIX).unwrap_or(name);
+    stem.rsplit('-').next()?.parse().ok()
+}
+
+/// The sequence counter is bumped without a sync, so a crash can leave it behind names that
+/// did reach the disk (a renamed snapshot file). Handing such a number out again would make a
+/// new snapshot overwrite, then delete, the current one. So on open the counter is raised past
+/// every number in use.
+fn raise_seq_past_existing_names(
+    pointer: &sled::Tree,
+    db: &sled::Db,
+    current_snapshot: Option<&(SnapshotMeta, PathBuf)>,
+) -> Result<(), StoreError> {
+    let snapshot_seq =
+        current_snapshot.and_then(|(_, path)| path.file_name()?.to_str().and_then(seq_in_name));
+    let tree_seqs = db
+        .tree_names()
+        .into_iter()
+        .filter_map(|name| String::from_utf8(name.to_vec()).ok())
+        .filter(|name| name.starts_with(STATE_TREE_PREFIX))
+        .filter_map(|name| seq_in_name(&name));
+    let floor = tree_seqs.chain(snapshot_seq).max().unwrap_or(0);
+    pointer.update_and_fetch(NEXT_SEQ_KEY, |old| {
+        let old = old
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+            .map_or(0, u64::from_be_bytes);
+        Some(old.max(floor).to_be_bytes().to_vec())
+    })?;
+    Ok(())
+}
+
 fn find_current_snapshot(dir: &Path) -> Result<Option<(SnapshotMeta, PathBuf)>, StoreError> {
     let mut newest: Option<(SnapshotMeta, PathBuf)> = None;
     for item in std::fs::read_dir(dir)? {
@@ -272,23 +306,39 @@ impl Shared {
     }
 
     /// Makes `path` the current snapshot and deletes the one it replaces.
-    fn adopt_snapshot(&self, meta: SnapshotMeta, partial: &Path) -> Result<PathBuf, StoreError> {
+    /// Returns the new snapshot opened: opened under the same lock that deletes replaced
+    /// snapshots, so a concurrent build or install cannot delete it before it is read.
+    fn adopt_snapshot(&self, meta: SnapshotMeta, partial: &Path) -> Result<File, StoreError> {
         let path = self.next_path("snapshot", SNAPSHOT_SUFFIX)?;
         std::fs::rename(partial, &path)?;
         crate::durable::sync_directory(&self.snapshot_dir)?;
-        let previous = self
+        let mut current = self
             .current_snapshot
             .lock()
-            .expect("snapshot lock poisoned")
-            .replace((meta, path.clone()));
-        if let Some((_, old_path)) = previous {
+            .expect("snapshot lock poisoned");
+        let opened = File::open(&path)?;
+        if let Some((_, old_path)) = current.replace((meta, path.clone()))
+            && old_path != path
+        {
             std::fs::remove_file(old_path)?;
         }
-        Ok(path)
+        Ok(opened)
+    }
+
+    /// The current snapshot, opened under the lock that deletes replaced ones.
+    fn open_current_snapshot(&self) -> Result<Option<(SnapshotMeta, File)>, StoreError> {
+        let current = self
+            .current_snapshot
+            .lock()
+            .expect("snapshot lock poisoned");
+        match current.as_ref() {
+            Some((meta, path)) => Ok(Some((meta.clone(), File::open(path)?))),
+            None => Ok(None),
+        }
     }
 
     /// Streams the state tree to a new snapshot file; the caller holds the state read lock.
-    fn write_snapshot(&self, tree: &sled::Tree) -> Result<(SnapshotMeta, PathBuf), StoreError> {
+    fn write_snapshot(&self, tree: &sled::Tree) -> Result<(SnapshotMeta, File), StoreError> {
         // The log may be purged up to this snapshot, so the state it covers must be durable.
         self.durable.sync_blocking();
         let last_log_id = read_applied(tree)?;
@@ -311,13 +361,13 @@ impl Shared {
             writer.pair(&key, &value)?;
         }
         let pairs = writer.finish()?;
-        let path = self.adopt_snapshot(meta.clone(), &partial)?;
+        let file = self.adopt_snapshot(meta.clone(), &partial)?;
         tracing::info!(
             pairs,
             index = meta.last_log_id.map(|log_id| log_id.index),
             "snapshot built"
         );
-        Ok((meta, path))
+        Ok((meta, file))
     }
 
     /// The path of a received snapshot file: the one `begin_receiving_snapshot` made for it, or,
@@ -352,6 +402,12 @@ impl Shared {
         }
         let db = self.durable.db();
         let name = format!("{STATE_TREE_PREFIX}{}", self.next_seq()?);
+        let live = self.pointer.get(CURRENT_TREE_KEY)?;
+        assert_ne!(
+            live.as_deref(),
+            Some(name.as_bytes()),
+            "a new state tree reuses the live one's name"
+        );
         db.drop_tree(&name)?;
         let tree = db.open_tree(&name)?;
         let loaded = load_pairs(&mut reader, &tree).and_then(|()| {
@@ -459,13 +515,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         let file = snapshot.into_std().await;
-        let partial = self
-            .shared
-            .claim_received(file)
-            .map_err(snapshot_error(ErrorVerb::Write))?;
         let shared = self.shared.clone();
         let meta = meta.clone();
+        // Syncing (and maybe copying) a large file must not hold up an async worker thread.
         tokio::task::spawn_blocking(move || {
+            let partial = shared.claim_received(file)?;
             let result = shared.install_snapshot_file(&meta, &partial);
             if result.is_err() {
                 let _ = std::fs::remove_file(&partial);
@@ -480,19 +534,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let current = self
             .shared
-            .current_snapshot
-            .lock()
-            .expect("snapshot lock poisoned")
-            .clone();
-        let Some((meta, path)) = current else {
-            return Ok(None);
-        };
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|error| snapshot_error(ErrorVerb::Read)(error.into()))?;
-        Ok(Some(Snapshot {
+            .open_current_snapshot()
+            .map_err(snapshot_error(ErrorVerb::Read))?;
+        Ok(current.map(|(meta, file)| Snapshot {
             meta,
-            snapshot: Box::new(file),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         }))
     }
 }
@@ -512,16 +558,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let tree = self.shared.state.clone().read_owned().await;
         let shared = self.shared.clone();
-        let (meta, path) = tokio::task::spawn_blocking(move || shared.write_snapshot(&tree))
+        let (meta, file) = tokio::task::spawn_blocking(move || shared.write_snapshot(&tree))
             .await
             .expect("snapshot build thread panicked")
             .map_err(snapshot_error(ErrorVerb::Write))?;
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|error| snapshot_error(ErrorVerb::Read)(error.into()))?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(file),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 }

@@ -38,9 +38,7 @@ async fn write_log(dir: &Path) {
 
 /// Rewrites one stored record behind the store's back, as a bad disk would.
 fn damage_record(dir: &Path, tree: &str, key: &[u8], damage: impl FnOnce(&mut Vec<u8>)) {
-    let db = sled::Config::new()
-        .path(dir.join("sled"))
-        .open()
+    let db = crate::durable::open_sled(&dir.join("sled"), 16 * 1024 * 1024)
         .expect("the closed store's database opens");
     let tree = db.open_tree(tree).expect("tree opens");
     let mut record = tree

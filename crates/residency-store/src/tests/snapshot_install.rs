@@ -184,3 +184,78 @@ fn flip(bytes: &[u8], at: usize) -> Vec<u8> {
     flipped[at] ^= 0x01;
     flipped
 }
+
+/// What a crash before sled's background flush can leave: the name counter rolled back.
+fn roll_back_name_counter(store_dir: &Path) {
+    let db =
+        crate::durable::open_sled(&store_dir.join("sled"), 16 * 1024 * 1024).expect("sled opens");
+    let pointer = db.open_tree("sm_pointer").expect("pointer tree");
+    pointer.remove("next_seq").expect("counter reset");
+    db.flush().expect("flushed");
+}
+
+/// Applies revision 5 (carla) on top of `source_store`'s history.
+async fn apply_one_more_write(store: &mut Store) {
+    let entry = write_entry(2, 5, assign("req-4", "carla", "US", "us-west-2/pg-2"));
+    store.state_machine.apply([entry]).await.expect("applied");
+}
+
+/// A crash can lose the bump of the file-name counter while the renamed snapshot file survives.
+/// Reopening must not hand that name out again: the next build would overwrite, then delete,
+/// the current snapshot, and the node would stop on the missing file.
+#[tokio::test]
+async fn a_snapshot_built_after_a_lost_counter_bump_keeps_its_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut store = source_store(dir.path()).await;
+    let (first, _) = build_snapshot(&mut store).await;
+    drop(store);
+    roll_back_name_counter(dir.path());
+    let mut store = open_store(dir.path()).await;
+    apply_one_more_write(&mut store).await;
+    let (second, bytes) = build_snapshot(&mut store).await;
+    assert_ne!(second.snapshot_id, first.snapshot_id);
+    assert_eq!(second.last_log_id, Some(log_id(2, 5)));
+    let current = store
+        .state_machine
+        .get_current_snapshot()
+        .await
+        .expect("current snapshot readable");
+    let current = current.expect("a current snapshot exists");
+    assert_eq!(current.meta.snapshot_id, second.snapshot_id);
+    assert_eq!(snapshot_bytes(current).await, bytes);
+    assert_eq!(
+        store.reader.lookup(&user("carla")).await.expect("lookup").1,
+        Revision(5)
+    );
+}
+
+/// The same lost counter bump on a node that installed a snapshot: the next install must not
+/// reuse the live state tree's name (dropping it, and then the state just loaded).
+#[tokio::test]
+async fn a_snapshot_installed_after_a_lost_counter_bump_keeps_the_state() {
+    let source_dir = tempfile::tempdir().expect("temp dir");
+    let mut source = source_store(source_dir.path()).await;
+    let (first_meta, first_bytes) = build_snapshot(&mut source).await;
+    let target_dir = tempfile::tempdir().expect("temp dir");
+    let mut target = open_store(target_dir.path()).await;
+    receive(&mut target, &first_meta, &first_bytes)
+        .await
+        .expect("first install");
+    drop(target);
+    roll_back_name_counter(target_dir.path());
+    apply_one_more_write(&mut source).await;
+    let (second_meta, second_bytes) = build_snapshot(&mut source).await;
+    let mut target = open_store(target_dir.path()).await;
+    receive(&mut target, &second_meta, &second_bytes)
+        .await
+        .expect("second install");
+    assert_eq!(
+        target.reader.digest().await.expect("digest"),
+        source.reader.digest().await.expect("digest")
+    );
+    drop(target);
+    let target = open_store(target_dir.path()).await;
+    let (placement, revision) = target.reader.lookup(&user("carla")).await.expect("lookup");
+    assert!(placement.is_some(), "the installed state survived a reopen");
+    assert_eq!(revision, Revision(5));
+}
