@@ -1,5 +1,5 @@
-//! The read API the server answers queries with. Each read takes the state read lock, so the
-//! placements it returns and the revision it reports belong to the same applied state.
+//! The read API the server answers queries with. The placements a read returns and the revision
+//! it reports always belong to the same applied state (see `read_consistent`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,6 +9,9 @@ use residency_types::{Placement, Revision, UserId};
 
 use crate::StoreError;
 use crate::state_machine::{Shared, TreeView};
+
+/// Optimistic read attempts before a read waits for the state lock instead.
+const OPTIMISTIC_READ_ATTEMPTS_MAX: usize = 64;
 
 #[derive(Clone)]
 pub struct StateReader {
@@ -50,22 +53,54 @@ impl StateReader {
         &self,
         user_id: &UserId,
     ) -> Result<(Option<Placement>, Revision), StoreError> {
-        let tree = self.shared.state.read().await;
-        let placement = residency_core::lookup(&TreeView(&tree), user_id)?;
-        Ok((placement, self.applied_revision()))
+        self.read_consistent(|view| Ok(residency_core::lookup(view, user_id)?))
+            .await
     }
 
     pub async fn batch_lookup(
         &self,
         user_ids: &[UserId],
     ) -> Result<(Vec<Option<Placement>>, Revision), StoreError> {
-        let tree = self.shared.state.read().await;
-        let view = TreeView(&tree);
-        let placements = user_ids
-            .iter()
-            .map(|user_id| residency_core::lookup(&view, user_id))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((placements, self.applied_revision()))
+        self.read_consistent(|view| {
+            user_ids
+                .iter()
+                .map(|user_id| Ok(residency_core::lookup(view, user_id)?))
+                .collect()
+        })
+        .await
+    }
+
+    /// Runs `read` against one applied state and returns its result with that state's revision.
+    /// Optimistic first (a seqlock: no lock shared with applies or snapshot builds); after
+    /// `OPTIMISTIC_READ_ATTEMPTS_MAX` collisions with applies it takes the state lock instead,
+    /// so a read always finishes.
+    async fn read_consistent<T>(
+        &self,
+        read: impl Fn(&TreeView<'_>) -> Result<T, StoreError>,
+    ) -> Result<(T, Revision), StoreError> {
+        let shared = &self.shared;
+        for _ in 0..OPTIMISTIC_READ_ATTEMPTS_MAX {
+            let before = shared.change_seq.load(Ordering::SeqCst);
+            if !before.is_multiple_of(2) {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let tree = shared
+                .read_tree
+                .read()
+                .expect("read tree lock poisoned")
+                .clone();
+            let result = read(&TreeView(&tree));
+            let revision = self.applied_revision();
+            if shared.change_seq.load(Ordering::SeqCst) == before {
+                return result.map(|value| (value, revision));
+            }
+            // The state changed under the read (an error included: an install may have dropped
+            // the tree being read); try again.
+        }
+        let tree = shared.state.read().await;
+        let value = read(&TreeView(&tree))?;
+        Ok((value, self.applied_revision()))
     }
 
     /// The state digest at the current applied revision (holds the read lock while hashing).

@@ -9,6 +9,7 @@
 //! machine, reader) before reopening the same directory: sled holds a file lock while any lives.
 
 mod log_corruption;
+mod reads;
 mod restart;
 mod snapshot_file;
 mod snapshot_install;
