@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use residency_types::{
-    CallerId, Command, Jurisdiction, LocationId, ReasonText, RequestId, UserId, WriteBody,
+    AssignItem, CallerId, Command, Jurisdiction, LocationId, ReasonText, RequestId, UserId,
+    WriteBody,
 };
 
 /// A write of realistic size: ids and texts as a migration tool would send them.
@@ -20,13 +21,14 @@ pub fn sample_command(n: u64) -> Command {
             .expect("valid caller"),
         reason: ReasonText::parse("bulk placement of new users").expect("valid reason"),
         stamped_at_ms: 1_800_000_000_000 + n,
-        body: WriteBody::Assign {
+        caller_authenticated: false,
+        body: WriteBody::Assign(AssignItem {
             user_id: UserId::parse(format!("user-{n:012}")).expect("valid user id"),
             residency: Jurisdiction::US,
             location_id: LocationId::parse(format!("us-east-1/oci-ashburn/pg-{:03}", n % 500))
                 .expect("valid location"),
             expected_mod_revision: None,
-        },
+        }),
     }
 }
 

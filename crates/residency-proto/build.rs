@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         "residency/v1/registry.proto",
+        "residency/v1/catalog.proto",
         "residency/v1/cluster.proto",
         "residency/v1/peer.proto",
     ];

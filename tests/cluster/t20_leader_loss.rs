@@ -1,7 +1,7 @@
 //! SIGKILL of the leader: a new leader is elected, writes continue, and no acknowledged write
 //! is lost.
 
-use residency_tests::{Cluster, serially};
+use residency_tests::{Cluster, serially, us_location};
 use residency_types::{Consistency, UserId};
 
 use crate::{DEFAULT_RAFT, assign, user};
@@ -13,14 +13,7 @@ fn killing_the_leader_loses_no_acknowledged_write() {
         let client = cluster.client();
         let mut acknowledged = Vec::new();
         for n in 0..40 {
-            acknowledged.push(
-                assign(
-                    &client,
-                    &format!("before-{n}"),
-                    &format!("us-east-1/pg-{n}"),
-                )
-                .await,
-            );
+            acknowledged.push(assign(&client, &format!("before-{n}"), us_location(n)).await);
         }
         let old_leader = cluster.wait_for_leader(None).await;
         cluster.node(old_leader).kill();
@@ -28,8 +21,7 @@ fn killing_the_leader_loses_no_acknowledged_write() {
         assert_ne!(new_leader, old_leader);
 
         for n in 0..20 {
-            acknowledged
-                .push(assign(&client, &format!("after-{n}"), &format!("us-west-2/pg-{n}")).await);
+            acknowledged.push(assign(&client, &format!("after-{n}"), us_location(n + 1)).await);
         }
         let ids: Vec<UserId> = acknowledged
             .iter()

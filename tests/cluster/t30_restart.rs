@@ -12,7 +12,7 @@ fn a_whole_cluster_restarted_from_disk_keeps_every_write() {
         let client = cluster.client();
         let mut written = Vec::new();
         for n in 0..30 {
-            written.push(assign(&client, &format!("durable-{n}"), "us-central-1/pg-7").await);
+            written.push(assign(&client, &format!("durable-{n}"), "us-central-1/pg-3").await);
         }
         // A follower crashes (SIGKILL) and the rest stop cleanly (SIGTERM).
         let leader = cluster.wait_for_leader(None).await;

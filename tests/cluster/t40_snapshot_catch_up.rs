@@ -1,7 +1,7 @@
 //! A node kept down while the others snapshot and purge their logs catches up by installing
 //! the leader's snapshot.
 
-use residency_tests::{Cluster, serially};
+use residency_tests::{Cluster, serially, us_location};
 use residency_types::{Consistency, UserId};
 
 use crate::assign;
@@ -27,14 +27,7 @@ fn a_node_down_past_a_snapshot_catches_up_by_installing_it() {
         let client = cluster.client();
         let mut written = Vec::new();
         for n in 0..200 {
-            written.push(
-                assign(
-                    &client,
-                    &format!("snap-{n}"),
-                    &format!("us-east-1/pg-{}", n % 9),
-                )
-                .await,
-            );
+            written.push(assign(&client, &format!("snap-{n}"), us_location(n)).await);
         }
         let leader = cluster.wait_for_leader(None).await;
         let leader_status = cluster.member_status(leader).await;

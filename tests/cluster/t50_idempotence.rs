@@ -33,7 +33,7 @@ fn a_retried_write_applies_once() {
             .assign(
                 &user("retried"),
                 Jurisdiction::US,
-                &location("us-west-1/pg-2"),
+                &location("us-west-2/pg-2"),
                 None,
             )
             .await

@@ -14,7 +14,7 @@ use crate::{DEFAULT_RAFT, assign, location, user};
 fn at_least_reads_honour_their_token_or_fail_with_a_reason() {
     serially(|| async {
         let cluster = Cluster::start(3, DEFAULT_RAFT).await;
-        let written = assign(&cluster.client(), "token-user", "us-east-1/pg-3").await;
+        let written = assign(&cluster.client(), "token-user", "us-central-1/pg-3").await;
         for id in 1..=3 {
             let token = Consistency::AtLeast(written.mod_revision);
             let read = cluster
@@ -61,7 +61,7 @@ fn compare_and_set_refuses_a_stale_expected_revision() {
             .assign(
                 &user("cas-user"),
                 Jurisdiction::US,
-                &location("us-west-1/pg-2"),
+                &location("us-west-2/pg-2"),
                 Some(stale),
             )
             .await
@@ -75,7 +75,7 @@ fn compare_and_set_refuses_a_stale_expected_revision() {
             .assign(
                 &user("cas-user"),
                 Jurisdiction::US,
-                &location("us-west-1/pg-2"),
+                &location("us-west-2/pg-2"),
                 Some(current),
             )
             .await

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use residency_client::{Client, ClientOptions, pb};
+use residency_types::{Jurisdiction, Labels, LocationId};
 
 /// How long a cluster may take to elect a leader after start or after losing one.
 pub const LEADER_WAIT: Duration = Duration::from_secs(30);
@@ -23,6 +24,19 @@ const PORT_WAIT: Duration = Duration::from_secs(30);
 const STOP_WAIT: Duration = Duration::from_secs(15);
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The locations every cluster starts with, and their jurisdictions.
+pub const SEEDED_LOCATIONS: [(&str, &str); 4] = [
+    ("us-east-1/pg-1", "US"),
+    ("us-west-2/pg-2", "US"),
+    ("us-central-1/pg-3", "US"),
+    ("eu-central-1/pg-9", "DE"),
+];
+
+/// The US locations of the seeded catalog, by number, for tests that spread users over them.
+pub fn us_location(n: usize) -> &'static str {
+    SEEDED_LOCATIONS[n % 3].0
+}
 
 /// Runs `test` on its own runtime while no other cluster test runs in this process.
 pub fn serially<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
@@ -203,7 +217,38 @@ impl Cluster {
         let first = cluster.client_for(1);
         first.initialize(peers).await.expect("cluster initializes");
         cluster.wait_for_leader(None).await;
+        cluster.seed_catalog().await;
         cluster
+    }
+
+    /// The catalog every test starts from: three US locations, one German one, the US policy
+    /// (store: US; access: US) and the DE policy (store: DE; access: DE and US).
+    async fn seed_catalog(&self) {
+        let client = self.client();
+        for (location, jurisdiction) in SEEDED_LOCATIONS {
+            let location = LocationId::parse(location).expect("valid location");
+            let jurisdiction = Jurisdiction::parse(jurisdiction).expect("valid jurisdiction");
+            client
+                .put_location(&location, jurisdiction, &Labels::default(), None)
+                .await
+                .expect("location registered");
+        }
+        for (residency, storage, access) in [
+            ("US", &["US"][..], &["US"][..]),
+            ("DE", &["DE"][..], &["DE", "US"][..]),
+        ] {
+            let codes = |codes: &[&str]| {
+                codes
+                    .iter()
+                    .map(|code| Jurisdiction::parse(code).expect("valid"))
+                    .collect()
+            };
+            let residency = Jurisdiction::parse(residency).expect("valid jurisdiction");
+            client
+                .put_policy(residency, &codes(storage), &codes(access), None)
+                .await
+                .expect("policy set");
+        }
     }
 
     pub fn node(&mut self, id: u64) -> &mut NodeHandle {

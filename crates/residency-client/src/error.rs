@@ -14,6 +14,8 @@ pub enum ClientError {
         message: String,
         leader_addr: Option<String>,
         revision: Option<u64>,
+        /// For BATCH_REFUSED: each refused item's index, reason code and message.
+        refused_items: Vec<(u32, String, String)>,
     },
     /// No endpoint could be reached, or the deadline passed during retries.
     #[error(
@@ -60,7 +62,18 @@ fn grpc_code_name(code: tonic::Code) -> &'static str {
 impl ClientError {
     pub fn from_status(status: tonic::Status) -> ClientError {
         let (_, leader_addr) = metadata::leader_hint(&status);
+        let refused_items =
+            <residency_proto::pb::BatchRefusal as prost::Message>::decode(status.details())
+                .map(|refusal| {
+                    refusal
+                        .items
+                        .into_iter()
+                        .map(|item| (item.index, item.reason, item.message))
+                        .collect()
+                })
+                .unwrap_or_default();
         ClientError::Status {
+            refused_items,
             code: status.code(),
             reason: metadata::reason(&status),
             message: status.message().to_string(),

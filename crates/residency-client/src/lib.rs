@@ -19,20 +19,24 @@
 //! # Ok(()) }
 //! ```
 
+mod catalog;
+mod cluster;
 mod error;
+mod registry;
+
+pub use catalog::{PolicyDryRun, Versioned};
+pub use registry::{Checked, Moved};
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use error::ClientError;
-use residency_proto::convert::consistency_to_pb;
 pub use residency_proto::pb;
+use residency_proto::pb::catalog_client::CatalogClient;
 use residency_proto::pb::cluster_client::ClusterClient;
 use residency_proto::pb::registry_client::RegistryClient;
-use residency_types::{
-    Consistency, Jurisdiction, LocationId, Placement, ReasonCode, Revision, UserId,
-};
+use residency_types::{Placement, ReasonCode, Revision};
 use tonic::transport::{Channel, Endpoint};
 
 /// The endpoints a client is given when none are: the local three-node cluster.
@@ -145,16 +149,6 @@ impl Client {
         Ok(channel)
     }
 
-    fn registry(&self, endpoint: &str) -> Result<RegistryClient<Channel>, ClientError> {
-        Ok(RegistryClient::new(self.channel(endpoint)?)
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX))
-    }
-
-    fn cluster(&self, endpoint: &str) -> Result<ClusterClient<Channel>, ClientError> {
-        Ok(ClusterClient::new(self.channel(endpoint)?))
-    }
-
     fn request<T>(&self, message: T, remaining: Duration) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(remaining);
@@ -230,89 +224,31 @@ impl Client {
         Err(last_error.unwrap_or(ClientError::Deadline))
     }
 
-    pub async fn lookup(
+    /// Sends one RPC with retries: `rpc` gets a channel to the endpoint chosen for the attempt.
+    pub(crate) async fn call<Req, Resp, F, Fut>(
         &self,
-        user_id: &UserId,
-        consistency: Consistency,
-    ) -> Result<Read<Option<Placement>>, ClientError> {
-        let message = pb::LookupRequest {
-            user_id: user_id.to_string(),
-            consistency: Some(consistency_to_pb(consistency)),
-        };
-        let answer = self
-            .with_retries(|endpoint, remaining| {
-                let message = message.clone();
-                async move {
-                    let mut client = self
-                        .registry(&endpoint)
-                        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
-                    client.lookup(self.request(message, remaining)).await
-                }
-            })
-            .await;
-        match answer {
-            Ok(response) => {
-                let response = response.into_inner();
-                let header = response.header.unwrap_or_default();
-                let placement = response.placement.map(Placement::try_from).transpose()?;
-                Ok(Read {
-                    placement,
-                    revision: Revision(header.revision),
-                    served_by: header.served_by,
-                    millis_since_leader_contact: header.millis_since_leader_contact,
-                })
-            }
-            Err(ClientError::Status {
-                reason: Some(ReasonCode::UserNotFound),
-                revision,
-                ..
-            }) => Ok(Read {
-                placement: None,
-                revision: Revision(revision.unwrap_or(0)),
-                served_by: 0,
-                millis_since_leader_contact: None,
-            }),
-            Err(error) => Err(error),
-        }
-    }
-
-    /// Up to 1,000 users read at one revision, in request order; `None` for users not placed.
-    pub async fn batch_lookup(
-        &self,
-        user_ids: &[UserId],
-        consistency: Consistency,
-    ) -> Result<Read<Vec<Option<Placement>>>, ClientError> {
-        let message = pb::BatchLookupRequest {
-            user_ids: user_ids.iter().map(ToString::to_string).collect(),
-            consistency: Some(consistency_to_pb(consistency)),
-        };
-        let response = self
-            .with_retries(|endpoint, remaining| {
-                let message = message.clone();
-                async move {
-                    let mut client = self
-                        .registry(&endpoint)
-                        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
-                    client.batch_lookup(self.request(message, remaining)).await
-                }
-            })
-            .await?
-            .into_inner();
-        let header = response.header.unwrap_or_default();
-        let placements = response
-            .entries
-            .into_iter()
-            .map(|entry| entry.placement.map(Placement::try_from).transpose())
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Read {
-            placement: placements,
-            revision: Revision(header.revision),
-            served_by: header.served_by,
-            millis_since_leader_contact: header.millis_since_leader_contact,
+        message: Req,
+        rpc: F,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let rpc = &rpc;
+        let message = &message;
+        self.with_retries(|endpoint, remaining| async move {
+            let channel = self
+                .channel(&endpoint)
+                .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+            rpc(channel, self.request(message.clone(), remaining)).await
         })
+        .await
+        .map(tonic::Response::into_inner)
     }
 
-    fn context(&self, options: &WriteOptions) -> pb::WriteContext {
+    /// The context of a write: its request id (random unless given), caller and reason.
+    pub(crate) fn context(&self, options: &WriteOptions) -> pb::WriteContext {
         pb::WriteContext {
             request_id: options
                 .request_id
@@ -323,100 +259,26 @@ impl Client {
         }
     }
 
-    pub async fn assign(
-        &self,
-        user_id: &UserId,
-        residency: Jurisdiction,
-        location_id: &LocationId,
-        options: Option<WriteOptions>,
-    ) -> Result<Assigned, ClientError> {
-        let options = options.unwrap_or_default();
-        // Made once, outside the retry loop: every retry carries the same request id.
-        let message = pb::AssignRequest {
-            user_id: user_id.to_string(),
-            residency: residency.to_string(),
-            location_id: location_id.to_string(),
-            expected_mod_revision: options.expected_mod_revision.map(|revision| revision.0),
-            context: Some(self.context(&options)),
-        };
-        let response = self
-            .with_retries(|endpoint, remaining| {
-                let message = message.clone();
-                async move {
-                    let mut client = self
-                        .registry(&endpoint)
-                        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
-                    client.assign(self.request(message, remaining)).await
-                }
-            })
-            .await?
-            .into_inner();
-        let placement = response.placement.ok_or_else(|| {
-            ClientError::Protocol("assign answered without a placement".to_string())
-        })?;
-        Ok(Assigned {
-            placement: Placement::try_from(placement)?,
-            created: response.created,
-            revision: Revision(response.revision),
-        })
+    /// The endpoints this client was given.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
     }
+}
 
-    /// Deletes a placement; returns the revision it was deleted at.
-    pub async fn forget(
-        &self,
-        user_id: &UserId,
-        options: Option<WriteOptions>,
-    ) -> Result<Revision, ClientError> {
-        let options = options.unwrap_or_default();
-        let message = pb::ForgetRequest {
-            user_id: user_id.to_string(),
-            expected_mod_revision: options.expected_mod_revision.map(|revision| revision.0),
-            context: Some(self.context(&options)),
-        };
-        let response = self
-            .with_retries(|endpoint, remaining| {
-                let message = message.clone();
-                async move {
-                    let mut client = self
-                        .registry(&endpoint)
-                        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
-                    client.forget(self.request(message, remaining)).await
-                }
-            })
-            .await?
-            .into_inner();
-        Ok(Revision(response.revision))
-    }
+pub(crate) fn registry_client(channel: Channel) -> RegistryClient<Channel> {
+    RegistryClient::new(channel)
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX)
+}
 
-    /// The cluster's status as the first reachable endpoint sees it.
-    pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {
-        let response = self
-            .with_retries(|endpoint, remaining| async move {
-                let mut client = self
-                    .cluster(&endpoint)
-                    .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
-                client
-                    .status(self.request(pb::StatusRequest {}, remaining))
-                    .await
-            })
-            .await?;
-        Ok(response.into_inner())
-    }
+pub(crate) fn catalog_client(channel: Channel) -> CatalogClient<Channel> {
+    CatalogClient::new(channel)
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX)
+}
 
-    /// Forms a cluster of the nodes at `peer_addrs`, asking the first endpoint.
-    pub async fn initialize(
-        &self,
-        peer_addrs: Vec<String>,
-    ) -> Result<pb::InitializeResponse, ClientError> {
-        let endpoint = self.endpoints[0].clone();
-        let mut client = self.cluster(&endpoint)?;
-        let request = self.request(pb::InitializeRequest { peer_addrs }, self.options.timeout);
-        client
-            .initialize(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(ClientError::from_status)
-    }
+pub(crate) fn cluster_client(channel: Channel) -> ClusterClient<Channel> {
+    ClusterClient::new(channel)
 }
 
 fn classify<T>(status: tonic::Status) -> Attempt<T> {

@@ -1,14 +1,11 @@
 //! The write path: decide one command against the state, deterministically.
 
 use residency_types::limits::REQUEST_DEDUP_WINDOW_REVISIONS;
-use residency_types::{
-    ApplyResult, CallerId, Command, Jurisdiction, LocationId, Outcome, Placement, PlacementState,
-    ReasonText, Rejection, RequestId, Revision, UserId, WriteBody,
-};
+use residency_types::{ApplyResult, Command, Outcome, Rejection, RequestId, Revision, WriteBody};
 use serde::{Deserialize, Serialize};
 
-use crate::query::lookup;
-use crate::{CoreError, KvRead, codec, keys};
+use crate::staged::Staged;
+use crate::{CoreError, KvRead, catalog_rules, keys, placement_rules};
 
 /// What the registry remembers of an applied request id: the write, and its first result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +28,13 @@ pub struct Applied {
     pub mutations: Vec<Mutation>,
 }
 
+/// Who wrote, and when: the parts of a command every rule records.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteContext<'a> {
+    pub command: &'a Command,
+    pub revision: Revision,
+}
+
 /// Applies the log entry at `revision`. `command` is `None` for entries that carry no write
 /// (blank and membership entries); they still age the request-id window.
 pub fn apply<V: KvRead>(
@@ -38,23 +42,19 @@ pub fn apply<V: KvRead>(
     revision: Revision,
     command: Option<&Command>,
 ) -> Result<Applied, CoreError<V::Error>> {
-    let mut mutations = Vec::new();
-    forget_expired_request(view, revision, &mut mutations)?;
+    let mut staged = Staged::new(view);
+    forget_expired_request(&mut staged, revision)?;
     let Some(command) = command else {
         return Ok(Applied {
             result: ApplyResult {
                 revision,
                 outcome: None,
             },
-            mutations,
+            mutations: staged.into_mutations(),
         });
     };
 
-    let request_key = keys::request_key(&command.request_id);
-    let remembered = match view.get(&request_key).map_err(CoreError::Read)? {
-        Some(bytes) => Some(codec::decode::<RequestRecord>(&bytes)?),
-        None => None,
-    };
+    let remembered: Option<RequestRecord> = staged.read(&keys::request_key(&command.request_id))?;
     // The record aging out at this very revision is being deleted above: it no longer counts.
     let remembered = remembered.filter(|record| !is_expired(record.result.revision, revision));
     if let Some(record) = remembered {
@@ -67,38 +67,74 @@ pub fn apply<V: KvRead>(
                 outcome: Some(outcome),
             }
         };
-        return Ok(Applied { result, mutations });
+        return Ok(Applied {
+            result,
+            mutations: staged.into_mutations(),
+        });
     }
 
-    let outcome = match &command.body {
-        WriteBody::Assign {
-            user_id,
-            residency,
-            location_id,
-            expected_mod_revision,
-        } => {
-            let assign = Assign {
-                user_id,
-                residency: *residency,
-                location_id,
-                expected_mod_revision: *expected_mod_revision,
-                caller: &command.caller,
-                reason: &command.reason,
-                stamped_at_ms: command.stamped_at_ms,
-            };
-            assign.decide(view, revision, &mut mutations)?
+    // A rule decides on a fork: a refusal discards everything it staged.
+    let context = WriteContext { command, revision };
+    let mut decision = staged.fork();
+    let outcome = match decide(&mut decision, context)? {
+        Ok(outcome) => {
+            staged.adopt(decision);
+            outcome
         }
-        WriteBody::Forget {
-            user_id,
-            expected_mod_revision,
-        } => forget(view, user_id, *expected_mod_revision, &mut mutations)?,
+        Err(rejection) => Outcome::Rejected(rejection),
     };
     let result = ApplyResult {
         revision,
         outcome: Some(outcome),
     };
-    remember_request(&command.request_id, &command.body, &result, &mut mutations);
-    Ok(Applied { result, mutations })
+    remember_request(&mut staged, &command.request_id, &command.body, &result);
+    Ok(Applied {
+        result,
+        mutations: staged.into_mutations(),
+    })
+}
+
+/// A rule's verdict: the outcome, or the rejection that leaves the state as it was.
+pub type Verdict = Result<Outcome, Rejection>;
+
+fn decide<V: KvRead>(
+    staged: &mut Staged<'_, V>,
+    context: WriteContext<'_>,
+) -> Result<Verdict, CoreError<V::Error>> {
+    match &context.command.body {
+        WriteBody::Assign(item) => placement_rules::assign(staged, context, item),
+        WriteBody::BatchAssign { items } => placement_rules::batch_assign(staged, context, items),
+        WriteBody::Forget {
+            user_id,
+            expected_mod_revision,
+        } => placement_rules::forget(staged, user_id, *expected_mod_revision),
+        WriteBody::BeginMove {
+            user_id,
+            target,
+            expected_mod_revision,
+        } => placement_rules::begin_move(staged, context, user_id, target, *expected_mod_revision),
+        WriteBody::CompleteMove {
+            user_id,
+            expected_mod_revision,
+        } => placement_rules::complete_move(staged, context, user_id, *expected_mod_revision),
+        WriteBody::AbortMove {
+            user_id,
+            expected_mod_revision,
+        } => placement_rules::abort_move(staged, context, user_id, *expected_mod_revision),
+        WriteBody::PutLocation {
+            location_id,
+            jurisdiction,
+            labels,
+        } => catalog_rules::put_location(staged, context, location_id, *jurisdiction, labels),
+        WriteBody::SetLocationState { location_id, state } => {
+            catalog_rules::set_location_state(staged, context, location_id, *state)
+        }
+        WriteBody::PutPolicy {
+            residency,
+            storage,
+            access,
+        } => catalog_rules::put_policy(staged, context, *residency, storage, access),
+    }
 }
 
 fn is_expired(applied_at: Revision, now: Revision) -> bool {
@@ -108,115 +144,32 @@ fn is_expired(applied_at: Revision, now: Revision) -> bool {
 /// Drops the request id applied exactly `REQUEST_DEDUP_WINDOW_REVISIONS` ago, if any. Every
 /// revision passes through here once, so every id is dropped exactly when it ages out.
 fn forget_expired_request<V: KvRead>(
-    view: &V,
+    staged: &mut Staged<'_, V>,
     revision: Revision,
-    mutations: &mut Vec<Mutation>,
 ) -> Result<(), CoreError<V::Error>> {
     let Some(expired) = revision.0.checked_sub(REQUEST_DEDUP_WINDOW_REVISIONS) else {
         return Ok(());
     };
     let index_key = keys::request_by_revision_key(Revision(expired));
-    if let Some(bytes) = view.get(&index_key).map_err(CoreError::Read)? {
-        let request_id: RequestId = codec::decode(&bytes)?;
-        mutations.push(Mutation::Delete {
-            key: keys::request_key(&request_id),
-        });
-        mutations.push(Mutation::Delete { key: index_key });
+    if let Some(request_id) = staged.read::<RequestId>(&index_key)? {
+        staged.delete(keys::request_key(&request_id));
+        staged.delete(index_key);
     }
     Ok(())
 }
 
-fn remember_request(
+fn remember_request<V: KvRead>(
+    staged: &mut Staged<'_, V>,
     request_id: &RequestId,
     body: &WriteBody,
     result: &ApplyResult,
-    mutations: &mut Vec<Mutation>,
 ) {
     let record = RequestRecord {
         body: body.clone(),
         result: result.clone(),
     };
-    mutations.push(Mutation::Put {
-        key: keys::request_key(request_id),
-        value: codec::encode(&record),
-    });
-    mutations.push(Mutation::Put {
-        key: keys::request_by_revision_key(result.revision),
-        value: codec::encode(request_id),
-    });
-}
-
-fn revision_mismatch(expected: Option<Revision>, current: Option<&Placement>) -> Option<Rejection> {
-    let expected = expected?;
-    let actual = current.map_or(Revision(0), |placement| placement.mod_revision);
-    (actual != expected).then_some(Rejection::RevisionMismatch { expected, actual })
-}
-
-struct Assign<'a> {
-    user_id: &'a UserId,
-    residency: Jurisdiction,
-    location_id: &'a LocationId,
-    expected_mod_revision: Option<Revision>,
-    caller: &'a CallerId,
-    reason: &'a ReasonText,
-    stamped_at_ms: u64,
-}
-
-impl Assign<'_> {
-    fn decide<V: KvRead>(
-        &self,
-        view: &V,
-        revision: Revision,
-        mutations: &mut Vec<Mutation>,
-    ) -> Result<Outcome, CoreError<V::Error>> {
-        let current = lookup(view, self.user_id)?;
-        if let Some(rejection) = revision_mismatch(self.expected_mod_revision, current.as_ref()) {
-            return Ok(Outcome::Rejected(rejection));
-        }
-        let placement = Placement {
-            user_id: self.user_id.clone(),
-            residency: self.residency,
-            location_id: self.location_id.clone(),
-            state: PlacementState::Active,
-            epoch: current.as_ref().map_or(1, |placement| placement.epoch),
-            create_revision: current
-                .as_ref()
-                .map_or(revision, |placement| placement.create_revision),
-            mod_revision: revision,
-            updated_at_ms: self.stamped_at_ms,
-            updated_by: self.caller.clone(),
-            reason: self.reason.clone(),
-        };
-        mutations.push(Mutation::Put {
-            key: keys::placement_key(self.user_id),
-            value: codec::encode(&placement),
-        });
-        Ok(Outcome::Assigned {
-            placement,
-            created: current.is_none(),
-        })
-    }
-}
-
-fn forget<V: KvRead>(
-    view: &V,
-    user_id: &UserId,
-    expected_mod_revision: Option<Revision>,
-    mutations: &mut Vec<Mutation>,
-) -> Result<Outcome, CoreError<V::Error>> {
-    let current = lookup(view, user_id)?;
-    if let Some(rejection) = revision_mismatch(expected_mod_revision, current.as_ref()) {
-        return Ok(Outcome::Rejected(rejection));
-    }
-    if current.is_none() {
-        return Ok(Outcome::Rejected(Rejection::UserNotFound));
-    }
-    mutations.push(Mutation::Delete {
-        key: keys::placement_key(user_id),
-    });
-    Ok(Outcome::Forgotten {
-        user_id: user_id.clone(),
-    })
+    staged.put(keys::request_key(request_id), &record);
+    staged.put(keys::request_by_revision_key(result.revision), request_id);
 }
 
 #[cfg(test)]

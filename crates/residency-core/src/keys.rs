@@ -3,36 +3,90 @@
 //! | prefix | key | value |
 //! |---|---|---|
 //! | `p/` | user id | a `Placement` |
+//! | `L/` | location id | a `Location` |
+//! | `P/` | residency jurisdiction | a `Policy` |
+//! | `c/` | location id | u64: placements at the location or moving to it |
+//! | `j/` | residency `/` location jurisdiction | u64: placements of that residency stored (or moving) there |
+//! | `i/` | location id, NUL, user id | empty: which users a location holds or awaits |
 //! | `r/` | request id | a `RequestRecord`: the write's body and its first result |
 //! | `q/` | revision, big-endian u64 | the request id applied at that revision (for pruning) |
 //! | `m/` | name | the store's own metadata (applied log id, membership) |
+//!
+//! Location ids may contain `/`, so the `i/` index separates location and user with a NUL,
+//! which no id may contain.
 
-use residency_types::{RequestId, Revision, UserId};
+use residency_types::{Jurisdiction, LocationId, RequestId, Revision, UserId};
 
 pub const PLACEMENT_PREFIX: &[u8] = b"p/";
+pub const LOCATION_PREFIX: &[u8] = b"L/";
+pub const POLICY_PREFIX: &[u8] = b"P/";
+pub const LOCATION_COUNT_PREFIX: &[u8] = b"c/";
+pub const RESIDENCY_COUNT_PREFIX: &[u8] = b"j/";
+pub const LOCATION_USERS_PREFIX: &[u8] = b"i/";
 pub const REQUEST_PREFIX: &[u8] = b"r/";
 pub const REQUEST_BY_REVISION_PREFIX: &[u8] = b"q/";
 pub const META_PREFIX: &[u8] = b"m/";
 
-fn prefixed(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(prefix.len() + rest.len());
-    key.extend_from_slice(prefix);
-    key.extend_from_slice(rest);
+fn prefixed(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    for part in parts {
+        key.extend_from_slice(part);
+    }
     key
 }
 
 pub fn placement_key(user_id: &UserId) -> Vec<u8> {
-    prefixed(PLACEMENT_PREFIX, user_id.as_str().as_bytes())
+    prefixed(PLACEMENT_PREFIX, &[user_id.as_str().as_bytes()])
+}
+
+pub fn location_key(location_id: &LocationId) -> Vec<u8> {
+    prefixed(LOCATION_PREFIX, &[location_id.as_str().as_bytes()])
+}
+
+pub fn policy_key(residency: Jurisdiction) -> Vec<u8> {
+    prefixed(POLICY_PREFIX, &[residency.as_str().as_bytes()])
+}
+
+pub fn location_count_key(location_id: &LocationId) -> Vec<u8> {
+    prefixed(LOCATION_COUNT_PREFIX, &[location_id.as_str().as_bytes()])
+}
+
+pub fn residency_count_key(
+    residency: Jurisdiction,
+    location_jurisdiction: Jurisdiction,
+) -> Vec<u8> {
+    prefixed(
+        RESIDENCY_COUNT_PREFIX,
+        &[
+            residency.as_str().as_bytes(),
+            b"/",
+            location_jurisdiction.as_str().as_bytes(),
+        ],
+    )
+}
+
+/// The prefix of every `i/` key of one location.
+pub fn location_users_prefix(location_id: &LocationId) -> Vec<u8> {
+    prefixed(
+        LOCATION_USERS_PREFIX,
+        &[location_id.as_str().as_bytes(), b"\0"],
+    )
+}
+
+pub fn location_user_key(location_id: &LocationId, user_id: &UserId) -> Vec<u8> {
+    let mut key = location_users_prefix(location_id);
+    key.extend_from_slice(user_id.as_str().as_bytes());
+    key
 }
 
 pub fn request_key(request_id: &RequestId) -> Vec<u8> {
-    prefixed(REQUEST_PREFIX, request_id.as_str().as_bytes())
+    prefixed(REQUEST_PREFIX, &[request_id.as_str().as_bytes()])
 }
 
 pub fn request_by_revision_key(revision: Revision) -> Vec<u8> {
-    prefixed(REQUEST_BY_REVISION_PREFIX, &revision.0.to_be_bytes())
+    prefixed(REQUEST_BY_REVISION_PREFIX, &[&revision.0.to_be_bytes()])
 }
 
 pub fn meta_key(name: &str) -> Vec<u8> {
-    prefixed(META_PREFIX, name.as_bytes())
+    prefixed(META_PREFIX, &[name.as_bytes()])
 }

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 
 use residency_types::{ApplyResult, Command, Placement, Revision, UserId};
 
-use crate::{KvRead, Mutation, StateDigest, apply, lookup};
+use crate::{KvRead, KvScan, Mutation, StateDigest, apply, lookup};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MemoryState {
@@ -17,6 +17,27 @@ impl KvRead for MemoryState {
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Infallible> {
         Ok(self.entries.get(key).cloned())
+    }
+}
+
+impl KvScan for MemoryState {
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Infallible> {
+        let start = match after {
+            Some(after) => std::ops::Bound::Excluded(after.to_vec()),
+            None => std::ops::Bound::Included(prefix.to_vec()),
+        };
+        Ok(self
+            .entries
+            .range((start, std::ops::Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .take(limit)
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect())
     }
 }
 
@@ -51,6 +72,28 @@ impl MemoryState {
             digest.update(key, value);
         }
         digest.finish()
+    }
+
+    /// The digest of the registry's data only: placements, catalog, policies and their counters,
+    /// without the request-id records that every write (refused ones included) leaves behind.
+    pub fn data_digest(&self) -> (String, u64) {
+        let mut digest = StateDigest::new();
+        let bookkeeping = [
+            crate::keys::REQUEST_PREFIX,
+            crate::keys::REQUEST_BY_REVISION_PREFIX,
+        ];
+        for (key, value) in &self.entries {
+            if !bookkeeping.iter().any(|prefix| key.starts_with(prefix)) {
+                digest.update(key, value);
+            }
+        }
+        digest.finish()
+    }
+
+    /// Deletes a key behind the rules' back, to test how reads behave on a damaged state.
+    #[cfg(test)]
+    pub fn remove_for_test(&mut self, key: &[u8]) {
+        self.entries.remove(key);
     }
 
     pub fn len(&self) -> usize {

@@ -1,8 +1,20 @@
-//! The read path of the core: decode what the view holds.
+//! The read path of the core: placements, the access decision, the catalog and policy dry runs.
 
-use residency_types::{Placement, UserId};
+use std::collections::BTreeSet;
 
-use crate::{CoreError, KvRead, codec, keys};
+use residency_types::limits::POLICY_DRY_RUN_SAMPLE_MAX;
+use residency_types::{
+    AccessOperation, Decision, DenyReason, Jurisdiction, Location, LocationId, LocationState,
+    Placement, PlacementState, Policy, UserId,
+};
+
+use crate::staged::Staged;
+use crate::{CoreError, KvRead, KvScan, catalog_rules, codec, keys};
+
+/// Keys a dry run may read while looking for sample placements, at most.
+const DRY_RUN_SCANNED_KEYS_MAX: usize = 100_000;
+/// Keys read per scan call.
+const SCAN_BATCH_KEYS: usize = 1_000;
 
 pub fn lookup<V: KvRead>(
     view: &V,
@@ -20,4 +32,173 @@ pub fn lookup<V: KvRead>(
         "placement stored under another user's key"
     );
     Ok(Some(placement))
+}
+
+pub fn location<V: KvRead>(
+    view: &V,
+    location_id: &LocationId,
+) -> Result<Option<Location>, CoreError<V::Error>> {
+    Staged::new(view).location(location_id)
+}
+
+pub fn policy<V: KvRead>(
+    view: &V,
+    residency: Jurisdiction,
+) -> Result<Option<Policy>, CoreError<V::Error>> {
+    Staged::new(view).policy(residency)
+}
+
+/// May a caller in `accessor_jurisdiction` perform `operation` on `user_id`'s data? Fails
+/// closed: whatever the registry does not know, or finds inconsistent, is a deny.
+pub fn check_access<V: KvRead>(
+    view: &V,
+    user_id: &UserId,
+    accessor_jurisdiction: Jurisdiction,
+    operation: AccessOperation,
+) -> Result<Decision, CoreError<V::Error>> {
+    let deny = |reason| Ok(Decision::Deny { reason });
+    let staged = Staged::new(view);
+    let Some(placement) = staged.placement(user_id)? else {
+        return deny(DenyReason::UnknownUser);
+    };
+    let Some(policy) = staged.policy(placement.residency)? else {
+        return deny(DenyReason::NoPolicy);
+    };
+    if !policy.allows_access_from(accessor_jurisdiction) {
+        return deny(DenyReason::AccessorJurisdictionNotAllowed);
+    }
+    let location = match staged.location(&placement.location_id)? {
+        Some(location) if location.state != LocationState::Retired => location,
+        _ => return deny(DenyReason::LocationUnavailable),
+    };
+    if !policy.allows_storage_in(location.jurisdiction) {
+        return deny(DenyReason::StorageJurisdictionNotAllowed);
+    }
+    let move_target = placement.state.move_target().cloned();
+    if move_target.is_some() && operation == AccessOperation::Write {
+        return deny(DenyReason::UserMoving);
+    }
+    debug_assert!(matches!(
+        placement.state,
+        PlacementState::Active | PlacementState::Moving { .. }
+    ));
+    Ok(Decision::Allow {
+        location_id: placement.location_id,
+        location_jurisdiction: location.jurisdiction,
+        epoch: placement.epoch,
+        move_target,
+    })
+}
+
+/// Up to `limit` values whose keys start with `prefix`, after the key `after` if given.
+fn page<V: KvScan, T: serde::de::DeserializeOwned>(
+    view: &V,
+    prefix: &[u8],
+    after: Option<Vec<u8>>,
+    limit: usize,
+) -> Result<Vec<T>, CoreError<V::Error>> {
+    let pairs = view
+        .scan_prefix(prefix, after.as_deref(), limit)
+        .map_err(CoreError::Read)?;
+    pairs
+        .iter()
+        .map(|(_, value)| Ok(codec::decode(value)?))
+        .collect()
+}
+
+/// Locations in id order, after `after` if given.
+pub fn list_locations<V: KvScan>(
+    view: &V,
+    after: Option<&LocationId>,
+    limit: usize,
+) -> Result<Vec<Location>, CoreError<V::Error>> {
+    page(
+        view,
+        keys::LOCATION_PREFIX,
+        after.map(keys::location_key),
+        limit,
+    )
+}
+
+/// Policies in residency order.
+pub fn list_policies<V: KvScan>(
+    view: &V,
+    limit: usize,
+) -> Result<Vec<Policy>, CoreError<V::Error>> {
+    page(view, keys::POLICY_PREFIX, None, limit)
+}
+
+/// What a policy change would do to existing placements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DryRun {
+    /// Placements (moves under way included) the new policy would leave in breach.
+    pub placements_in_breach: u64,
+    /// The storage jurisdictions they are in.
+    pub jurisdictions: Vec<Jurisdiction>,
+    /// Up to `POLICY_DRY_RUN_SAMPLE_MAX` of those users, in location then user order.
+    pub sample: Vec<UserId>,
+    /// Whether the sample search stopped at its bound before looking everywhere.
+    pub sample_truncated: bool,
+}
+
+/// The effect of setting `storage` as the policy for `residency`, without setting it.
+pub fn dry_run_policy<V: KvScan>(
+    view: &V,
+    residency: Jurisdiction,
+    storage: &BTreeSet<Jurisdiction>,
+) -> Result<DryRun, CoreError<V::Error>> {
+    let (placements_in_breach, jurisdictions) =
+        catalog_rules::breaches(&Staged::new(view), residency, storage)?;
+    let mut sample = Vec::new();
+    let mut scanned = 0;
+    let mut truncated = false;
+    if placements_in_breach > 0 {
+        let mut after = None;
+        'locations: loop {
+            let locations = list_locations(view, after.as_ref(), SCAN_BATCH_KEYS)?;
+            let Some(last) = locations.last() else { break };
+            after = Some(last.id.clone());
+            for location in locations
+                .iter()
+                .filter(|location| jurisdictions.contains(&location.jurisdiction))
+            {
+                let prefix = keys::location_users_prefix(&location.id);
+                let mut from: Option<Vec<u8>> = None;
+                loop {
+                    let pairs = view
+                        .scan_prefix(&prefix, from.as_deref(), SCAN_BATCH_KEYS)
+                        .map_err(CoreError::Read)?;
+                    let Some((last_key, _)) = pairs.last() else {
+                        break;
+                    };
+                    from = Some(last_key.clone());
+                    for (key, _) in &pairs {
+                        scanned += 1;
+                        let user = std::str::from_utf8(&key[prefix.len()..])
+                            .ok()
+                            .and_then(|text| UserId::parse(text).ok());
+                        let Some(user) = user else { continue };
+                        if lookup(view, &user)?
+                            .is_some_and(|placement| placement.residency == residency)
+                        {
+                            sample.push(user);
+                        }
+                        if sample.len() == POLICY_DRY_RUN_SAMPLE_MAX {
+                            break 'locations;
+                        }
+                        if scanned >= DRY_RUN_SCANNED_KEYS_MAX {
+                            truncated = true;
+                            break 'locations;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(DryRun {
+        placements_in_breach,
+        jurisdictions,
+        sample,
+        sample_truncated: truncated,
+    })
 }

@@ -1,7 +1,8 @@
 //! `residencyctl`: the operator's command line for the Residency Registry.
 //!
 //! Exit codes: 0 success; 1 the request failed (a one-line reason on stderr, starting with the
-//! stable reason code); 2 bad usage; 3 the user has no placement (`user get`).
+//! stable reason code); 2 bad usage; 3 the user has no placement (`user get`); 4 access denied
+//! (`check`).
 
 mod cmd;
 mod output;
@@ -44,9 +45,17 @@ enum Command {
     /// Cluster life: bootstrap and status.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCommand),
-    /// Placements: assign, get, forget.
+    /// Placements: assign, get, move, forget.
     #[command(subcommand)]
     User(cmd::user::UserCommand),
+    /// The location catalog: add, get, list, drain, activate, retire.
+    #[command(subcommand)]
+    Location(cmd::location::LocationCommand),
+    /// Residency policies: set, get, list, dry-run.
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCommand),
+    /// May this service, running in this jurisdiction, touch this user's data? Exit code 4 on a deny.
+    Check(cmd::check::CheckArgs),
 }
 
 /// A failure with the exit code it maps to.
@@ -92,6 +101,9 @@ async fn main() -> ExitCode {
         Command::Status => cmd::cluster::status(&client, cli.output).await,
         Command::Cluster(command) => cmd::cluster::run(&client, cli.output, command).await,
         Command::User(command) => cmd::user::run(&client, cli.output, command).await,
+        Command::Location(command) => cmd::location::run(&client, cli.output, command).await,
+        Command::Policy(command) => cmd::policy::run(&client, cli.output, command).await,
+        Command::Check(args) => cmd::check::run(&client, cli.output, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

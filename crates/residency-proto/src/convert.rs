@@ -1,9 +1,12 @@
 //! Conversions between generated messages and domain types. Incoming messages are validated
 //! here, field by field, into domain types; a failure names the field and its reason code.
 
+use std::collections::BTreeSet;
+
 use residency_types::{
-    CallerId, Consistency, Jurisdiction, LocationId, Placement, PlacementState, ReasonCode,
-    ReasonText, RequestId, Revision, UserId, ValidationError,
+    AccessOperation, AssignItem, CallerId, Consistency, Decision, DenyReason, Jurisdiction, Labels,
+    Location, LocationId, LocationState, Placement, PlacementState, Policy, ReasonCode, ReasonText,
+    RequestId, Revision, UserId, ValidationError,
 };
 
 use crate::pb;
@@ -13,19 +16,27 @@ pub const ANONYMOUS_CALLER: &str = "anonymous";
 
 impl From<&Placement> for pb::Placement {
     fn from(placement: &Placement) -> Self {
+        let state = match placement.state {
+            PlacementState::Active => pb::PlacementState::Active,
+            PlacementState::Moving { .. } => pb::PlacementState::Moving,
+        };
         pb::Placement {
             user_id: placement.user_id.to_string(),
             residency: placement.residency.to_string(),
             location_id: placement.location_id.to_string(),
-            state: match placement.state {
-                PlacementState::Active => pb::PlacementState::Active as i32,
-            },
+            state: state as i32,
             epoch: placement.epoch,
             create_revision: placement.create_revision.0,
             mod_revision: placement.mod_revision.0,
             updated_at_ms: placement.updated_at_ms,
             updated_by: placement.updated_by.to_string(),
             reason: placement.reason.as_str().to_string(),
+            move_target_location_id: placement
+                .state
+                .move_target()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            updated_by_authenticated: placement.updated_by_authenticated,
         }
     }
 }
@@ -36,6 +47,9 @@ impl TryFrom<pb::Placement> for Placement {
     fn try_from(placement: pb::Placement) -> Result<Self, ValidationError> {
         let state = match pb::PlacementState::try_from(placement.state) {
             Ok(pb::PlacementState::Active) => PlacementState::Active,
+            Ok(pb::PlacementState::Moving) => PlacementState::Moving {
+                target: LocationId::parse(placement.move_target_location_id)?,
+            },
             _ => {
                 return Err(ValidationError::new(
                     ReasonCode::InvalidArgument,
@@ -54,9 +68,192 @@ impl TryFrom<pb::Placement> for Placement {
             mod_revision: Revision(placement.mod_revision),
             updated_at_ms: placement.updated_at_ms,
             updated_by: CallerId::parse(placement.updated_by)?,
+            updated_by_authenticated: placement.updated_by_authenticated,
             reason: ReasonText::parse(placement.reason)?,
         })
     }
+}
+
+fn location_state_to_pb(state: LocationState) -> pb::LocationState {
+    match state {
+        LocationState::Active => pb::LocationState::Active,
+        LocationState::Draining => pb::LocationState::Draining,
+        LocationState::Retired => pb::LocationState::Retired,
+    }
+}
+
+pub fn location_state_from_pb(state: i32) -> Result<LocationState, ValidationError> {
+    match pb::LocationState::try_from(state) {
+        Ok(pb::LocationState::Active) => Ok(LocationState::Active),
+        Ok(pb::LocationState::Draining) => Ok(LocationState::Draining),
+        Ok(pb::LocationState::Retired) => Ok(LocationState::Retired),
+        _ => Err(ValidationError::new(
+            ReasonCode::InvalidArgument,
+            "state",
+            format!("{state} is not ACTIVE, DRAINING or RETIRED"),
+        )),
+    }
+}
+
+impl From<&Location> for pb::Location {
+    fn from(location: &Location) -> Self {
+        pb::Location {
+            location_id: location.id.to_string(),
+            jurisdiction: location.jurisdiction.to_string(),
+            labels: Some(pb::Labels {
+                provider: location.labels.provider.clone(),
+                region: location.labels.region.clone(),
+                zone: location.labels.zone.clone(),
+            }),
+            state: location_state_to_pb(location.state) as i32,
+            create_revision: location.create_revision.0,
+            mod_revision: location.mod_revision.0,
+        }
+    }
+}
+
+impl TryFrom<pb::Location> for Location {
+    type Error = ValidationError;
+
+    fn try_from(location: pb::Location) -> Result<Self, ValidationError> {
+        Ok(Location {
+            id: LocationId::parse(location.location_id)?,
+            jurisdiction: Jurisdiction::parse(&location.jurisdiction)?,
+            labels: labels_from_pb(location.labels)?,
+            state: location_state_from_pb(location.state)?,
+            create_revision: Revision(location.create_revision),
+            mod_revision: Revision(location.mod_revision),
+        })
+    }
+}
+
+pub fn labels_from_pb(labels: Option<pb::Labels>) -> Result<Labels, ValidationError> {
+    let labels = labels.unwrap_or_default();
+    Labels::parse(&labels.provider, &labels.region, &labels.zone)
+}
+
+fn codes(jurisdictions: &BTreeSet<Jurisdiction>) -> Vec<String> {
+    jurisdictions.iter().map(ToString::to_string).collect()
+}
+
+/// A set of jurisdictions from the wire; duplicates are harmless, unknown codes are refused.
+pub fn jurisdictions_from_pb(
+    field: &'static str,
+    codes: &[String],
+) -> Result<BTreeSet<Jurisdiction>, ValidationError> {
+    codes
+        .iter()
+        .map(|code| {
+            Jurisdiction::parse(code)
+                .map_err(|error| ValidationError::new(error.code, field, error.message))
+        })
+        .collect()
+}
+
+impl From<&Policy> for pb::Policy {
+    fn from(policy: &Policy) -> Self {
+        pb::Policy {
+            residency: policy.residency.to_string(),
+            storage: codes(&policy.storage),
+            access: codes(&policy.access),
+            mod_revision: policy.mod_revision.0,
+        }
+    }
+}
+
+impl TryFrom<pb::Policy> for Policy {
+    type Error = ValidationError;
+
+    fn try_from(policy: pb::Policy) -> Result<Self, ValidationError> {
+        Ok(Policy {
+            residency: Jurisdiction::parse(&policy.residency)?,
+            storage: jurisdictions_from_pb("storage", &policy.storage)?,
+            access: jurisdictions_from_pb("access", &policy.access)?,
+            mod_revision: Revision(policy.mod_revision),
+        })
+    }
+}
+
+pub fn assign_item_from_pb(item: pb::AssignItem) -> Result<AssignItem, ValidationError> {
+    Ok(AssignItem {
+        user_id: UserId::parse(item.user_id)?,
+        residency: Jurisdiction::parse(&item.residency)?,
+        location_id: LocationId::parse(item.location_id)?,
+        expected_mod_revision: item.expected_mod_revision.map(Revision),
+    })
+}
+
+pub fn access_operation_from_pb(operation: i32) -> Result<AccessOperation, ValidationError> {
+    match pb::AccessOperation::try_from(operation) {
+        Ok(pb::AccessOperation::Read) => Ok(AccessOperation::Read),
+        Ok(pb::AccessOperation::Write) => Ok(AccessOperation::Write),
+        _ => Err(ValidationError::new(
+            ReasonCode::InvalidArgument,
+            "operation",
+            "must be ACCESS_OPERATION_READ or ACCESS_OPERATION_WRITE",
+        )),
+    }
+}
+
+pub fn access_operation_to_pb(operation: AccessOperation) -> pb::AccessOperation {
+    match operation {
+        AccessOperation::Read => pb::AccessOperation::Read,
+        AccessOperation::Write => pb::AccessOperation::Write,
+    }
+}
+
+/// The decision fields of a CheckAccess answer (the header is the server's to fill).
+pub fn decision_to_pb(decision: &Decision) -> pb::CheckAccessResponse {
+    match decision {
+        Decision::Allow {
+            location_id,
+            location_jurisdiction,
+            epoch,
+            move_target,
+        } => pb::CheckAccessResponse {
+            header: None,
+            allowed: true,
+            deny_reason: String::new(),
+            location_id: location_id.to_string(),
+            location_jurisdiction: location_jurisdiction.to_string(),
+            epoch: *epoch,
+            move_target_location_id: move_target
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        },
+        Decision::Deny { reason } => pb::CheckAccessResponse {
+            header: None,
+            allowed: false,
+            deny_reason: reason.as_str().to_string(),
+            location_id: String::new(),
+            location_jurisdiction: String::new(),
+            epoch: 0,
+            move_target_location_id: String::new(),
+        },
+    }
+}
+
+/// Reads a CheckAccess answer, failing closed: anything not clearly an allow is a deny.
+pub fn decision_from_pb(response: &pb::CheckAccessResponse) -> Decision {
+    let allow = || -> Option<Decision> {
+        if !response.allowed {
+            return None;
+        }
+        let move_target = match response.move_target_location_id.as_str() {
+            "" => None,
+            target => Some(LocationId::parse(target).ok()?),
+        };
+        Some(Decision::Allow {
+            location_id: LocationId::parse(response.location_id.clone()).ok()?,
+            location_jurisdiction: Jurisdiction::parse(&response.location_jurisdiction).ok()?,
+            epoch: response.epoch,
+            move_target,
+        })
+    };
+    allow().unwrap_or_else(|| Decision::Deny {
+        reason: DenyReason::parse(&response.deny_reason).unwrap_or(DenyReason::UnknownUser),
+    })
 }
 
 /// A missing `consistency` means linearizable, the safe default.
@@ -205,6 +402,7 @@ mod tests {
             mod_revision: Revision(8),
             updated_at_ms: 12,
             updated_by: CallerId::parse("ops").expect("valid"),
+            updated_by_authenticated: false,
             reason: ReasonText::parse("move").expect("valid"),
         };
         let wire = pb::Placement::from(&placement);

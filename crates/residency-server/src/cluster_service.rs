@@ -7,8 +7,8 @@ use std::time::Duration;
 use openraft::error::{InitializeError, RaftError};
 use residency_proto::pb::cluster_server::Cluster;
 use residency_proto::pb::{
-    InitializeRequest, InitializeResponse, MemberRole, MemberStatus, RaftState, StatusRequest,
-    StatusResponse,
+    DigestRequest, DigestResponse, InitializeRequest, InitializeResponse, MemberRole, MemberStatus,
+    RaftState, StatusRequest, StatusResponse,
 };
 use residency_store::{NodeId, NodeInfo};
 use residency_types::{Jurisdiction, ReasonCode};
@@ -135,6 +135,28 @@ impl Cluster for ClusterService {
                 term: metrics.current_term,
                 members,
                 initialized,
+            })
+        })
+        .await
+    }
+
+    async fn digest(
+        &self,
+        request: Request<DigestRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        let timeout = crate::registry_service::timeout_of(&self.node, &request);
+        observe("Digest", timeout, async {
+            let digest = self
+                .node
+                .reader
+                .digest()
+                .await
+                .map_err(ApiError::internal)?;
+            Ok(DigestResponse {
+                node_id: self.node.id(),
+                revision: digest.revision.0,
+                sha256_hex: digest.sha256_hex,
+                pairs: digest.pairs,
             })
         })
         .await

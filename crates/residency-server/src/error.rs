@@ -3,9 +3,10 @@
 //! | error | gRPC code | reason |
 //! |---|---|---|
 //! | `Invalid` | INVALID_ARGUMENT | the field's code (`INVALID_USER_ID`, `BATCH_TOO_LARGE`, ...) |
-//! | `Rejected(RevisionMismatch)` | FAILED_PRECONDITION | `REVISION_MISMATCH` |
-//! | `Rejected(RequestIdReused)` | FAILED_PRECONDITION | `REQUEST_ID_REUSED` |
 //! | `Rejected(UserNotFound)`, `UserNotFound` | NOT_FOUND | `USER_NOT_FOUND` |
+//! | `Rejected(any other rule)` | FAILED_PRECONDITION | the rule's code (`REVISION_MISMATCH`, `STORAGE_JURISDICTION_NOT_ALLOWED`, `POLICY_BREACH`, ...); `BATCH_REFUSED` carries a `BatchRefusal` in the status details |
+//! | `LocationNotFound` (a read) | NOT_FOUND | `LOCATION_NOT_FOUND` |
+//! | `PolicyNotFound` (a read) | NOT_FOUND | `POLICY_NOT_FOUND` |
 //! | `NotLeader` | UNAVAILABLE + leader id and address | `NOT_LEADER` |
 //! | `NoLeader` | UNAVAILABLE | `NO_LEADER` |
 //! | `QuorumUnavailable` | UNAVAILABLE | `QUORUM_UNAVAILABLE` |
@@ -38,6 +39,16 @@ pub enum ApiError {
     Rejected(Rejection),
     #[error("the user has no placement (read at revision {revision})")]
     UserNotFound { revision: Revision },
+    #[error("location {location_id} is not registered (read at revision {revision})")]
+    LocationNotFound {
+        location_id: String,
+        revision: Revision,
+    },
+    #[error("no policy covers residency {residency} (read at revision {revision})")]
+    PolicyNotFound {
+        residency: String,
+        revision: Revision,
+    },
     #[error("this node is not the leader")]
     NotLeader {
         leader_id: Option<u64>,
@@ -95,6 +106,8 @@ impl ApiError {
             ApiError::Invalid { code, .. } => *code,
             ApiError::Rejected(rejection) => rejection.reason_code(),
             ApiError::UserNotFound { .. } => ReasonCode::UserNotFound,
+            ApiError::LocationNotFound { .. } => ReasonCode::LocationNotFound,
+            ApiError::PolicyNotFound { .. } => ReasonCode::PolicyNotFound,
             ApiError::NotLeader { .. } => ReasonCode::NotLeader,
             ApiError::NoLeader => ReasonCode::NoLeader,
             ApiError::QuorumUnavailable(_) => ReasonCode::QuorumUnavailable,
@@ -112,9 +125,10 @@ impl ApiError {
     pub fn grpc_code(&self) -> Code {
         match self {
             ApiError::Invalid { .. } => Code::InvalidArgument,
-            ApiError::Rejected(Rejection::UserNotFound) | ApiError::UserNotFound { .. } => {
-                Code::NotFound
-            }
+            ApiError::Rejected(Rejection::UserNotFound)
+            | ApiError::UserNotFound { .. }
+            | ApiError::LocationNotFound { .. }
+            | ApiError::PolicyNotFound { .. } => Code::NotFound,
             ApiError::Rejected(_)
             | ApiError::ClusterNotInitialized
             | ApiError::AlreadyInitialized => Code::FailedPrecondition,
@@ -137,9 +151,36 @@ fn insert(status: &mut tonic::Status, key: &'static str, value: &str) {
     }
 }
 
+/// The per-item reasons of a refused batch, as the status details clients decode.
+fn batch_refusal(rejection: &Rejection) -> Option<Vec<u8>> {
+    let Rejection::BatchRefused { items } = rejection else {
+        return None;
+    };
+    let refusal = residency_proto::pb::BatchRefusal {
+        items: items
+            .iter()
+            .map(|item| residency_proto::pb::ItemRefusal {
+                index: item.index,
+                reason: item.rejection.reason_code().as_str().to_string(),
+                message: item.rejection.message(),
+            })
+            .collect(),
+    };
+    Some(prost::Message::encode_to_vec(&refusal))
+}
+
 impl From<ApiError> for tonic::Status {
     fn from(error: ApiError) -> Self {
-        let mut status = tonic::Status::new(error.grpc_code(), error.to_string());
+        let details = match &error {
+            ApiError::Rejected(rejection) => batch_refusal(rejection),
+            _ => None,
+        };
+        let mut status = match details {
+            Some(details) => {
+                tonic::Status::with_details(error.grpc_code(), error.to_string(), details.into())
+            }
+            None => tonic::Status::new(error.grpc_code(), error.to_string()),
+        };
         insert(&mut status, REASON_KEY, error.reason_code().as_str());
         match &error {
             ApiError::NotLeader {
@@ -153,7 +194,9 @@ impl From<ApiError> for tonic::Status {
                     insert(&mut status, LEADER_ADDR_KEY, leader_addr);
                 }
             }
-            ApiError::UserNotFound { revision } => {
+            ApiError::UserNotFound { revision }
+            | ApiError::LocationNotFound { revision, .. }
+            | ApiError::PolicyNotFound { revision, .. } => {
                 insert(&mut status, REVISION_KEY, &revision.to_string())
             }
             _ => {}

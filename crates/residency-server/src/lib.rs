@@ -6,10 +6,12 @@
 //! - [`node`]: the read barrier per consistency mode and the write path to the leader.
 //! - [`read_index`]: linearizable reads sharing read-index rounds.
 //! - [`network`] / [`peer_service`]: Raft and node-to-node traffic on the peer listener.
-//! - [`registry_service`] / [`cluster_service`]: the public gRPC API on the client listener.
+//! - [`registry_service`], [`catalog_service`], [`cluster_service`]: the public gRPC API on the
+//!   client listener.
 //! - [`error`]: the one table from errors to gRPC statuses and reason codes.
 //! - [`observability`]: metrics, health, readiness and logging; [`watchdog`]: the election guard.
 
+pub mod catalog_service;
 pub mod cluster_service;
 pub mod config;
 pub mod error;
@@ -28,6 +30,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use openraft::SnapshotPolicy;
+use residency_proto::pb::catalog_server::CatalogServer;
 use residency_proto::pb::cluster_server::ClusterServer;
 use residency_proto::pb::registry_server::RegistryServer;
 use residency_proto::peer_pb::peer_server::PeerServer;
@@ -153,6 +156,7 @@ pub async fn run(
             .register_encoded_file_descriptor_set(residency_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("residency.v1.Registry")
+            .with_service_name("residency.v1.Catalog")
             .with_service_name("residency.v1.Cluster")
             .with_service_name("grpc.health.v1.Health")
     };
@@ -162,6 +166,11 @@ pub async fn run(
         .tcp_nodelay(true)
         .add_service(
             RegistryServer::new(registry_service::RegistryService::new(node.clone()))
+                .max_decoding_message_size(message_bytes_max)
+                .max_encoding_message_size(message_bytes_max),
+        )
+        .add_service(
+            CatalogServer::new(catalog_service::CatalogService::new(node.clone()))
                 .max_decoding_message_size(message_bytes_max)
                 .max_encoding_message_size(message_bytes_max),
         )

@@ -11,7 +11,7 @@ use residency_proto::convert::WriteContext;
 use residency_proto::pb;
 use residency_proto::peer_pb::{LocalStatusRequest, RaftPayload, ReadIndexRequest};
 use residency_store::{CommittedIndex, NodeId, NodeInfo, Raft, StateReader};
-use residency_types::{ApplyResult, Command, Consistency, Revision, WriteBody};
+use residency_types::{ApplyResult, Command, Consistency, Outcome, Revision, WriteBody};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ValidConfig;
@@ -264,10 +264,24 @@ impl Node {
         let command = Command {
             request_id: write.request_id,
             caller: write.caller,
+            // Until mutual TLS, every caller only states who it is.
+            caller_authenticated: false,
             reason: write.reason,
             stamped_at_ms: now_ms(),
             body: write.body,
         };
+        // The rules first run here, against the leader's applied state (which holds every
+        // acknowledged write), so a refusal costs no log entry. They run again in apply, against
+        // the state at the entry's position: a write racing this one cannot slip past them. A
+        // retry of an applied request answers its first result here too.
+        let evaluated = self
+            .reader
+            .evaluate(&command)
+            .await
+            .map_err(ApiError::internal)?;
+        if let Some(Outcome::Rejected(rejection)) = evaluated.outcome {
+            return Err(ApiError::Rejected(rejection));
+        }
         match self.raft.client_write(command).await {
             Ok(response) => Ok(response.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {

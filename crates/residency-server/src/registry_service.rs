@@ -1,17 +1,27 @@
-//! `residency.v1.Registry`: lookups and writes. Input is validated here, before anything is
-//! proposed; a refusal changes nothing.
+//! `residency.v1.Registry`: lookups, writes, moves and the access check. Input is validated
+//! here, before anything is proposed; a refusal changes nothing.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use residency_proto::convert::{consistency_from_pb, consistency_mode, write_context_from_pb};
+use residency_proto::convert::{
+    access_operation_from_pb, assign_item_from_pb, consistency_from_pb, consistency_mode,
+    decision_to_pb, write_context_from_pb,
+};
+use residency_proto::pb;
 use residency_proto::pb::registry_server::Registry;
 use residency_proto::pb::{
-    AssignRequest, AssignResponse, BatchLookupEntry, BatchLookupRequest, BatchLookupResponse,
-    ForgetRequest, ForgetResponse, LookupRequest, LookupResponse, ReadHeader,
+    AssignRequest, AssignResponse, AssignedItem, BatchAssignRequest, BatchAssignResponse,
+    BatchLookupEntry, BatchLookupRequest, BatchLookupResponse, BeginMoveRequest,
+    CheckAccessRequest, CheckAccessResponse, ForgetRequest, ForgetResponse, LookupRequest,
+    LookupResponse, MoveResponse, MoveStepRequest, ReadHeader,
 };
-use residency_types::limits::BATCH_LOOKUP_IDS_MAX;
-use residency_types::{Jurisdiction, LocationId, Outcome, ReasonCode, Revision, UserId, WriteBody};
+use residency_types::limits::{BATCH_ASSIGN_ITEMS_MAX, BATCH_LOOKUP_IDS_MAX};
+use residency_types::{
+    AssignItem, CallerId, Decision, Jurisdiction, LocationId, Outcome, ReasonCode, Revision,
+    UserId, ValidationError, WriteBody,
+};
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
@@ -27,28 +37,60 @@ impl RegistryService {
     pub fn new(node: Arc<Node>) -> RegistryService {
         RegistryService { node }
     }
+}
 
-    fn timeout<T>(&self, request: &Request<T>) -> Duration {
-        request_timeout(
-            request.metadata(),
-            Duration::from_millis(self.node.config.limits.request_timeout_ms_max),
-        )
-    }
+/// The deadline of a request: the client's, capped by the node's limit.
+pub fn timeout_of<T>(node: &Node, request: &Request<T>) -> Duration {
+    request_timeout(
+        request.metadata(),
+        Duration::from_millis(node.config.limits.request_timeout_ms_max),
+    )
+}
 
-    fn header(&self, barrier: ReadBarrier, revision: Revision) -> ReadHeader {
-        ReadHeader {
-            revision: revision.0,
-            served_by: self.node.id(),
-            consistency: consistency_mode(barrier.consistency) as i32,
-            millis_since_leader_contact: barrier.millis_since_leader_contact,
-        }
+/// What every read answer says about the state it came from.
+pub fn read_header(node: &Node, barrier: ReadBarrier, revision: Revision) -> ReadHeader {
+    ReadHeader {
+        revision: revision.0,
+        served_by: node.id(),
+        consistency: consistency_mode(barrier.consistency) as i32,
+        millis_since_leader_contact: barrier.millis_since_leader_contact,
     }
 }
 
-fn unexpected(outcome: Option<Outcome>) -> ApiError {
+pub fn unexpected(outcome: Outcome) -> ApiError {
     ApiError::internal(format!(
         "the write produced an unexpected outcome: {outcome:?}"
     ))
+}
+
+/// Validates the write's context, sends the write to the leader, and splits its answer: the
+/// outcome and revision, or the rule that refused it.
+pub async fn write(
+    node: &Node,
+    context: Option<pb::WriteContext>,
+    body: WriteBody,
+) -> Result<(Outcome, Revision), ApiError> {
+    let context = write_context_from_pb(context)?;
+    let result = node.write(context, body).await?;
+    match result.outcome {
+        Some(Outcome::Rejected(rejection)) => Err(ApiError::Rejected(rejection)),
+        Some(outcome) => Ok((outcome, result.revision)),
+        None => Err(ApiError::internal("a write was applied without an outcome")),
+    }
+}
+
+fn moved((outcome, revision): (Outcome, Revision)) -> Result<MoveResponse, ApiError> {
+    match outcome {
+        Outcome::Moved { placement } => Ok(MoveResponse {
+            placement: Some((&placement).into()),
+            revision: revision.0,
+        }),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn expected(revision: Option<u64>) -> Option<Revision> {
+    revision.map(Revision)
 }
 
 #[tonic::async_trait]
@@ -57,7 +99,7 @@ impl Registry for RegistryService {
         &self,
         request: Request<LookupRequest>,
     ) -> Result<Response<LookupResponse>, Status> {
-        let timeout = self.timeout(&request);
+        let timeout = timeout_of(&self.node, &request);
         let request = request.into_inner();
         observe("Lookup", timeout, async {
             let user_id = UserId::parse(request.user_id)?;
@@ -74,7 +116,7 @@ impl Registry for RegistryService {
                 .map_err(ApiError::internal)?;
             let placement = placement.ok_or(ApiError::UserNotFound { revision })?;
             Ok(LookupResponse {
-                header: Some(self.header(barrier, revision)),
+                header: Some(read_header(&self.node, barrier, revision)),
                 placement: Some((&placement).into()),
             })
         })
@@ -85,7 +127,7 @@ impl Registry for RegistryService {
         &self,
         request: Request<BatchLookupRequest>,
     ) -> Result<Response<BatchLookupResponse>, Status> {
-        let timeout = self.timeout(&request);
+        let timeout = timeout_of(&self.node, &request);
         let request = request.into_inner();
         observe("BatchLookup", timeout, async {
             let count = request.user_ids.len();
@@ -128,7 +170,7 @@ impl Registry for RegistryService {
                 })
                 .collect();
             Ok(BatchLookupResponse {
-                header: Some(self.header(barrier, revision)),
+                header: Some(read_header(&self.node, barrier, revision)),
                 entries,
             })
         })
@@ -139,25 +181,22 @@ impl Registry for RegistryService {
         &self,
         request: Request<AssignRequest>,
     ) -> Result<Response<AssignResponse>, Status> {
-        let timeout = self.timeout(&request);
+        let timeout = timeout_of(&self.node, &request);
         let request = request.into_inner();
         observe("Assign", timeout, async {
-            let body = WriteBody::Assign {
+            let body = WriteBody::Assign(AssignItem {
                 user_id: UserId::parse(request.user_id)?,
                 residency: Jurisdiction::parse(&request.residency)?,
                 location_id: LocationId::parse(request.location_id)?,
-                expected_mod_revision: request.expected_mod_revision.map(Revision),
-            };
-            let context = write_context_from_pb(request.context)?;
-            let result = self.node.write(context, body).await?;
-            match result.outcome {
-                Some(Outcome::Assigned { placement, created }) => Ok(AssignResponse {
+                expected_mod_revision: expected(request.expected_mod_revision),
+            });
+            match write(&self.node, request.context, body).await? {
+                (Outcome::Assigned { placement, created }, revision) => Ok(AssignResponse {
                     placement: Some((&placement).into()),
                     created,
-                    revision: result.revision.0,
+                    revision: revision.0,
                 }),
-                Some(Outcome::Rejected(rejection)) => Err(ApiError::Rejected(rejection)),
-                other => Err(unexpected(other)),
+                (other, _) => Err(unexpected(other)),
             }
         })
         .await
@@ -167,22 +206,174 @@ impl Registry for RegistryService {
         &self,
         request: Request<ForgetRequest>,
     ) -> Result<Response<ForgetResponse>, Status> {
-        let timeout = self.timeout(&request);
+        let timeout = timeout_of(&self.node, &request);
         let request = request.into_inner();
         observe("Forget", timeout, async {
             let body = WriteBody::Forget {
                 user_id: UserId::parse(request.user_id)?,
-                expected_mod_revision: request.expected_mod_revision.map(Revision),
+                expected_mod_revision: expected(request.expected_mod_revision),
             };
-            let context = write_context_from_pb(request.context)?;
-            let result = self.node.write(context, body).await?;
-            match result.outcome {
-                Some(Outcome::Forgotten { .. }) => Ok(ForgetResponse {
-                    revision: result.revision.0,
+            match write(&self.node, request.context, body).await? {
+                (Outcome::Forgotten { .. }, revision) => Ok(ForgetResponse {
+                    revision: revision.0,
                 }),
-                Some(Outcome::Rejected(rejection)) => Err(ApiError::Rejected(rejection)),
-                other => Err(unexpected(other)),
+                (other, _) => Err(unexpected(other)),
             }
+        })
+        .await
+    }
+
+    async fn batch_assign(
+        &self,
+        request: Request<BatchAssignRequest>,
+    ) -> Result<Response<BatchAssignResponse>, Status> {
+        let timeout = timeout_of(&self.node, &request);
+        let request = request.into_inner();
+        observe("BatchAssign", timeout, async {
+            let count = request.items.len();
+            if count == 0 || count > BATCH_ASSIGN_ITEMS_MAX {
+                return Err(ApiError::invalid(
+                    ReasonCode::BatchTooLarge,
+                    "items",
+                    format!("has {count} items; a batch holds 1 to {BATCH_ASSIGN_ITEMS_MAX}"),
+                ));
+            }
+            let items = request
+                .items
+                .into_iter()
+                .map(assign_item_from_pb)
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut seen = BTreeSet::new();
+            if let Some(index) = items
+                .iter()
+                .position(|item| !seen.insert(item.user_id.clone()))
+            {
+                return Err(ApiError::invalid(
+                    ReasonCode::DuplicateUserInBatch,
+                    "items",
+                    format!("item {index} names a user an earlier item already names"),
+                ));
+            }
+            match write(
+                &self.node,
+                request.context,
+                WriteBody::BatchAssign { items },
+            )
+            .await?
+            {
+                (Outcome::BatchAssigned { items }, revision) => Ok(BatchAssignResponse {
+                    items: items
+                        .iter()
+                        .map(|item| AssignedItem {
+                            placement: Some((&item.placement).into()),
+                            created: item.created,
+                        })
+                        .collect(),
+                    revision: revision.0,
+                }),
+                (other, _) => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn begin_move(
+        &self,
+        request: Request<BeginMoveRequest>,
+    ) -> Result<Response<MoveResponse>, Status> {
+        let timeout = timeout_of(&self.node, &request);
+        let request = request.into_inner();
+        observe("BeginMove", timeout, async {
+            let body = WriteBody::BeginMove {
+                user_id: UserId::parse(request.user_id)?,
+                target: LocationId::parse(request.target_location_id)?,
+                expected_mod_revision: expected(request.expected_mod_revision),
+            };
+            moved(write(&self.node, request.context, body).await?)
+        })
+        .await
+    }
+
+    async fn complete_move(
+        &self,
+        request: Request<MoveStepRequest>,
+    ) -> Result<Response<MoveResponse>, Status> {
+        let timeout = timeout_of(&self.node, &request);
+        let request = request.into_inner();
+        observe("CompleteMove", timeout, async {
+            let body = WriteBody::CompleteMove {
+                user_id: UserId::parse(request.user_id)?,
+                expected_mod_revision: expected(request.expected_mod_revision),
+            };
+            moved(write(&self.node, request.context, body).await?)
+        })
+        .await
+    }
+
+    async fn abort_move(
+        &self,
+        request: Request<MoveStepRequest>,
+    ) -> Result<Response<MoveResponse>, Status> {
+        let timeout = timeout_of(&self.node, &request);
+        let request = request.into_inner();
+        observe("AbortMove", timeout, async {
+            let body = WriteBody::AbortMove {
+                user_id: UserId::parse(request.user_id)?,
+                expected_mod_revision: expected(request.expected_mod_revision),
+            };
+            moved(write(&self.node, request.context, body).await?)
+        })
+        .await
+    }
+
+    async fn check_access(
+        &self,
+        request: Request<CheckAccessRequest>,
+    ) -> Result<Response<CheckAccessResponse>, Status> {
+        let timeout = timeout_of(&self.node, &request);
+        let request = request.into_inner();
+        observe("CheckAccess", timeout, async {
+            let user_id = UserId::parse(request.user_id)?;
+            let accessor = request.accessor.ok_or_else(|| {
+                ApiError::invalid(
+                    ReasonCode::InvalidAccessor,
+                    "accessor",
+                    "a check names the accessor's service and jurisdiction",
+                )
+            })?;
+            let invalid_accessor = |error: ValidationError| {
+                ApiError::invalid(ReasonCode::InvalidAccessor, error.field, error.message)
+            };
+            CallerId::parse(accessor.service).map_err(invalid_accessor)?;
+            let accessor_jurisdiction =
+                Jurisdiction::parse(&accessor.jurisdiction).map_err(invalid_accessor)?;
+            let operation = access_operation_from_pb(request.operation)?;
+            let consistency = consistency_from_pb(request.consistency)?;
+            let barrier = self
+                .node
+                .read_barrier(consistency, wait_budget(timeout))
+                .await?;
+            let (decision, revision) = self
+                .node
+                .reader
+                .query(|view| {
+                    Ok(residency_core::check_access(
+                        view,
+                        &user_id,
+                        accessor_jurisdiction,
+                        operation,
+                    )?)
+                })
+                .await
+                .map_err(ApiError::internal)?;
+            let outcome = match &decision {
+                Decision::Allow { .. } => "ALLOW",
+                Decision::Deny { reason } => reason.as_str(),
+            };
+            metrics::counter!("residency_access_checks_total", "decision" => outcome).increment(1);
+            let mut response = decision_to_pb(&decision);
+            response.header = Some(read_header(&self.node, barrier, revision));
+            Ok(response)
         })
         .await
     }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 pub use durable::{Durable, StoreOptions};
 pub use error::StoreError;
 pub use log_store::{CommittedIndex, LogStore};
-pub use reader::{DigestAt, StateReader};
+pub use reader::{DigestAt, StateReader, TreeView};
 pub use state_machine::StateMachineStore;
 
 /// What the cluster knows of a member: where to reach it and which jurisdiction it declares.

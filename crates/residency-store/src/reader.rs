@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use residency_core::StateDigest;
-use residency_types::{Placement, Revision, UserId};
+use residency_types::{ApplyResult, Command, Placement, Revision, UserId};
 
 use crate::StoreError;
-use crate::state_machine::{Shared, TreeView};
+use crate::state_machine::Shared;
+pub use crate::state_machine::TreeView;
 
 /// Optimistic read attempts before a read waits for the state lock instead.
 const OPTIMISTIC_READ_ATTEMPTS_MAX: usize = 64;
@@ -68,6 +69,26 @@ impl StateReader {
                 .collect()
         })
         .await
+    }
+
+    /// Runs a query of the core against one applied state, with that state's revision.
+    pub async fn query<T>(
+        &self,
+        read: impl Fn(&TreeView<'_>) -> Result<T, StoreError>,
+    ) -> Result<(T, Revision), StoreError> {
+        self.read_consistent(read).await
+    }
+
+    /// What applying `command` next would answer, against the current state, without writing:
+    /// the check before proposing. Apply checks again against the state at the entry's position.
+    pub async fn evaluate(&self, command: &Command) -> Result<ApplyResult, StoreError> {
+        let (applied, _) = self
+            .read_consistent(|view| {
+                let next = Revision(self.applied_revision().0 + 1);
+                Ok(residency_core::apply(view, next, Some(command))?.result)
+            })
+            .await?;
+        Ok(applied)
     }
 
     /// Runs `read` against one applied state and returns its result with that state's revision.

@@ -51,14 +51,38 @@ pub(crate) fn membership_key() -> Vec<u8> {
     keys::meta_key("membership")
 }
 
-/// A read view of one sled tree for the core.
-pub(crate) struct TreeView<'a>(pub &'a sled::Tree);
+/// A read view of the live state tree, for the core's queries.
+#[derive(Debug)]
+pub struct TreeView<'a>(pub(crate) &'a sled::Tree);
 
 impl KvRead for TreeView<'_> {
     type Error = sled::Error;
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
         Ok(self.0.get(key)?.map(|value| value.to_vec()))
+    }
+}
+
+impl residency_core::KvScan for TreeView<'_> {
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, sled::Error> {
+        let start = match after {
+            Some(after) => std::ops::Bound::Excluded(after.to_vec()),
+            None => std::ops::Bound::Included(prefix.to_vec()),
+        };
+        self.0
+            .range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded))
+            .take_while(|item| {
+                item.as_ref()
+                    .map_or(true, |(key, _)| key.starts_with(prefix))
+            })
+            .take(limit)
+            .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())))
+            .collect()
     }
 }
 

@@ -246,6 +246,14 @@ impl Jurisdiction {
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("a jurisdiction is built from ASCII letters only")
     }
+
+    /// Every assigned code, in alphabetical order.
+    pub fn all() -> impl Iterator<Item = Jurisdiction> {
+        ISO_3166_ALPHA2.split_whitespace().map(|code| {
+            let bytes = code.as_bytes();
+            Jurisdiction([bytes[0], bytes[1]])
+        })
+    }
 }
 
 impl fmt::Debug for Jurisdiction {

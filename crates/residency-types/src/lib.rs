@@ -6,11 +6,15 @@
 //!
 //! - [`ids`]: `UserId`, `LocationId`, `RequestId`, `Jurisdiction`, `CallerId`, `ReasonText`.
 //! - [`placement`]: the user record and the `Revision` it is versioned by.
+//! - [`catalog`]: storage locations and residency policies.
+//! - [`access`]: the access check's operation and decision.
 //! - [`command`]: what the leader proposes (`Command`) and what apply answers (`Outcome`).
 //! - [`consistency`]: how fresh a read must be.
 //! - [`reason`]: the stable machine-readable reason codes and the validation error.
 //! - [`limits`]: every size limit of the domain, named.
 
+pub mod access;
+pub mod catalog;
 pub mod command;
 pub mod consistency;
 pub mod ids;
@@ -18,7 +22,9 @@ pub mod limits;
 pub mod placement;
 pub mod reason;
 
-pub use command::{ApplyResult, Command, Outcome, Rejection, WriteBody};
+pub use access::{AccessOperation, Decision, DecisionAt, DenyReason};
+pub use catalog::{Labels, Location, LocationState, Policy};
+pub use command::{ApplyResult, AssignItem, Command, Outcome, Rejection, WriteBody};
 pub use consistency::Consistency;
 pub use ids::{CallerId, Jurisdiction, LocationId, ReasonText, RequestId, UserId};
 pub use placement::{Placement, PlacementState, Revision};

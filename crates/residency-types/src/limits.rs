@@ -10,6 +10,14 @@ pub const REQUEST_ID_BYTES_MAX: usize = 128;
 pub const CALLER_ID_BYTES_MAX: usize = 256;
 /// A free-text reason attached to a write: at most 512 bytes of UTF-8, no control characters.
 pub const REASON_TEXT_BYTES_MAX: usize = 512;
+/// A location label (provider, region, zone) is at most this many bytes.
+pub const LABEL_BYTES_MAX: usize = 64;
+/// How many placements one `BatchAssign` may carry; all apply or none do.
+pub const BATCH_ASSIGN_ITEMS_MAX: usize = 500;
+/// How many placements a policy dry run lists by id (it counts all of them).
+pub const POLICY_DRY_RUN_SAMPLE_MAX: usize = 20;
+/// How many locations or policies one list call returns at most.
+pub const CATALOG_PAGE_MAX: usize = 1_000;
 /// How many user ids one `BatchLookup` may name.
 pub const BATCH_LOOKUP_IDS_MAX: usize = 1_000;
 /// How many revisions a request id is remembered for after its write was applied. A retry

@@ -19,16 +19,28 @@ impl fmt::Display for Revision {
     }
 }
 
-/// Where a placement stands. Moves (issue "Residency rules") add a `Moving` state.
+/// Where a placement stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PlacementState {
+    /// The data is at `location_id`.
     Active,
+    /// The data is being copied from `location_id` to `target`. Reads are served from the
+    /// source; writes are refused until the move completes (the epoch then rises) or aborts.
+    Moving { target: LocationId },
 }
 
 impl PlacementState {
     pub fn as_str(&self) -> &'static str {
         match self {
             PlacementState::Active => "active",
+            PlacementState::Moving { .. } => "moving",
+        }
+    }
+
+    pub fn move_target(&self) -> Option<&LocationId> {
+        match self {
+            PlacementState::Active => None,
+            PlacementState::Moving { target } => Some(target),
         }
     }
 }
@@ -47,5 +59,8 @@ pub struct Placement {
     /// Milliseconds since the Unix epoch, stamped by the leader into the command that wrote it.
     pub updated_at_ms: u64,
     pub updated_by: CallerId,
+    /// False while callers state their own identity (before mutual TLS): `updated_by` is then
+    /// a claim, not a proof.
+    pub updated_by_authenticated: bool,
     pub reason: ReasonText,
 }

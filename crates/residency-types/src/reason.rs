@@ -33,11 +33,27 @@ pub enum ReasonCode {
     Internal,
     Overloaded,
     DeadlineExceeded,
+    NoPolicy,
+    LocationNotFound,
+    LocationNotActive,
+    StorageJurisdictionNotAllowed,
+    ResidencyChangeRefused,
+    UserMoving,
+    UserNotMoving,
+    MoveTargetIsCurrent,
+    LocationJurisdictionImmutable,
+    LocationRetired,
+    LocationInUse,
+    PolicyBreach,
+    BatchRefused,
+    DuplicateUserInBatch,
+    PolicyNotFound,
+    InvalidAccessor,
 }
 
 impl ReasonCode {
     /// Every code, for tables and round-trip tests.
-    pub const ALL: [ReasonCode; 23] = [
+    pub const ALL: [ReasonCode; 39] = [
         ReasonCode::InvalidUserId,
         ReasonCode::InvalidJurisdiction,
         ReasonCode::InvalidLocationId,
@@ -61,6 +77,22 @@ impl ReasonCode {
         ReasonCode::Internal,
         ReasonCode::Overloaded,
         ReasonCode::DeadlineExceeded,
+        ReasonCode::NoPolicy,
+        ReasonCode::LocationNotFound,
+        ReasonCode::LocationNotActive,
+        ReasonCode::StorageJurisdictionNotAllowed,
+        ReasonCode::ResidencyChangeRefused,
+        ReasonCode::UserMoving,
+        ReasonCode::UserNotMoving,
+        ReasonCode::MoveTargetIsCurrent,
+        ReasonCode::LocationJurisdictionImmutable,
+        ReasonCode::LocationRetired,
+        ReasonCode::LocationInUse,
+        ReasonCode::PolicyBreach,
+        ReasonCode::BatchRefused,
+        ReasonCode::DuplicateUserInBatch,
+        ReasonCode::PolicyNotFound,
+        ReasonCode::InvalidAccessor,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -88,6 +120,22 @@ impl ReasonCode {
             ReasonCode::Internal => "INTERNAL",
             ReasonCode::Overloaded => "OVERLOADED",
             ReasonCode::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            ReasonCode::NoPolicy => "NO_POLICY",
+            ReasonCode::LocationNotFound => "LOCATION_NOT_FOUND",
+            ReasonCode::LocationNotActive => "LOCATION_NOT_ACTIVE",
+            ReasonCode::StorageJurisdictionNotAllowed => "STORAGE_JURISDICTION_NOT_ALLOWED",
+            ReasonCode::ResidencyChangeRefused => "RESIDENCY_CHANGE_REFUSED",
+            ReasonCode::UserMoving => "USER_MOVING",
+            ReasonCode::UserNotMoving => "USER_NOT_MOVING",
+            ReasonCode::MoveTargetIsCurrent => "MOVE_TARGET_IS_CURRENT",
+            ReasonCode::LocationJurisdictionImmutable => "LOCATION_JURISDICTION_IMMUTABLE",
+            ReasonCode::LocationRetired => "LOCATION_RETIRED",
+            ReasonCode::LocationInUse => "LOCATION_IN_USE",
+            ReasonCode::PolicyBreach => "POLICY_BREACH",
+            ReasonCode::BatchRefused => "BATCH_REFUSED",
+            ReasonCode::DuplicateUserInBatch => "DUPLICATE_USER_IN_BATCH",
+            ReasonCode::PolicyNotFound => "POLICY_NOT_FOUND",
+            ReasonCode::InvalidAccessor => "INVALID_ACCESSOR",
         }
     }
 

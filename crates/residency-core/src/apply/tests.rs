@@ -1,237 +1,680 @@
-//! Data-driven tests of the deterministic apply, run against the in-memory model.
+//! Data-driven tests of the deterministic apply, run against the in-memory model: the rules
+//! that keep data where its residency allows, moves, the catalog, policies and idempotence.
 
+use std::collections::BTreeSet;
+
+use residency_types::command::ItemRejection;
 use residency_types::limits::REQUEST_DEDUP_WINDOW_REVISIONS;
 use residency_types::{
-    CallerId, Command, Jurisdiction, LocationId, Outcome, ReasonText, Rejection, RequestId,
-    Revision, UserId, WriteBody,
+    AccessOperation, AssignItem, CallerId, Command, Decision, DenyReason, Jurisdiction, Labels,
+    LocationId, LocationState, Outcome, PlacementState, ReasonText, Rejection, RequestId, Revision,
+    UserId, WriteBody,
 };
 
 use crate::memory::MemoryState;
-
-fn assign(request: &str, user: &str, location: &str, expected: Option<u64>) -> Command {
-    command(
-        request,
-        WriteBody::Assign {
-            user_id: UserId::parse(user).expect("valid user"),
-            residency: Jurisdiction::US,
-            location_id: LocationId::parse(location).expect("valid location"),
-            expected_mod_revision: expected.map(Revision),
-        },
-    )
-}
-
-fn forget(request: &str, user: &str, expected: Option<u64>) -> Command {
-    command(
-        request,
-        WriteBody::Forget {
-            user_id: UserId::parse(user).expect("valid user"),
-            expected_mod_revision: expected.map(Revision),
-        },
-    )
-}
-
-fn command(request: &str, body: WriteBody) -> Command {
-    Command {
-        request_id: RequestId::parse(request).expect("valid request id"),
-        caller: CallerId::parse("test").expect("valid caller"),
-        reason: ReasonText::parse("test").expect("valid reason"),
-        stamped_at_ms: 1_700_000_000_000,
-        body,
-    }
-}
-
-/// Applies commands at revisions 1, 2, ... and returns the state and each outcome.
-fn run(commands: &[Command]) -> (MemoryState, Vec<Option<Outcome>>) {
-    let mut state = MemoryState::new();
-    let outcomes = commands
-        .iter()
-        .enumerate()
-        .map(|(index, command)| {
-            state
-                .apply(Revision(index as u64 + 1), Some(command))
-                .outcome
-        })
-        .collect();
-    (state, outcomes)
-}
+use crate::{check_access, dry_run_policy};
 
 fn user(text: &str) -> UserId {
     UserId::parse(text).expect("valid user")
 }
 
-#[test]
-fn assign_creates_then_updates_keeping_create_revision() {
-    let (state, outcomes) = run(&[
-        assign("r1", "alice", "us-east/pg-1", None),
-        assign("r2", "alice", "us-west/pg-2", None),
-    ]);
-    assert!(matches!(
-        &outcomes[0],
-        Some(Outcome::Assigned { created: true, .. })
-    ));
-    assert!(matches!(
-        &outcomes[1],
-        Some(Outcome::Assigned { created: false, .. })
-    ));
-    let placement = state.lookup(&user("alice")).expect("alice is placed");
-    assert_eq!(placement.location_id.as_str(), "us-west/pg-2");
-    assert_eq!(
-        (placement.create_revision, placement.mod_revision),
-        (Revision(1), Revision(2))
-    );
-    assert_eq!(placement.epoch, 1);
-    assert_eq!(placement.updated_at_ms, 1_700_000_000_000);
+fn loc(text: &str) -> LocationId {
+    LocationId::parse(text).expect("valid location")
 }
 
-#[test]
-fn expected_mod_revision_guards_assign_and_forget() {
-    let cases: &[(&[Command], Option<Outcome>)] = &[
-        // Revision 0 means "must not exist yet".
-        (&[assign("r1", "bob", "l", Some(0))], None),
-        (
-            &[
-                assign("r1", "bob", "l", None),
-                assign("r2", "bob", "l", Some(0)),
-            ],
-            Some(Outcome::Rejected(Rejection::RevisionMismatch {
-                expected: Revision(0),
-                actual: Revision(1),
-            })),
-        ),
-        (
-            &[
-                assign("r1", "bob", "l", None),
-                assign("r2", "bob", "l", Some(1)),
-            ],
-            None,
-        ),
-        (
-            &[assign("r1", "bob", "l", None), forget("r2", "bob", Some(7))],
-            Some(Outcome::Rejected(Rejection::RevisionMismatch {
-                expected: Revision(7),
-                actual: Revision(1),
-            })),
-        ),
-        (
-            &[forget("r1", "nobody", None)],
-            Some(Outcome::Rejected(Rejection::UserNotFound)),
-        ),
-    ];
-    for (commands, expected_rejection) in cases {
-        let (_, outcomes) = run(commands);
-        let last = outcomes.last().expect("one outcome per command").clone();
-        match expected_rejection {
-            Some(rejection) => assert_eq!(last.as_ref(), Some(rejection), "{commands:?}"),
-            None => assert!(
-                !matches!(last, Some(Outcome::Rejected(_))),
-                "{commands:?}: {last:?}"
-            ),
+fn jur(text: &str) -> Jurisdiction {
+    Jurisdiction::parse(text).expect("valid jurisdiction")
+}
+
+fn set(codes: &[&str]) -> BTreeSet<Jurisdiction> {
+    codes.iter().map(|code| jur(code)).collect()
+}
+
+fn item(user_id: &str, residency: &str, location_id: &str, expected: Option<u64>) -> AssignItem {
+    AssignItem {
+        user_id: user(user_id),
+        residency: jur(residency),
+        location_id: loc(location_id),
+        expected_mod_revision: expected.map(Revision),
+    }
+}
+
+fn assign(user_id: &str, location_id: &str) -> WriteBody {
+    WriteBody::Assign(item(user_id, "US", location_id, None))
+}
+
+fn put_location(location_id: &str, jurisdiction: &str) -> WriteBody {
+    WriteBody::PutLocation {
+        location_id: loc(location_id),
+        jurisdiction: jur(jurisdiction),
+        labels: Labels::default(),
+    }
+}
+
+fn put_policy(residency: &str, storage: &[&str], access: &[&str]) -> WriteBody {
+    WriteBody::PutPolicy {
+        residency: jur(residency),
+        storage: set(storage),
+        access: set(access),
+    }
+}
+
+fn set_state(location_id: &str, state: LocationState) -> WriteBody {
+    WriteBody::SetLocationState {
+        location_id: loc(location_id),
+        state,
+    }
+}
+
+fn begin_move(user_id: &str, target: &str) -> WriteBody {
+    WriteBody::BeginMove {
+        user_id: user(user_id),
+        target: loc(target),
+        expected_mod_revision: None,
+    }
+}
+
+fn complete_move(user_id: &str) -> WriteBody {
+    WriteBody::CompleteMove {
+        user_id: user(user_id),
+        expected_mod_revision: None,
+    }
+}
+
+fn abort_move(user_id: &str) -> WriteBody {
+    WriteBody::AbortMove {
+        user_id: user(user_id),
+        expected_mod_revision: None,
+    }
+}
+
+fn forget(user_id: &str, expected: Option<u64>) -> WriteBody {
+    WriteBody::Forget {
+        user_id: user(user_id),
+        expected_mod_revision: expected.map(Revision),
+    }
+}
+
+/// A state and the log applied to it, one revision per write.
+#[derive(Debug, Clone, Default)]
+struct Registry {
+    state: MemoryState,
+    revision: u64,
+}
+
+impl Registry {
+    /// Two US locations, one in another region, one German location, and the US policy
+    /// (store: US; access: US). The DE policy stores in DE and allows access from DE and US.
+    fn seeded() -> Registry {
+        let mut registry = Registry::default();
+        for body in [
+            put_location("us-east-1/pg-1", "US"),
+            put_location("us-west-2/pg-2", "US"),
+            put_location("us-central-1/pg-3", "US"),
+            put_location("eu-central-1/pg-9", "DE"),
+            put_policy("US", &["US"], &["US"]),
+            put_policy("DE", &["DE"], &["DE", "US"]),
+        ] {
+            registry.ok(body);
         }
+        registry
+    }
+
+    fn write_as(&mut self, request_id: &str, body: WriteBody) -> Outcome {
+        self.revision += 1;
+        let command = Command {
+            request_id: RequestId::parse(request_id).expect("valid request id"),
+            caller: CallerId::parse("test").expect("valid caller"),
+            caller_authenticated: false,
+            reason: ReasonText::parse("test").expect("valid reason"),
+            stamped_at_ms: 1_700_000_000_000 + self.revision,
+            body,
+        };
+        let result = self.state.apply(Revision(self.revision), Some(&command));
+        result.outcome.expect("a write has an outcome")
+    }
+
+    fn write(&mut self, body: WriteBody) -> Outcome {
+        let request_id = format!("req-{}", self.revision + 1);
+        self.write_as(&request_id, body)
+    }
+
+    fn ok(&mut self, body: WriteBody) -> Outcome {
+        let outcome = self.write(body.clone());
+        assert!(
+            !matches!(outcome, Outcome::Rejected(_)),
+            "{body:?} was refused: {outcome:?}"
+        );
+        outcome
+    }
+
+    /// Applies `body`, expects the refusal `code`, and checks that nothing but the request
+    /// record changed.
+    fn refused(&mut self, body: WriteBody) -> Rejection {
+        let before = self.state.data_digest();
+        let outcome = self.write(body.clone());
+        let Outcome::Rejected(rejection) = outcome else {
+            panic!("{body:?} should have been refused, got {outcome:?}");
+        };
+        assert_eq!(
+            self.state.data_digest(),
+            before,
+            "a refused {body:?} changed the state"
+        );
+        rejection
+    }
+
+    fn check(&self, user_id: &str, accessor: &str, operation: AccessOperation) -> Decision {
+        check_access(&self.state, &user(user_id), jur(accessor), operation)
+            .expect("memory reads never fail")
     }
 }
 
 #[test]
-fn a_rejected_write_changes_no_placement() {
-    let (before, _) = run(&[assign("r1", "carol", "l", None)]);
-    let (after, _) = run(&[
-        assign("r1", "carol", "l", None),
-        assign("r2", "carol", "m", Some(5)),
-    ]);
-    assert_eq!(before.lookup(&user("carol")), after.lookup(&user("carol")));
+fn assign_creates_then_updates_keeping_create_revision() {
+    let mut registry = Registry::seeded();
+    assert!(matches!(
+        registry.ok(assign("alice", "us-east-1/pg-1")),
+        Outcome::Assigned { created: true, .. }
+    ));
+    let Outcome::Assigned { placement, created } = registry.ok(assign("alice", "us-west-2/pg-2"))
+    else {
+        panic!("assign answers Assigned");
+    };
+    assert!(!created);
+    assert_eq!(placement.location_id.as_str(), "us-west-2/pg-2");
+    assert_eq!(placement.create_revision, Revision(7));
+    assert_eq!(placement.mod_revision, Revision(8));
+    assert_eq!(
+        placement.epoch, 2,
+        "moving the data by assign raises the fencing epoch"
+    );
+    assert!(!placement.updated_by_authenticated);
+}
+
+#[test]
+fn a_us_user_can_never_be_placed_outside_the_us_by_any_path() {
+    let mut registry = Registry::seeded();
+    registry.ok(assign("alice", "us-east-1/pg-1"));
+    registry.ok(assign("bob", "us-west-2/pg-2"));
+    let cases: Vec<(WriteBody, Rejection)> = vec![
+        (
+            assign("carol", "eu-central-1/pg-9"),
+            Rejection::StorageJurisdictionNotAllowed {
+                residency: jur("US"),
+                location_jurisdiction: jur("DE"),
+            },
+        ),
+        (
+            assign("alice", "eu-central-1/pg-9"),
+            Rejection::StorageJurisdictionNotAllowed {
+                residency: jur("US"),
+                location_jurisdiction: jur("DE"),
+            },
+        ),
+        (
+            WriteBody::BatchAssign {
+                items: vec![
+                    item("dave", "US", "us-east-1/pg-1", None),
+                    item("erin", "US", "eu-central-1/pg-9", None),
+                    item("frank", "US", "us-west-2/pg-2", None),
+                ],
+            },
+            Rejection::BatchRefused {
+                items: vec![ItemRejection {
+                    index: 1,
+                    rejection: Rejection::StorageJurisdictionNotAllowed {
+                        residency: jur("US"),
+                        location_jurisdiction: jur("DE"),
+                    },
+                }],
+            },
+        ),
+        (
+            begin_move("alice", "eu-central-1/pg-9"),
+            Rejection::StorageJurisdictionNotAllowed {
+                residency: jur("US"),
+                location_jurisdiction: jur("DE"),
+            },
+        ),
+        (
+            put_location("us-east-1/pg-1", "DE"),
+            Rejection::LocationJurisdictionImmutable {
+                location_id: loc("us-east-1/pg-1"),
+                current: jur("US"),
+                requested: jur("DE"),
+            },
+        ),
+        (
+            put_policy("US", &["DE"], &["US"]),
+            Rejection::PolicyBreach {
+                residency: jur("US"),
+                placements: 2,
+                jurisdictions: vec![jur("US")],
+            },
+        ),
+        (
+            assign("gina", "nowhere/pg-0"),
+            Rejection::LocationNotFound {
+                location_id: loc("nowhere/pg-0"),
+            },
+        ),
+        (
+            WriteBody::Assign(item("hank", "CA", "us-east-1/pg-1", None)),
+            Rejection::NoPolicy {
+                residency: jur("CA"),
+            },
+        ),
+        (
+            WriteBody::Assign(item("alice", "DE", "eu-central-1/pg-9", None)),
+            Rejection::ResidencyChangeRefused {
+                current: jur("US"),
+                requested: jur("DE"),
+            },
+        ),
+        (
+            set_state("us-east-1/pg-1", LocationState::Retired),
+            Rejection::LocationInUse {
+                location_id: loc("us-east-1/pg-1"),
+                placements: 1,
+            },
+        ),
+    ];
+    for (body, expected) in cases {
+        assert_eq!(registry.refused(body.clone()), expected, "{body:?}");
+    }
+    // A draining location keeps what it has and takes nothing new.
+    registry.ok(set_state("us-central-1/pg-3", LocationState::Draining));
+    let draining = Rejection::LocationNotActive {
+        location_id: loc("us-central-1/pg-3"),
+        state: LocationState::Draining,
+    };
+    assert_eq!(
+        registry.refused(assign("ivan", "us-central-1/pg-3")),
+        draining
+    );
+    assert_eq!(
+        registry.refused(begin_move("alice", "us-central-1/pg-3")),
+        draining
+    );
+}
+
+#[test]
+fn racing_a_policy_change_and_an_assign_never_leaves_a_breach_whatever_the_order() {
+    // Both were valid against the state their senders saw; the log decides, and apply checks
+    // each against the state at its own position.
+    let allow_both = || {
+        let mut registry = Registry::seeded();
+        registry.ok(put_policy("US", &["US", "DE"], &["US"]));
+        registry
+    };
+    let mut assign_first = allow_both();
+    assign_first.ok(assign("alice", "eu-central-1/pg-9"));
+    let breach = assign_first.refused(put_policy("US", &["US"], &["US"]));
+    assert_eq!(
+        breach,
+        Rejection::PolicyBreach {
+            residency: jur("US"),
+            placements: 1,
+            jurisdictions: vec![jur("DE")]
+        }
+    );
+
+    let mut policy_first = allow_both();
+    policy_first.ok(put_policy("US", &["US"], &["US"]));
+    let refused = policy_first.refused(assign("alice", "eu-central-1/pg-9"));
+    assert!(matches!(
+        refused,
+        Rejection::StorageJurisdictionNotAllowed { .. }
+    ));
+}
+
+#[test]
+fn a_policy_dry_run_counts_and_samples_the_placements_in_breach() {
+    let mut registry = Registry::seeded();
+    registry.ok(put_policy("US", &["US", "DE"], &["US"]));
+    registry.ok(assign("alice", "eu-central-1/pg-9"));
+    registry.ok(assign("bob", "us-east-1/pg-1"));
+    registry.ok(WriteBody::Assign(item(
+        "dieter",
+        "DE",
+        "eu-central-1/pg-9",
+        None,
+    )));
+    let dry_run = dry_run_policy(&registry.state, jur("US"), &set(&["US"])).expect("dry run");
+    assert_eq!(dry_run.placements_in_breach, 1);
+    assert_eq!(dry_run.jurisdictions, vec![jur("DE")]);
+    assert_eq!(
+        dry_run.sample,
+        vec![user("alice")],
+        "only US users in breach, not the DE user beside them"
+    );
+    let harmless =
+        dry_run_policy(&registry.state, jur("US"), &set(&["US", "DE"])).expect("dry run");
+    assert_eq!(
+        (harmless.placements_in_breach, harmless.sample.len()),
+        (0, 0)
+    );
+}
+
+#[test]
+fn a_batch_applies_all_items_or_none() {
+    let mut registry = Registry::seeded();
+    let good = WriteBody::BatchAssign {
+        items: vec![
+            item("a1", "US", "us-east-1/pg-1", None),
+            item("a2", "US", "us-west-2/pg-2", Some(0)),
+        ],
+    };
+    let Outcome::BatchAssigned { items } = registry.ok(good) else {
+        panic!("batch answers BatchAssigned")
+    };
+    assert_eq!(items.len(), 2);
+    assert!(
+        items
+            .iter()
+            .all(|item| item.created && item.placement.mod_revision == Revision(7))
+    );
+    let mixed = WriteBody::BatchAssign {
+        items: vec![
+            item("b1", "US", "us-east-1/pg-1", None),
+            item("a2", "US", "us-east-1/pg-1", Some(0)),
+        ],
+    };
+    let Rejection::BatchRefused { items } = registry.refused(mixed) else {
+        panic!("refused as a batch")
+    };
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].index, 1);
+    assert!(matches!(
+        items[0].rejection,
+        Rejection::RevisionMismatch { .. }
+    ));
+    assert_eq!(
+        registry.state.lookup(&user("b1")),
+        None,
+        "the good item of a refused batch did not apply"
+    );
+}
+
+#[test]
+fn a_completed_move_raises_the_epoch_once_and_an_aborted_one_changes_nothing() {
+    let mut registry = Registry::seeded();
+    registry.ok(assign("alice", "us-east-1/pg-1"));
+    let before = registry.state.clone();
+
+    let Outcome::Moved { placement } = registry.ok(begin_move("alice", "us-west-2/pg-2")) else {
+        panic!("moved")
+    };
+    assert_eq!(
+        placement.state,
+        PlacementState::Moving {
+            target: loc("us-west-2/pg-2")
+        }
+    );
+    assert_eq!(
+        (placement.location_id.as_str(), placement.epoch),
+        ("us-east-1/pg-1", 1)
+    );
+    // While it moves: no second move, no assign, no forget, and the target cannot be retired.
+    assert_eq!(
+        registry.refused(begin_move("alice", "us-central-1/pg-3")),
+        Rejection::UserMoving
+    );
+    assert_eq!(
+        registry.refused(assign("alice", "us-central-1/pg-3")),
+        Rejection::UserMoving
+    );
+    assert_eq!(
+        registry.refused(forget("alice", None)),
+        Rejection::UserMoving
+    );
+    assert!(matches!(
+        registry.refused(set_state("us-west-2/pg-2", LocationState::Retired)),
+        Rejection::LocationInUse { placements: 1, .. }
+    ));
+    registry.ok(abort_move("alice"));
+    let after = registry.state.lookup(&user("alice")).expect("placed");
+    let original = before.lookup(&user("alice")).expect("placed");
+    assert_eq!(
+        (&after.location_id, after.epoch, &after.state),
+        (&original.location_id, 1, &PlacementState::Active)
+    );
+    assert_eq!(
+        registry.refused(complete_move("alice")),
+        Rejection::UserNotMoving
+    );
+    assert_eq!(
+        registry.refused(abort_move("alice")),
+        Rejection::UserNotMoving
+    );
+
+    registry.ok(begin_move("alice", "us-west-2/pg-2"));
+    let Outcome::Moved { placement } = registry.ok(complete_move("alice")) else {
+        panic!("moved")
+    };
+    assert_eq!(
+        (placement.location_id.as_str(), placement.epoch),
+        ("us-west-2/pg-2", 2)
+    );
+    assert_eq!(placement.state, PlacementState::Active);
+    assert_eq!(
+        registry.refused(begin_move("alice", "us-west-2/pg-2")),
+        Rejection::MoveTargetIsCurrent
+    );
+    // The source is empty now and can be retired; the target holds alice and cannot.
+    registry.ok(set_state("us-east-1/pg-1", LocationState::Retired));
+    assert!(matches!(
+        registry.refused(set_state("us-west-2/pg-2", LocationState::Retired)),
+        Rejection::LocationInUse { .. }
+    ));
+    assert!(matches!(
+        registry.refused(put_location("us-east-1/pg-1", "US")),
+        Rejection::LocationRetired { .. }
+    ));
+    assert!(matches!(
+        registry.refused(set_state("us-east-1/pg-1", LocationState::Active)),
+        Rejection::LocationRetired { .. }
+    ));
+}
+
+#[test]
+fn check_access_answers_every_reason_and_fails_closed() {
+    let mut registry = Registry::seeded();
+    registry.ok(assign("alice", "us-east-1/pg-1"));
+    registry.ok(WriteBody::Assign(item(
+        "dieter",
+        "DE",
+        "eu-central-1/pg-9",
+        None,
+    )));
+    registry.ok(assign("mover", "us-east-1/pg-1"));
+    registry.ok(begin_move("mover", "us-west-2/pg-2"));
+    let deny = |reason| Decision::Deny { reason };
+    let cases = [
+        (
+            "nobody",
+            "US",
+            AccessOperation::Read,
+            deny(DenyReason::UnknownUser),
+        ),
+        (
+            "alice",
+            "DE",
+            AccessOperation::Read,
+            deny(DenyReason::AccessorJurisdictionNotAllowed),
+        ),
+        (
+            "alice",
+            "CN",
+            AccessOperation::Write,
+            deny(DenyReason::AccessorJurisdictionNotAllowed),
+        ),
+        (
+            "mover",
+            "US",
+            AccessOperation::Write,
+            deny(DenyReason::UserMoving),
+        ),
+        (
+            "dieter",
+            "CN",
+            AccessOperation::Read,
+            deny(DenyReason::AccessorJurisdictionNotAllowed),
+        ),
+    ];
+    for (user_id, accessor, operation, expected) in cases {
+        assert_eq!(
+            registry.check(user_id, accessor, operation),
+            expected,
+            "{user_id} from {accessor}"
+        );
+    }
+    let allowed = registry.check("alice", "US", AccessOperation::Write);
+    assert_eq!(
+        allowed,
+        Decision::Allow {
+            location_id: loc("us-east-1/pg-1"),
+            location_jurisdiction: jur("US"),
+            epoch: 1,
+            move_target: None
+        }
+    );
+    let reading_a_mover = registry.check("mover", "US", AccessOperation::Read);
+    assert!(matches!(
+        reading_a_mover,
+        Decision::Allow {
+            move_target: Some(_),
+            ..
+        }
+    ));
+    assert!(matches!(
+        registry.check("dieter", "US", AccessOperation::Read),
+        Decision::Allow { .. }
+    ));
+
+    // Fail closed when the registry's own records are missing: no policy, no location.
+    let mut without_policy = Registry::default();
+    without_policy.ok(put_location("us-east-1/pg-1", "US"));
+    without_policy.ok(put_policy("US", &["US"], &["US"]));
+    without_policy.ok(assign("alice", "us-east-1/pg-1"));
+    without_policy
+        .state
+        .remove_for_test(&crate::keys::policy_key(jur("US")));
+    assert_eq!(
+        without_policy.check("alice", "US", AccessOperation::Read),
+        deny(DenyReason::NoPolicy)
+    );
+    without_policy.ok(put_policy("US", &["US"], &["US"]));
+    without_policy
+        .state
+        .remove_for_test(&crate::keys::location_key(&loc("us-east-1/pg-1")));
+    assert_eq!(
+        without_policy.check("alice", "US", AccessOperation::Read),
+        deny(DenyReason::LocationUnavailable)
+    );
+}
+
+#[test]
+fn expected_mod_revision_guards_writes() {
+    let mut registry = Registry::seeded();
+    let first = registry.ok(WriteBody::Assign(item(
+        "bob",
+        "US",
+        "us-east-1/pg-1",
+        Some(0),
+    )));
+    let Outcome::Assigned { placement, .. } = first else {
+        panic!("assigned")
+    };
+    let stale = WriteBody::Assign(item("bob", "US", "us-west-2/pg-2", Some(0)));
+    assert_eq!(
+        registry.refused(stale),
+        Rejection::RevisionMismatch {
+            expected: Revision(0),
+            actual: placement.mod_revision
+        }
+    );
+    assert!(matches!(
+        registry.refused(forget("bob", Some(99))),
+        Rejection::RevisionMismatch { .. }
+    ));
+    registry.ok(forget("bob", Some(placement.mod_revision.0)));
+    assert_eq!(
+        registry.refused(forget("bob", None)),
+        Rejection::UserNotFound
+    );
 }
 
 #[test]
 fn a_retried_request_returns_its_first_result_and_applies_once() {
-    let first = assign("same", "dave", "us-east/pg-1", None);
-    let (state, outcomes) = run(&[
-        first.clone(),
-        assign("other", "dave", "us-west/pg-9", None),
-        first,
-    ]);
-    assert_eq!(
-        outcomes[0], outcomes[2],
-        "the retry answers the first result"
-    );
-    let placement = state.lookup(&user("dave")).expect("dave is placed");
+    let mut registry = Registry::seeded();
+    let first = registry.write_as("same", assign("dave", "us-east-1/pg-1"));
+    registry.ok(assign("dave", "us-west-2/pg-2"));
+    let retry = registry.write_as("same", assign("dave", "us-east-1/pg-1"));
+    assert_eq!(first, retry, "the retry answers the first result");
+    let placement = registry.state.lookup(&user("dave")).expect("placed");
     assert_eq!(
         placement.location_id.as_str(),
-        "us-west/pg-9",
+        "us-west-2/pg-2",
         "the retry did not apply again"
     );
-    assert_eq!(placement.mod_revision, Revision(2));
-}
-
-#[test]
-fn a_request_id_reused_for_another_write_is_rejected() {
-    let (state, outcomes) = run(&[
-        assign("id-1", "erin", "l", None),
-        assign("id-1", "erin", "other-location", None),
-    ]);
-    assert_eq!(
-        outcomes[1],
-        Some(Outcome::Rejected(Rejection::RequestIdReused))
-    );
-    assert_eq!(
-        state
-            .lookup(&user("erin"))
-            .expect("placed")
-            .location_id
-            .as_str(),
-        "l"
-    );
-}
-
-#[test]
-fn forget_removes_the_placement() {
-    let (state, outcomes) = run(&[
-        assign("r1", "frank", "l", None),
-        forget("r2", "frank", Some(1)),
-    ]);
-    assert_eq!(
-        outcomes[1],
-        Some(Outcome::Forgotten {
-            user_id: user("frank")
-        })
-    );
-    assert_eq!(state.lookup(&user("frank")), None);
+    let reused = registry.write_as("same", assign("erin", "us-east-1/pg-1"));
+    assert_eq!(reused, Outcome::Rejected(Rejection::RequestIdReused));
+    assert_eq!(registry.state.lookup(&user("erin")), None);
 }
 
 #[test]
 fn the_same_log_gives_the_same_digest_and_a_different_log_does_not() {
-    let log: Vec<Command> = (0..200)
-        .map(|n| match n % 5 {
-            4 => forget(&format!("r{n}"), &format!("u{}", n - 1), None),
+    let log: Vec<WriteBody> = (0..200)
+        .map(|n| match n % 6 {
+            0 if n >= 6 => begin_move(&format!("u{}", n - 5), "us-west-2/pg-2"),
+            5 => forget(&format!("u{}", n - 1), None),
             _ => assign(
-                &format!("r{n}"),
                 &format!("u{n}"),
-                &format!("us-east/pg-{}", n % 7),
-                None,
+                &format!(
+                    "us-{}",
+                    ["east-1/pg-1", "west-2/pg-2", "central-1/pg-3"][n % 3]
+                ),
             ),
         })
         .collect();
-    let (first, _) = run(&log);
-    let (second, _) = run(&log);
-    assert_eq!(first.digest(), second.digest());
-    let (shorter, _) = run(&log[..199]);
-    assert_ne!(first.digest(), shorter.digest());
+    let run = |log: &[WriteBody]| {
+        let mut registry = Registry::seeded();
+        for body in log {
+            registry.write(body.clone());
+        }
+        registry.state.digest()
+    };
+    assert_eq!(run(&log), run(&log));
+    assert_ne!(run(&log), run(&log[..199]));
 }
 
 #[test]
 fn request_ids_age_out_after_the_window() {
-    let mut state = MemoryState::new();
-    let first = assign("old", "gina", "l", None);
-    state.apply(Revision(1), Some(&first));
-    state.apply(Revision(REQUEST_DEDUP_WINDOW_REVISIONS), None);
+    let mut state = Registry::seeded().state;
+    let command = Command {
+        request_id: RequestId::parse("old").expect("valid"),
+        caller: CallerId::parse("test").expect("valid"),
+        caller_authenticated: false,
+        reason: ReasonText::default(),
+        stamped_at_ms: 1,
+        body: assign("gina", "us-east-1/pg-1"),
+    };
+    state.apply(Revision(100), Some(&command));
+    state.apply(Revision(100 + REQUEST_DEDUP_WINDOW_REVISIONS - 1), None);
+    let again = state.apply(
+        Revision(100 + REQUEST_DEDUP_WINDOW_REVISIONS),
+        Some(&command),
+    );
     assert_eq!(
-        state
-            .apply(Revision(REQUEST_DEDUP_WINDOW_REVISIONS + 1), Some(&first))
-            .revision,
-        Revision(REQUEST_DEDUP_WINDOW_REVISIONS + 1),
-        "past the window the id is forgotten, so the write applies as new"
+        again.revision,
+        Revision(100 + REQUEST_DEDUP_WINDOW_REVISIONS),
+        "past the window the write is new"
     );
     let placement = state.lookup(&user("gina")).expect("placed");
     assert_eq!(
         placement.mod_revision,
-        Revision(REQUEST_DEDUP_WINDOW_REVISIONS + 1)
+        Revision(100 + REQUEST_DEDUP_WINDOW_REVISIONS)
     );
 }

@@ -1,4 +1,7 @@
 //! One module per command group.
 
+pub mod check;
 pub mod cluster;
+pub mod location;
+pub mod policy;
 pub mod user;

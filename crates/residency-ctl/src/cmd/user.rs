@@ -12,7 +12,7 @@ use crate::output::{self, OutputFormat};
 
 /// `linearizable` (default), `stale`, or `at-least=REVISION`.
 #[derive(Debug, Clone, Copy)]
-pub struct ConsistencyArg(Consistency);
+pub struct ConsistencyArg(pub Consistency);
 
 impl FromStr for ConsistencyArg {
     type Err = String;
@@ -45,7 +45,7 @@ pub struct WriteArgs {
 }
 
 impl WriteArgs {
-    fn options(self) -> WriteOptions {
+    pub fn options(self) -> WriteOptions {
         WriteOptions {
             expected_mod_revision: self.expected_mod_revision.map(Revision),
             request_id: self.request_id,
@@ -75,6 +75,9 @@ pub enum UserCommand {
         #[arg(long, default_value = "linearizable")]
         consistency: ConsistencyArg,
     },
+    /// Moves a user's data between locations: begin, then complete (epoch rises) or abort.
+    #[command(subcommand)]
+    Move(MoveCommand),
     /// Deletes a user's placement.
     Forget {
         user_id: String,
@@ -83,17 +86,78 @@ pub enum UserCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum MoveCommand {
+    /// Starts the move to TARGET, which must satisfy the same rules as an assign.
+    Begin {
+        user_id: String,
+        #[arg(long)]
+        target: String,
+        #[command(flatten)]
+        write: WriteArgs,
+    },
+    /// Flips the placement to the target and raises its epoch.
+    Complete {
+        user_id: String,
+        #[command(flatten)]
+        write: WriteArgs,
+    },
+    /// Gives the move up; the placement stays where it was.
+    Abort {
+        user_id: String,
+        #[command(flatten)]
+        write: WriteArgs,
+    },
+}
+
+async fn run_move(
+    client: &Client,
+    format: OutputFormat,
+    command: MoveCommand,
+) -> Result<(), Failure> {
+    let moved = match command {
+        MoveCommand::Begin {
+            user_id,
+            target,
+            write,
+        } => {
+            let target = LocationId::parse(target)?;
+            client
+                .begin_move(&UserId::parse(user_id)?, &target, Some(write.options()))
+                .await?
+        }
+        MoveCommand::Complete { user_id, write } => {
+            client
+                .complete_move(&UserId::parse(user_id)?, Some(write.options()))
+                .await?
+        }
+        MoveCommand::Abort { user_id, write } => {
+            client
+                .abort_move(&UserId::parse(user_id)?, Some(write.options()))
+                .await?
+        }
+    };
+    print_placement(
+        format,
+        &moved.placement,
+        json!({ "revision": moved.revision.0 }),
+    );
+    Ok(())
+}
+
 fn placement_json(placement: &Placement) -> serde_json::Value {
     json!({
         "user_id": placement.user_id.as_str(),
         "residency": placement.residency.as_str(),
         "location_id": placement.location_id.as_str(),
         "state": placement.state.as_str(),
+        "move_target_location_id": placement.state.move_target().map(|target| target.as_str()),
         "epoch": placement.epoch,
         "create_revision": placement.create_revision.0,
         "mod_revision": placement.mod_revision.0,
         "updated_at_ms": placement.updated_at_ms,
         "updated_by": placement.updated_by.as_str(),
+        "updated_by_authenticated": placement.updated_by_authenticated,
         "reason": placement.reason.as_str(),
     })
 }
@@ -112,7 +176,10 @@ fn print_placement(format: OutputFormat, placement: &Placement, extra: serde_jso
                 placement.user_id.to_string(),
                 placement.residency.to_string(),
                 placement.location_id.to_string(),
-                placement.state.as_str().to_string(),
+                match placement.state.move_target() {
+                    Some(target) => format!("moving to {target}"),
+                    None => placement.state.as_str().to_string(),
+                },
                 placement.epoch.to_string(),
                 placement.create_revision.to_string(),
                 placement.mod_revision.to_string(),
@@ -188,6 +255,7 @@ pub async fn run(
             print_placement(format, &placement, extra);
             Ok(())
         }
+        UserCommand::Move(command) => run_move(client, format, command).await,
         UserCommand::Forget { user_id, write } => {
             let user_id = UserId::parse(user_id)?;
             let revision = client.forget(&user_id, Some(write.options())).await?;

@@ -20,7 +20,8 @@ use std::path::Path;
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, Membership};
 use residency_types::{
-    CallerId, Command, Jurisdiction, LocationId, ReasonText, RequestId, UserId, WriteBody,
+    ApplyResult, AssignItem, CallerId, Command, Jurisdiction, Labels, LocationId, Outcome,
+    ReasonText, RequestId, UserId, WriteBody,
 };
 
 use crate::{
@@ -120,6 +121,18 @@ pub(crate) fn write_entry(term: u64, index: u64, command: Command) -> Entry {
     }
 }
 
+/// A write of `body` by the tests' caller, under `request_id`.
+pub(crate) fn command(request_id: &str, body: WriteBody) -> Command {
+    Command {
+        request_id: RequestId::parse(request_id).expect("test request ids are valid"),
+        caller: CallerId::parse("store-tests").expect("test caller is valid"),
+        caller_authenticated: false,
+        reason: ReasonText::parse("store test").expect("test reason is valid"),
+        stamped_at_ms: 1_767_225_600_000,
+        body,
+    }
+}
+
 /// `request_id` assigns `user_id` to `residency` at `location_id`, unconditionally.
 pub(crate) fn assign(
     request_id: &str,
@@ -127,20 +140,93 @@ pub(crate) fn assign(
     residency: &str,
     location_id: &str,
 ) -> Command {
-    Command {
-        request_id: RequestId::parse(request_id).expect("test request ids are valid"),
-        caller: CallerId::parse("store-tests").expect("test caller is valid"),
-        reason: ReasonText::parse("store test").expect("test reason is valid"),
-        stamped_at_ms: 1_767_225_600_000,
-        body: WriteBody::Assign {
+    command(
+        request_id,
+        WriteBody::Assign(AssignItem {
             user_id: user(user_id),
-            residency: Jurisdiction::parse(residency).expect("test jurisdictions are valid"),
-            location_id: LocationId::parse(location_id).expect("test locations are valid"),
+            residency: jurisdiction(residency),
+            location_id: location(location_id),
             expected_mod_revision: None,
-        },
-    }
+        }),
+    )
 }
 
 pub(crate) fn user(user_id: &str) -> UserId {
     UserId::parse(user_id).expect("test user ids are valid")
+}
+
+fn jurisdiction(code: &str) -> Jurisdiction {
+    Jurisdiction::parse(code).expect("test jurisdictions are valid")
+}
+
+fn location(location_id: &str) -> LocationId {
+    LocationId::parse(location_id).expect("test locations are valid")
+}
+
+/// The locations the tests place users in, with the jurisdiction each lies in.
+const LOCATIONS: [(&str, &str); 4] = [
+    ("us-east-1/pg-1", "US"),
+    ("us-west-2/pg-2", "US"),
+    ("ca-central-1/pg-7", "CA"),
+    ("eu-central-1/pg-3", "DE"),
+];
+
+/// The residencies the tests assign: each stores in, and is accessed from, itself only.
+const POLICIES: [&str; 3] = ["US", "CA", "DE"];
+
+/// The catalog every assign needs (apply refuses one to an unregistered location, or without
+/// a policy allowing storage there): registers `LOCATIONS`, then writes `POLICIES`.
+fn catalog() -> Vec<Command> {
+    let locations = LOCATIONS.iter().map(|(location_id, code)| {
+        command(
+            // A request id takes no '/'.
+            &format!("seed-location-{}", location_id.replace('/', ":")),
+            WriteBody::PutLocation {
+                location_id: location(location_id),
+                jurisdiction: jurisdiction(code),
+                labels: Labels::default(),
+            },
+        )
+    });
+    let policies = POLICIES.iter().map(|code| {
+        let own = BTreeSet::from([jurisdiction(code)]);
+        command(
+            &format!("seed-policy-{code}"),
+            WriteBody::PutPolicy {
+                residency: jurisdiction(code),
+                storage: own.clone(),
+                access: own,
+            },
+        )
+    });
+    locations.chain(policies).collect()
+}
+
+/// The index of the first entry after `seeded_history`: where a test's own entries begin.
+pub(crate) const SEEDED: u64 = 2 + (LOCATIONS.len() + POLICIES.len()) as u64;
+
+/// The start of every log the tests apply: the initial membership of `voters` at index 0, the
+/// term-1 leader's blank entry at 1, then the catalog's writes at `2..SEEDED`.
+pub(crate) fn seeded_history(voters: &[NodeId]) -> Vec<Entry> {
+    let mut entries = vec![membership_entry(0, 0, voters), blank_entry(1, 1)];
+    entries.extend(
+        (2..)
+            .zip(catalog())
+            .map(|(index, command)| write_entry(1, index, command)),
+    );
+    assert_eq!(entries.len() as u64, SEEDED);
+    entries
+}
+
+/// Panics unless every write among `results` was accepted: a refused assign would leave its
+/// user unplaced and let a lookup's `None` pass for something else.
+pub(crate) fn assert_accepted(results: &[ApplyResult]) {
+    for result in results {
+        if let Some(Outcome::Rejected(rejection)) = &result.outcome {
+            panic!(
+                "the write at revision {} was refused: {rejection:?}",
+                result.revision
+            );
+        }
+    }
 }

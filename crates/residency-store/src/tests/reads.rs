@@ -5,7 +5,7 @@ use std::time::Duration;
 use openraft::storage::RaftStateMachine;
 use residency_types::Revision;
 
-use super::{assign, membership_entry, open_store, user, write_entry};
+use super::{SEEDED, assert_accepted, assign, open_store, seeded_history, user, write_entry};
 
 /// Every entry rewrites the same user, so a read is consistent exactly when the placement it
 /// returns was written at the revision it reports.
@@ -13,11 +13,12 @@ use super::{assign, membership_entry, open_store, user, write_entry};
 async fn a_read_reports_the_revision_of_the_state_it_read() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut store = open_store(dir.path()).await;
-    store
+    let seeded = store
         .state_machine
-        .apply([membership_entry(0, 0, &[1])])
+        .apply(seeded_history(&[1]))
         .await
-        .expect("membership");
+        .expect("membership and catalog");
+    assert_accepted(&seeded);
     let reader = store.reader.clone();
     let readers = tokio::spawn(async move {
         let mut checked = 0_u32;
@@ -33,18 +34,16 @@ async fn a_read_reports_the_revision_of_the_state_it_read() {
             tokio::task::yield_now().await;
         }
     });
-    for index in 1..=500_u64 {
-        let command = assign(
-            &format!("req-{index}"),
-            "hot",
-            "US",
-            &format!("us-east-1/pg-{index}"),
-        );
-        store
+    for index in SEEDED..SEEDED + 500 {
+        // Back and forth between two locations: every write changes the placement.
+        let location = ["us-east-1/pg-1", "us-west-2/pg-2"][index as usize % 2];
+        let command = assign(&format!("req-{index}"), "hot", "US", location);
+        let results = store
             .state_machine
             .apply([write_entry(1, index, command)])
             .await
             .expect("applied");
+        assert_accepted(&results);
     }
     // The writer is done; the reader finishes its count on the final state.
     readers.await.expect("reader task");
@@ -56,11 +55,14 @@ async fn a_read_reports_the_revision_of_the_state_it_read() {
 async fn reads_are_answered_while_a_snapshot_build_holds_the_state() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut store = open_store(dir.path()).await;
-    let entries = [
-        membership_entry(0, 0, &[1]),
-        write_entry(1, 1, assign("r1", "ann", "US", "us-east-1/pg-1")),
-    ];
-    store.state_machine.apply(entries).await.expect("applied");
+    let mut entries = seeded_history(&[1]);
+    entries.push(write_entry(
+        1,
+        SEEDED,
+        assign("r1", "ann", "US", "us-east-1/pg-1"),
+    ));
+    let results = store.state_machine.apply(entries).await.expect("applied");
+    assert_accepted(&results);
 
     let build = store.state_machine.state_lock().read_owned().await;
     let mut applier = store.state_machine.clone();
@@ -68,7 +70,7 @@ async fn reads_are_answered_while_a_snapshot_build_holds_the_state() {
         applier
             .apply([write_entry(
                 1,
-                2,
+                SEEDED + 1,
                 assign("r2", "ann", "US", "us-west-2/pg-2"),
             )])
             .await
@@ -83,19 +85,20 @@ async fn reads_are_answered_while_a_snapshot_build_holds_the_state() {
     let (placement, revision) = read
         .expect("a read is not held up by a snapshot build")
         .expect("lookup");
-    assert_eq!(revision, Revision(1));
+    assert_eq!(revision, Revision(SEEDED));
     assert_eq!(
         placement.expect("ann is placed").location_id.as_str(),
         "us-east-1/pg-1"
     );
 
     drop(build);
-    apply
+    let results = apply
         .await
         .expect("apply task")
         .expect("applied after the build");
+    assert_accepted(&results);
     let (placement, revision) = store.reader.lookup(&user("ann")).await.expect("lookup");
-    assert_eq!(revision, Revision(2));
+    assert_eq!(revision, Revision(SEEDED + 1));
     assert_eq!(
         placement.expect("ann is placed").location_id.as_str(),
         "us-west-2/pg-2"

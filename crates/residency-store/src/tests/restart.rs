@@ -8,18 +8,23 @@ use openraft::{LogState, RaftLogReader};
 use residency_types::{Outcome, Revision};
 
 use super::{
-    assign, blank_entry, log_id, membership_entry, open_store, stored_membership, user, write_entry,
+    SEEDED, assert_accepted, assign, blank_entry, log_id, open_store, seeded_history,
+    stored_membership, user, write_entry,
 };
 use crate::{Entry, Vote};
 
-/// A short history: the initial membership, a leader's blank entry, then two writes.
+/// The index of `history`'s last entry, bruno's assign (alice's is the one before).
+const LAST: u64 = SEEDED + 1;
+
+/// A short history: the initial membership, a leader's blank entry, the catalog, then two
+/// assigns.
 fn history() -> Vec<Entry> {
-    vec![
-        membership_entry(0, 0, &[1, 2, 3]),
-        blank_entry(1, 1),
-        write_entry(1, 2, assign("req-1", "alice", "US", "us-east-1/pg-1")),
-        write_entry(1, 3, assign("req-2", "bruno", "CA", "ca-central-1/pg-7")),
-    ]
+    let mut entries = seeded_history(&[1, 2, 3]);
+    entries.extend([
+        write_entry(1, SEEDED, assign("req-1", "alice", "US", "us-east-1/pg-1")),
+        write_entry(1, LAST, assign("req-2", "bruno", "CA", "ca-central-1/pg-7")),
+    ]);
+    entries
 }
 
 #[tokio::test]
@@ -35,7 +40,7 @@ async fn a_reopened_store_keeps_its_vote_log_and_state() {
         .expect("log appended");
     store
         .log
-        .save_committed(Some(log_id(1, 3)))
+        .save_committed(Some(log_id(1, LAST)))
         .await
         .expect("committed saved");
     let results = store
@@ -43,11 +48,10 @@ async fn a_reopened_store_keeps_its_vote_log_and_state() {
         .apply(history())
         .await
         .expect("entries applied");
+    assert_accepted(&results);
     let revisions: Vec<Revision> = results.iter().map(|result| result.revision).collect();
-    assert_eq!(
-        revisions,
-        [Revision(0), Revision(1), Revision(2), Revision(3)]
-    );
+    let indices: Vec<Revision> = (0..=LAST).map(Revision).collect();
+    assert_eq!(revisions, indices, "each entry applies at its log index");
     let digest = store.reader.digest().await.expect("digest");
     drop(store);
 
@@ -57,7 +61,7 @@ async fn a_reopened_store_keeps_its_vote_log_and_state() {
         store.log.get_log_state().await.expect("log state"),
         LogState {
             last_purged_log_id: None,
-            last_log_id: Some(log_id(1, 3)),
+            last_log_id: Some(log_id(1, LAST)),
         }
     );
     assert_eq!(
@@ -70,23 +74,23 @@ async fn a_reopened_store_keeps_its_vote_log_and_state() {
     );
     assert_eq!(
         store.log.read_committed().await.expect("committed"),
-        Some(log_id(1, 3))
+        Some(log_id(1, LAST))
     );
-    assert_eq!(store.log.committed_index().get(), Some(3));
+    assert_eq!(store.log.committed_index().get(), Some(LAST));
     assert_eq!(
         store
             .state_machine
             .applied_state()
             .await
             .expect("applied state"),
-        (Some(log_id(1, 3)), stored_membership(0, 0, &[1, 2, 3]))
+        (Some(log_id(1, LAST)), stored_membership(0, 0, &[1, 2, 3]))
     );
     let (placement, revision) = store.reader.lookup(&user("bruno")).await.expect("lookup");
     let placement = placement.expect("bruno was assigned before the restart");
     assert_eq!(placement.residency.as_str(), "CA");
     assert_eq!(placement.location_id.as_str(), "ca-central-1/pg-7");
-    assert_eq!(placement.mod_revision, Revision(3));
-    assert_eq!(revision, Revision(3));
+    assert_eq!(placement.mod_revision, Revision(LAST));
+    assert_eq!(revision, Revision(LAST));
     assert_eq!(store.reader.digest().await.expect("digest"), digest);
 }
 
@@ -95,17 +99,16 @@ async fn the_request_dedup_survives_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
     let write = assign("req-1", "alice", "US", "us-east-1/pg-1");
     let mut store = open_store(dir.path()).await;
-    let first = store
+    let mut entries = seeded_history(&[1]);
+    entries.push(write_entry(1, SEEDED, write.clone()));
+    let mut results = store
         .state_machine
-        .apply([
-            membership_entry(0, 0, &[1]),
-            write_entry(1, 1, write.clone()),
-        ])
+        .apply(entries)
         .await
-        .expect("entries applied")
-        .pop()
-        .expect("one result per entry");
-    assert_eq!(first.revision, Revision(1));
+        .expect("entries applied");
+    assert_accepted(&results);
+    let first = results.pop().expect("one result per entry");
+    assert_eq!(first.revision, Revision(SEEDED));
     assert!(matches!(
         first.outcome,
         Some(Outcome::Assigned { created: true, .. })
@@ -115,7 +118,7 @@ async fn the_request_dedup_survives_restart() {
     let mut store = open_store(dir.path()).await;
     let retried = store
         .state_machine
-        .apply([write_entry(1, 2, write)])
+        .apply([write_entry(1, SEEDED + 1, write)])
         .await
         .expect("entry applied");
     assert_eq!(retried, [first], "a retry answers with the first result");
@@ -123,12 +126,12 @@ async fn the_request_dedup_survives_restart() {
     let placement = placement.expect("alice was assigned");
     assert_eq!(
         placement.mod_revision,
-        Revision(1),
+        Revision(SEEDED),
         "the retry wrote nothing"
     );
     assert_eq!(
         revision,
-        Revision(2),
+        Revision(SEEDED + 1),
         "the retry still advanced the applied revision"
     );
 }

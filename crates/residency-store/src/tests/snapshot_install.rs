@@ -5,30 +5,49 @@ use std::path::Path;
 
 use openraft::RaftSnapshotBuilder;
 use openraft::storage::{RaftStateMachine, Snapshot};
-use residency_types::Revision;
+use residency_types::{Outcome, Revision};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
-    Store, assign, blank_entry, log_id, membership_entry, open_store, stored_membership, user,
-    write_entry,
+    SEEDED, Store, assert_accepted, assign, log_id, open_store, seeded_history, stored_membership,
+    user, write_entry,
 };
 use crate::{SnapshotMeta, StorageError, StoredMembership};
 
-/// Store A's history: a membership, then writes, one of which moves a user.
+/// The index of `source_store`'s last entry: the next leader's write that moves alice.
+const ALICE_MOVED: u64 = SEEDED + 2;
+/// The index of the write `apply_one_more_write` adds.
+const CARLA: u64 = ALICE_MOVED + 1;
+
+/// Store A's history: a membership, the catalog, then writes, one of which moves a user to
+/// another location of her residency.
 async fn source_store(dir: &Path) -> Store {
     let mut store = open_store(dir).await;
-    let entries = [
-        membership_entry(0, 0, &[1, 2, 3]),
-        blank_entry(1, 1),
-        write_entry(1, 2, assign("req-1", "alice", "US", "us-east-1/pg-1")),
-        write_entry(1, 3, assign("req-2", "bruno", "CA", "ca-central-1/pg-7")),
-        write_entry(2, 4, assign("req-3", "alice", "DE", "eu-central-1/pg-3")),
-    ];
-    store
+    let mut entries = seeded_history(&[1, 2, 3]);
+    entries.extend([
+        write_entry(1, SEEDED, assign("req-1", "alice", "US", "us-east-1/pg-1")),
+        write_entry(
+            1,
+            SEEDED + 1,
+            assign("req-2", "bruno", "CA", "ca-central-1/pg-7"),
+        ),
+        write_entry(
+            2,
+            ALICE_MOVED,
+            assign("req-3", "alice", "US", "us-west-2/pg-2"),
+        ),
+    ]);
+    let results = store
         .state_machine
         .apply(entries)
         .await
         .expect("entries applied");
+    assert_accepted(&results);
+    let moved = &results.last().expect("one result per entry").outcome;
+    assert!(
+        matches!(moved, Some(Outcome::Assigned { created: false, .. })),
+        "alice's second assign updates her placement: {moved:?}"
+    );
     store
 }
 
@@ -65,7 +84,7 @@ async fn a_snapshot_installs_on_another_store_with_the_same_digest() {
     );
     let mut store_a = source_store(dir_a.path()).await;
     let (meta, bytes) = build_snapshot(&mut store_a).await;
-    assert_eq!(meta.last_log_id, Some(log_id(2, 4)));
+    assert_eq!(meta.last_log_id, Some(log_id(2, ALICE_MOVED)));
     assert_eq!(meta.last_membership, stored_membership(0, 0, &[1, 2, 3]));
     let digest_a = store_a.reader.digest().await.expect("digest");
 
@@ -85,10 +104,14 @@ async fn a_snapshot_installs_on_another_store_with_the_same_digest() {
     let (alice, revision) = store_b.reader.lookup(&user("alice")).await.expect("lookup");
     let alice = alice.expect("alice is in the snapshot");
     assert_eq!(
-        (alice.residency.as_str(), alice.mod_revision),
-        ("DE", Revision(4))
+        (
+            alice.residency.as_str(),
+            alice.location_id.as_str(),
+            alice.mod_revision
+        ),
+        ("US", "us-west-2/pg-2", Revision(ALICE_MOVED))
     );
-    assert_eq!(revision, Revision(4));
+    assert_eq!(revision, Revision(ALICE_MOVED));
     drop(store_b);
 
     let mut store_b = open_store(dir_b.path()).await;
@@ -116,7 +139,7 @@ async fn a_corrupt_snapshot_is_refused_and_changes_nothing() {
     let flipped_in_the_trailer = flip(&bytes, bytes.len() - 1);
     let cut_short = &bytes[..bytes.len() - 6];
     let other_log_id = SnapshotMeta {
-        last_log_id: Some(log_id(2, 5)),
+        last_log_id: Some(log_id(2, CARLA)),
         ..meta.clone()
     };
     // (what went wrong, the announced meta, the bytes received)
@@ -194,10 +217,11 @@ fn roll_back_name_counter(store_dir: &Path) {
     db.flush().expect("flushed");
 }
 
-/// Applies revision 5 (carla) on top of `source_store`'s history.
+/// Applies revision `CARLA` (carla's assign) on top of `source_store`'s history.
 async fn apply_one_more_write(store: &mut Store) {
-    let entry = write_entry(2, 5, assign("req-4", "carla", "US", "us-west-2/pg-2"));
-    store.state_machine.apply([entry]).await.expect("applied");
+    let entry = write_entry(2, CARLA, assign("req-4", "carla", "US", "us-west-2/pg-2"));
+    let results = store.state_machine.apply([entry]).await.expect("applied");
+    assert_accepted(&results);
 }
 
 /// A crash can lose the bump of the file-name counter while the renamed snapshot file survives.
@@ -214,7 +238,7 @@ async fn a_snapshot_built_after_a_lost_counter_bump_keeps_its_file() {
     apply_one_more_write(&mut store).await;
     let (second, bytes) = build_snapshot(&mut store).await;
     assert_ne!(second.snapshot_id, first.snapshot_id);
-    assert_eq!(second.last_log_id, Some(log_id(2, 5)));
+    assert_eq!(second.last_log_id, Some(log_id(2, CARLA)));
     let current = store
         .state_machine
         .get_current_snapshot()
@@ -225,7 +249,7 @@ async fn a_snapshot_built_after_a_lost_counter_bump_keeps_its_file() {
     assert_eq!(snapshot_bytes(current).await, bytes);
     assert_eq!(
         store.reader.lookup(&user("carla")).await.expect("lookup").1,
-        Revision(5)
+        Revision(CARLA)
     );
 }
 
@@ -257,5 +281,5 @@ async fn a_snapshot_installed_after_a_lost_counter_bump_keeps_the_state() {
     let target = open_store(target_dir.path()).await;
     let (placement, revision) = target.reader.lookup(&user("carla")).await.expect("lookup");
     assert!(placement.is_some(), "the installed state survived a reopen");
-    assert_eq!(revision, Revision(5));
+    assert_eq!(revision, Revision(CARLA));
 }
