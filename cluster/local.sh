@@ -74,6 +74,27 @@ ready() {
     grep -q '200 OK' <<<"$reply"
 }
 
+# A small demo catalog on a new cluster: three US locations in different regions, one German
+# location for contrast, and the US policy (store: US; access: US). Fixed request ids make a
+# repeated run (after an interrupted `up`) apply each write once.
+seed_demo_catalog() {
+    say "seeding the demo catalog and the US policy..."
+    local -a locations=(
+        "us-east-1/oci-ashburn/pg-042 US oci us-east-1 us-east-1a"
+        "us-central-1/oci-chicago/pg-007 US oci us-central-1 us-central-1b"
+        "us-west-2/oci-phoenix/pg-013 US oci us-west-2 us-west-2a"
+        "eu-central-1/oci-frankfurt/pg-001 DE oci eu-central-1 eu-central-1a"
+    )
+    local n=0 entry id jurisdiction provider region zone
+    for entry in "${locations[@]}"; do
+        read -r id jurisdiction provider region zone <<<"$entry"
+        n=$((n + 1))
+        ctl -o json location add "$id" --jurisdiction "$jurisdiction" --provider "$provider" \
+            --region "$region" --zone "$zone" --request-id "demo-location-$n" --reason "demo catalog" >/dev/null
+    done
+    ctl -o json policy set US --storage US --access US --request-id demo-policy-us --reason "demo policy" >/dev/null
+}
+
 up() {
     build
     local bin
@@ -91,9 +112,10 @@ up() {
     for n in "${nodes[@]}"; do
         wait_port "710$n" || die "node $n did not open its client port; see data/node$n/residencyd.log"
     done
-    local init_output
+    local init_output fresh=0
     if init_output="$(ctl --endpoints 127.0.0.1:7101 cluster init --peers 127.0.0.1:7201,127.0.0.1:7202,127.0.0.1:7203 2>&1)"; then
         say "cluster initialised"
+        fresh=1
     elif grep -q ALREADY_INITIALIZED <<<"$init_output"; then
         say "cluster already initialised: restarted on existing data"
     else
@@ -104,6 +126,7 @@ up() {
         [ "$SECONDS" -lt "$deadline" ] || die "no leader elected within ${up_timeout_s}s; see data/node*/residencyd.log"
         sleep 0.3
     done
+    [ "$fresh" -eq 0 ] || seed_demo_catalog
     for n in "${nodes[@]}"; do
         until ready "$n"; do
             [ "$SECONDS" -lt "$deadline" ] || die "node $n is not ready after ${up_timeout_s}s; see data/node$n/residencyd.log"
@@ -113,9 +136,11 @@ up() {
     ctl status
     cat <<EOT
 
-The registry is up. Try:
+The registry is up. Try (see README.md for the tour):
+  $(bin_dir)/residencyctl location list
   $(bin_dir)/residencyctl user assign alice --residency US --location us-east-1/oci-ashburn/pg-042
-  $(bin_dir)/residencyctl --endpoints 127.0.0.1:7103 user get alice
+  $(bin_dir)/residencyctl user assign bob --residency US --location eu-central-1/oci-frankfurt/pg-001   # refused
+  $(bin_dir)/residencyctl check alice --service payments --jurisdiction US
   $(bin_dir)/residencyctl status
 Metrics and health: http://127.0.0.1:7301/metrics  /healthz  /readyz
 Stop with: ./cluster/local.sh down

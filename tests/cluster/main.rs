@@ -9,6 +9,7 @@ mod t40_snapshot_catch_up;
 mod t50_idempotence;
 mod t60_bad_input;
 mod t70_consistency;
+mod t80_residency_rules;
 
 use residency_client::Client;
 use residency_types::{Jurisdiction, LocationId, Placement, UserId};
