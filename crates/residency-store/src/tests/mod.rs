@@ -8,6 +8,7 @@
 //! Every test opens its store in a temp dir and drops every handle to it (log store, state
 //! machine, reader) before reopening the same directory: sled holds a file lock while any lives.
 
+mod determinism;
 mod log_corruption;
 mod reads;
 mod restart;
