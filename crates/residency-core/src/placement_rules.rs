@@ -4,8 +4,6 @@
 //! policy for the user's residency allows for storage. Every path that puts a user somewhere
 //! goes through `placeable`.
 
-use std::collections::BTreeSet;
-
 use residency_types::command::{AssignedItem, ItemRejection};
 use residency_types::{
     AssignItem, Jurisdiction, Location, LocationId, LocationState, Outcome, Placement,
@@ -188,11 +186,8 @@ pub fn batch_assign<V: KvRead>(
     context: WriteContext<'_>,
     items: &[AssignItem],
 ) -> Result<Verdict, V> {
-    let mut seen = BTreeSet::new();
-    assert!(
-        items.iter().all(|item| seen.insert(&item.user_id)),
-        "a batch naming a user twice was proposed"
-    );
+    // The server refuses a batch that names a user twice before proposing it. Should one reach
+    // the log anyway, its items are decided in order like any others: apply stays total.
     let mut assigned = Vec::with_capacity(items.len());
     let mut refused = Vec::new();
     for (index, item) in items.iter().enumerate() {

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use residency_types::limits::POLICY_DRY_RUN_SAMPLE_MAX;
 use residency_types::{
     AccessOperation, Decision, DenyReason, Jurisdiction, Location, LocationId, LocationState,
-    Placement, PlacementState, Policy, UserId,
+    Placement, Policy, UserId,
 };
 
 use crate::staged::Staged;
@@ -78,10 +78,6 @@ pub fn check_access<V: KvRead>(
     if move_target.is_some() && operation == AccessOperation::Write {
         return deny(DenyReason::UserMoving);
     }
-    debug_assert!(matches!(
-        placement.state,
-        PlacementState::Active | PlacementState::Moving { .. }
-    ));
     Ok(Decision::Allow {
         location_id: placement.location_id,
         location_jurisdiction: location.jurisdiction,
