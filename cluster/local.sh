@@ -76,7 +76,8 @@ ready() {
 
 # A small demo catalog on a new cluster: three US locations in different regions, one German
 # location for contrast, and the US policy (store: US; access: US). Fixed request ids make a
-# repeated run (after an interrupted `up`) apply each write once.
+# repeated run (after an interrupted `up`) apply each write once. A cluster whose catalog an
+# operator emptied by hand is not seeded again: retired locations stay listed.
 seed_demo_catalog() {
     say "seeding the demo catalog and the US policy..."
     local -a locations=(
@@ -126,7 +127,11 @@ up() {
         [ "$SECONDS" -lt "$deadline" ] || die "no leader elected within ${up_timeout_s}s; see data/node*/residencyd.log"
         sleep 0.3
     done
-    [ "$fresh" -eq 0 ] || seed_demo_catalog
+    # Seed a new cluster, and one whose first `up` stopped before seeding finished (the catalog
+    # is then still empty; the fixed request ids apply what did land only once).
+    if [ "$fresh" -eq 1 ] || ! ctl location list -o json | grep -q '"location_id"'; then
+        seed_demo_catalog
+    fi
     for n in "${nodes[@]}"; do
         until ready "$n"; do
             [ "$SECONDS" -lt "$deadline" ] || die "node $n is not ready after ${up_timeout_s}s; see data/node$n/residencyd.log"

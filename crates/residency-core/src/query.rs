@@ -174,9 +174,11 @@ pub fn dry_run_policy<V: KvScan>(
                             .ok()
                             .and_then(|text| UserId::parse(text).ok());
                         let Some(user) = user else { continue };
-                        if lookup(view, &user)?
-                            .is_some_and(|placement| placement.residency == residency)
-                        {
+                        // A moving user is indexed at its source and its target: list it once.
+                        let in_breach = !sample.contains(&user)
+                            && lookup(view, &user)?
+                                .is_some_and(|placement| placement.residency == residency);
+                        if in_breach {
                             sample.push(user);
                         }
                         if sample.len() == POLICY_DRY_RUN_SAMPLE_MAX {

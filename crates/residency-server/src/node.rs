@@ -259,6 +259,13 @@ impl Node {
         }
     }
 
+    fn has_applied_own_term(&self) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics
+            .last_applied
+            .is_some_and(|applied| applied.leader_id.term == metrics.current_term)
+    }
+
     /// Proposes a write on this node, stamping the leader's clock into the command.
     pub async fn propose(&self, write: ForwardedWrite) -> Result<ApplyResult, ApiError> {
         let command = Command {
@@ -270,17 +277,22 @@ impl Node {
             stamped_at_ms: now_ms(),
             body: write.body,
         };
-        // The rules first run here, against the leader's applied state (which holds every
-        // acknowledged write), so a refusal costs no log entry. They run again in apply, against
-        // the state at the entry's position: a write racing this one cannot slip past them. A
-        // retry of an applied request answers its first result here too.
-        let evaluated = self
-            .reader
-            .evaluate(&command)
-            .await
-            .map_err(ApiError::internal)?;
-        if let Some(Outcome::Rejected(rejection)) = evaluated.outcome {
-            return Err(ApiError::Rejected(rejection));
+        // The rules first run here, so that a refusal costs no log entry; they run again in
+        // apply, against the state at the entry's position, so a racing write cannot slip past
+        // them. The check is only as good as the leader's applied state: once the leader has
+        // applied an entry of its own term, it holds every write acknowledged by it or by any
+        // earlier leader. Until then (just after an election) it skips the early check rather
+        // than refuse a write on a state that may lack its premises. A retry of an applied
+        // request answers its first result here too.
+        if self.has_applied_own_term() {
+            let evaluated = self
+                .reader
+                .evaluate(&command)
+                .await
+                .map_err(ApiError::internal)?;
+            if let Some(Outcome::Rejected(rejection)) = evaluated.outcome {
+                return Err(ApiError::Rejected(rejection));
+            }
         }
         match self.raft.client_write(command).await {
             Ok(response) => Ok(response.data),

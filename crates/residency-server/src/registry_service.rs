@@ -231,7 +231,14 @@ impl Registry for RegistryService {
         let request = request.into_inner();
         observe("BatchAssign", timeout, async {
             let count = request.items.len();
-            if count == 0 || count > BATCH_ASSIGN_ITEMS_MAX {
+            if count == 0 {
+                return Err(ApiError::invalid(
+                    ReasonCode::InvalidArgument,
+                    "items",
+                    "has no item",
+                ));
+            }
+            if count > BATCH_ASSIGN_ITEMS_MAX {
                 return Err(ApiError::invalid(
                     ReasonCode::BatchTooLarge,
                     "items",
@@ -341,12 +348,14 @@ impl Registry for RegistryService {
                     "a check names the accessor's service and jurisdiction",
                 )
             })?;
-            let invalid_accessor = |error: ValidationError| {
-                ApiError::invalid(ReasonCode::InvalidAccessor, error.field, error.message)
+            let invalid_accessor = |field: &'static str| {
+                move |error: ValidationError| {
+                    ApiError::invalid(ReasonCode::InvalidAccessor, field, error.message)
+                }
             };
-            CallerId::parse(accessor.service).map_err(invalid_accessor)?;
-            let accessor_jurisdiction =
-                Jurisdiction::parse(&accessor.jurisdiction).map_err(invalid_accessor)?;
+            CallerId::parse(accessor.service).map_err(invalid_accessor("accessor.service"))?;
+            let accessor_jurisdiction = Jurisdiction::parse(&accessor.jurisdiction)
+                .map_err(invalid_accessor("accessor.jurisdiction"))?;
             let operation = access_operation_from_pb(request.operation)?;
             let consistency = consistency_from_pb(request.consistency)?;
             let barrier = self

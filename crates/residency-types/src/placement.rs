@@ -52,7 +52,8 @@ pub struct Placement {
     pub residency: Jurisdiction,
     pub location_id: LocationId,
     pub state: PlacementState,
-    /// A fencing token for storage services: starts at 1, raised on every completed move.
+    /// A fencing token for storage services: starts at 1, raised whenever the data's location
+    /// changes (a completed move, or an assign to another location).
     pub epoch: u64,
     pub create_revision: Revision,
     pub mod_revision: Revision,

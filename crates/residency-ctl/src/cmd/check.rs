@@ -1,7 +1,7 @@
 //! `residencyctl check USER --service S --jurisdiction J [--operation read|write]`.
 
 use residency_client::Client;
-use residency_types::{AccessOperation, Decision, Jurisdiction, UserId};
+use residency_types::{AccessOperation, CallerId, Decision, Jurisdiction, UserId};
 use serde_json::json;
 
 use crate::Failure;
@@ -34,6 +34,7 @@ const DENIED_EXIT_CODE: u8 = 4;
 
 pub async fn run(client: &Client, format: OutputFormat, args: CheckArgs) -> Result<(), Failure> {
     let user_id = UserId::parse(args.user_id)?;
+    CallerId::parse(args.service.clone())?;
     let jurisdiction = Jurisdiction::parse(&args.jurisdiction)?;
     let operation = match args.operation {
         OperationArg::Read => AccessOperation::Read,

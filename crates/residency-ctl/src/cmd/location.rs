@@ -6,7 +6,7 @@ use residency_types::{Jurisdiction, Labels, Location, LocationId, LocationState}
 use serde_json::json;
 
 use crate::Failure;
-use crate::cmd::user::{ConsistencyArg, WriteArgs};
+use crate::cmd::user::{ConsistencyArg, ContextArgs};
 use crate::output::{self, OutputFormat};
 
 #[derive(Debug, Subcommand)]
@@ -24,7 +24,7 @@ pub enum LocationCommand {
         #[arg(long, default_value = "")]
         zone: String,
         #[command(flatten)]
-        write: WriteArgs,
+        write: ContextArgs,
     },
     /// Shows one location.
     Get {
@@ -41,19 +41,19 @@ pub enum LocationCommand {
     Drain {
         location_id: String,
         #[command(flatten)]
-        write: WriteArgs,
+        write: ContextArgs,
     },
     /// Takes new placements again (from draining).
     Activate {
         location_id: String,
         #[command(flatten)]
-        write: WriteArgs,
+        write: ContextArgs,
     },
     /// Retires an empty location for good.
     Retire {
         location_id: String,
         #[command(flatten)]
-        write: WriteArgs,
+        write: ContextArgs,
     },
 }
 
@@ -122,7 +122,7 @@ async fn set_state(
     format: OutputFormat,
     location_id: String,
     state: LocationState,
-    write: WriteArgs,
+    write: ContextArgs,
 ) -> Result<(), Failure> {
     let location_id = LocationId::parse(location_id)?;
     let written = client

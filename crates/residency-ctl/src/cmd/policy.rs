@@ -8,7 +8,7 @@ use residency_types::{Jurisdiction, Policy};
 use serde_json::json;
 
 use crate::Failure;
-use crate::cmd::user::{ConsistencyArg, WriteArgs};
+use crate::cmd::user::{ConsistencyArg, ContextArgs};
 use crate::output::{self, OutputFormat};
 
 #[derive(Debug, Subcommand)]
@@ -25,7 +25,7 @@ pub enum PolicyCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         access: Vec<String>,
         #[command(flatten)]
-        write: WriteArgs,
+        write: ContextArgs,
     },
     /// Shows the policy for a residency.
     Get {

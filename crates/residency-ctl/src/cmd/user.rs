@@ -36,6 +36,23 @@ pub struct WriteArgs {
     /// Apply only if the placement's mod_revision is this (0: only if it does not exist).
     #[arg(long)]
     expected_mod_revision: Option<u64>,
+    #[command(flatten)]
+    context: ContextArgs,
+}
+
+impl WriteArgs {
+    pub fn options(self) -> WriteOptions {
+        WriteOptions {
+            expected_mod_revision: self.expected_mod_revision.map(Revision),
+            ..self.context.options()
+        }
+    }
+}
+
+/// What every write carries: its idempotency key and reason (catalog writes have no
+/// compare-and-set, so they take only these).
+#[derive(Debug, clap::Args)]
+pub struct ContextArgs {
     /// Idempotency key: a retry with the same id is applied once. Random if not given.
     #[arg(long)]
     request_id: Option<String>,
@@ -44,10 +61,10 @@ pub struct WriteArgs {
     reason: String,
 }
 
-impl WriteArgs {
+impl ContextArgs {
     pub fn options(self) -> WriteOptions {
         WriteOptions {
-            expected_mod_revision: self.expected_mod_revision.map(Revision),
+            expected_mod_revision: None,
             request_id: self.request_id,
             reason: self.reason,
         }
