@@ -10,6 +10,7 @@ mod t50_idempotence;
 mod t60_bad_input;
 mod t70_consistency;
 mod t80_residency_rules;
+mod t90_membership;
 
 use residency_client::Client;
 use residency_types::{Jurisdiction, LocationId, Placement, UserId};

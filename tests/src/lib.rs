@@ -97,6 +97,33 @@ impl NodeHandle {
         self.child.is_some()
     }
 
+    /// Writes the config of node `id` under `dir` on fresh ports.
+    fn configure(dir: &Path, id: u64, jurisdiction: &str, raft_toml: &str) -> NodeHandle {
+        let data_dir = dir.join(format!("node{id}"));
+        fs::create_dir_all(&data_dir).expect("node dir");
+        let (client_port, peer_port, metrics_port) = (free_port(), free_port(), free_port());
+        let config_path = dir.join(format!("node{id}.toml"));
+        let config = format!(
+            "node_id = {id}\njurisdiction = \"{jurisdiction}\"\ndata_dir = \"{}\"\n\n[listen]\n\
+             client = \"127.0.0.1:{client_port}\"\npeer = \"127.0.0.1:{peer_port}\"\n\
+             metrics = \"127.0.0.1:{metrics_port}\"\n\n[raft]\n{raft_toml}\n\n\
+             [storage]\ncache_capacity_bytes = 16777216\n",
+            data_dir.display()
+        );
+        fs::write(&config_path, config).expect("node config");
+        let log_path = dir.join(format!("node{id}.log"));
+        NodeHandle {
+            id,
+            client_port,
+            peer_port,
+            metrics_port,
+            data_dir,
+            config_path,
+            log_path,
+            child: None,
+        }
+    }
+
     fn start(&mut self) {
         assert!(self.child.is_none(), "node {} is already running", self.id);
         let log = fs::OpenOptions::new()
@@ -179,29 +206,7 @@ impl Cluster {
             .expect("cluster dir");
         let mut nodes = BTreeMap::new();
         for id in 1..=size {
-            let data_dir = dir.path().join(format!("node{id}"));
-            fs::create_dir_all(&data_dir).expect("node dir");
-            let (client_port, peer_port, metrics_port) = (free_port(), free_port(), free_port());
-            let config_path = dir.path().join(format!("node{id}.toml"));
-            let config = format!(
-                "node_id = {id}\njurisdiction = \"US\"\ndata_dir = \"{}\"\n\n[listen]\nclient = \"127.0.0.1:{client_port}\"\n\
-                 peer = \"127.0.0.1:{peer_port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\n[raft]\n{raft_toml}\n\n\
-                 [storage]\ncache_capacity_bytes = 16777216\n",
-                data_dir.display()
-            );
-            fs::write(&config_path, config).expect("node config");
-            let log_path = dir.path().join(format!("node{id}.log"));
-            let node = NodeHandle {
-                id,
-                client_port,
-                peer_port,
-                metrics_port,
-                data_dir,
-                config_path,
-                log_path,
-                child: None,
-            };
-            nodes.insert(id, node);
+            nodes.insert(id, NodeHandle::configure(dir.path(), id, "US", raft_toml));
         }
         let mut cluster = Cluster {
             nodes,
@@ -249,6 +254,20 @@ impl Cluster {
                 .await
                 .expect("policy set");
         }
+    }
+
+    /// Starts one more node, not yet a member, declaring `jurisdiction`; returns its id.
+    pub async fn add_node(&mut self, jurisdiction: &str, raft_toml: &str) -> u64 {
+        let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
+        let dir = self
+            .dir
+            .as_ref()
+            .expect("the cluster directory lives as long as the cluster");
+        let mut node = NodeHandle::configure(dir.path(), id, jurisdiction, raft_toml);
+        node.start();
+        wait_port(node.client_port).await;
+        self.nodes.insert(id, node);
+        id
     }
 
     pub fn node(&mut self, id: u64) -> &mut NodeHandle {

@@ -36,3 +36,46 @@ impl Client {
             .map_err(ClientError::from_status)
     }
 }
+
+impl Client {
+    /// Adds the node at `peer_addr` as a learner (sent to the leader).
+    pub async fn add_learner(
+        &self,
+        peer_addr: &str,
+    ) -> Result<pb::MembershipResponse, ClientError> {
+        let message = pb::AddLearnerRequest {
+            peer_addr: peer_addr.to_string(),
+        };
+        self.call(message, |channel, request| async move {
+            cluster_client(channel).add_learner(request).await
+        })
+        .await
+    }
+
+    /// Makes a learner a voter once it is within `max_lag_entries` of the leader, waiting up to
+    /// `catch_up_timeout_ms` (0: the server's defaults). The client's own timeout must cover it.
+    pub async fn promote(
+        &self,
+        node_id: u64,
+        catch_up_timeout_ms: u64,
+        max_lag_entries: u64,
+    ) -> Result<pb::MembershipResponse, ClientError> {
+        let message = pb::PromoteRequest {
+            node_id,
+            catch_up_timeout_ms,
+            max_lag_entries,
+        };
+        self.call(message, |channel, request| async move {
+            cluster_client(channel).promote(request).await
+        })
+        .await
+    }
+
+    pub async fn remove_member(&self, node_id: u64) -> Result<pb::MembershipResponse, ClientError> {
+        let message = pb::RemoveMemberRequest { node_id };
+        self.call(message, |channel, request| async move {
+            cluster_client(channel).remove_member(request).await
+        })
+        .await
+    }
+}

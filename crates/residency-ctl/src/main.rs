@@ -42,7 +42,10 @@ struct Cli {
 enum Command {
     /// Members, roles, leader, term, and commit and applied index per node.
     Status,
-    /// Cluster life: bootstrap and status.
+    /// Membership: list, add-learner, promote, remove.
+    #[command(subcommand)]
+    Member(cmd::member::MemberCommand),
+    /// Cluster life: bootstrap, status, digest.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCommand),
     /// Placements: assign, get, move, forget.
@@ -86,8 +89,16 @@ impl From<residency_types::ValidationError> for Failure {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let mut timeout = Duration::from_millis(cli.timeout_ms);
+    if let Command::Member(cmd::member::MemberCommand::Promote {
+        catch_up_timeout_ms,
+        ..
+    }) = &cli.command
+    {
+        timeout = timeout.max(cmd::member::promote_timeout(*catch_up_timeout_ms));
+    }
     let options = ClientOptions {
-        timeout: Duration::from_millis(cli.timeout_ms),
+        timeout,
         caller: cli.caller.clone(),
     };
     let client = match Client::new(cli.endpoints.clone(), options) {
@@ -101,6 +112,7 @@ async fn main() -> ExitCode {
         Command::Status => cmd::cluster::status(&client, cli.output).await,
         Command::Cluster(command) => cmd::cluster::run(&client, cli.output, command).await,
         Command::User(command) => cmd::user::run(&client, cli.output, command).await,
+        Command::Member(command) => cmd::member::run(&client, cli.output, command).await,
         Command::Location(command) => cmd::location::run(&client, cli.output, command).await,
         Command::Policy(command) => cmd::policy::run(&client, cli.output, command).await,
         Command::Check(args) => cmd::check::run(&client, cli.output, args).await,

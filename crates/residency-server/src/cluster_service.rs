@@ -7,8 +7,9 @@ use std::time::Duration;
 use openraft::error::{InitializeError, RaftError};
 use residency_proto::pb::cluster_server::Cluster;
 use residency_proto::pb::{
-    DigestRequest, DigestResponse, InitializeRequest, InitializeResponse, MemberRole, MemberStatus,
-    RaftState, StatusRequest, StatusResponse,
+    AddLearnerRequest, DigestRequest, DigestResponse, InitializeRequest, InitializeResponse,
+    MemberRole, MemberStatus, MembershipResponse, PromoteRequest, RaftState, RemoveMemberRequest,
+    StatusRequest, StatusResponse,
 };
 use residency_store::{NodeId, NodeInfo};
 use residency_types::{Jurisdiction, ReasonCode};
@@ -16,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
 use crate::grpc::{observe, request_timeout};
+use crate::membership;
 use crate::node::Node;
 
 /// A new cluster starts with at most this many voters.
@@ -67,6 +69,28 @@ impl ClusterService {
         status
     }
 
+    /// Every member's status, each asked in parallel, with its lag behind the leader.
+    async fn all_members(&self) -> Vec<MemberStatus> {
+        let leader = self.node.raft.metrics().borrow().current_leader;
+        let asks = self
+            .node
+            .members()
+            .into_iter()
+            .map(|(id, info, voter)| self.member_status(id, info, voter));
+        let mut members = futures::future::join_all(asks).await;
+        let leader_last_log = members
+            .iter()
+            .find(|member| Some(member.id) == leader)
+            .and_then(|leader| leader.last_log_index);
+        for member in &mut members {
+            member.lag_entries = match (leader_last_log, member.applied_index) {
+                (Some(leader), Some(applied)) => Some(leader.saturating_sub(applied)),
+                _ => None,
+            };
+        }
+        members
+    }
+
     /// Who is at `peer_addr`: this node, or the node that answers there.
     async fn identify(&self, peer_addr: &str) -> Result<(NodeId, NodeInfo), ApiError> {
         if peer_addr == self.node.info.peer_addr {
@@ -113,28 +137,80 @@ impl Cluster for ClusterService {
                 .await
                 .map_err(|_| ApiError::ShuttingDown)?;
             let metrics = self.node.raft.metrics().borrow().clone();
-            let asks = self
-                .node
-                .members()
-                .into_iter()
-                .map(|(id, info, voter)| self.member_status(id, info, voter));
-            let mut members = futures::future::join_all(asks).await;
-            let leader_last_log = members
-                .iter()
-                .find(|member| Some(member.id) == metrics.current_leader)
-                .and_then(|leader| leader.last_log_index);
-            for member in &mut members {
-                member.lag_entries = match (leader_last_log, member.applied_index) {
-                    (Some(leader), Some(applied)) => Some(leader.saturating_sub(applied)),
-                    _ => None,
-                };
-            }
+            let members = self.all_members().await;
             Ok(StatusResponse {
                 served_by: self.node.id(),
                 leader_id: metrics.current_leader,
                 term: metrics.current_term,
                 members,
                 initialized,
+            })
+        })
+        .await
+    }
+
+    async fn add_learner(
+        &self,
+        request: Request<AddLearnerRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let timeout = crate::registry_service::timeout_of(&self.node, &request);
+        let request = request.into_inner();
+        observe("AddLearner", timeout, async {
+            if request.peer_addr.is_empty() {
+                return Err(ApiError::invalid(
+                    ReasonCode::InvalidArgument,
+                    "peer_addr",
+                    "is required",
+                ));
+            }
+            self.node
+                .add_learner(&request.peer_addr, self.member_timeout())
+                .await?;
+            Ok(MembershipResponse {
+                members: self.all_members().await,
+            })
+        })
+        .await
+    }
+
+    async fn promote(
+        &self,
+        request: Request<PromoteRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let request = request.into_inner();
+        let catch_up_ms = match request.catch_up_timeout_ms {
+            0 => membership::CATCH_UP_TIMEOUT_MS_DEFAULT,
+            ms => ms.min(membership::CATCH_UP_TIMEOUT_MS_MAX),
+        };
+        let max_lag = match request.max_lag_entries {
+            0 => membership::MAX_LAG_ENTRIES_DEFAULT,
+            lag => lag,
+        };
+        // A promotion may wait for the learner longer than an ordinary request may take.
+        let timeout =
+            Duration::from_millis(catch_up_ms + self.node.config.limits.request_timeout_ms_max);
+        observe("Promote", timeout, async {
+            let catch_up = Duration::from_millis(catch_up_ms);
+            self.node
+                .promote(request.node_id, catch_up, max_lag)
+                .await?;
+            Ok(MembershipResponse {
+                members: self.all_members().await,
+            })
+        })
+        .await
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<RemoveMemberRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let timeout = crate::registry_service::timeout_of(&self.node, &request);
+        let request = request.into_inner();
+        observe("RemoveMember", timeout, async {
+            self.node.remove_member(request.node_id).await?;
+            Ok(MembershipResponse {
+                members: self.all_members().await,
             })
         })
         .await

@@ -18,6 +18,7 @@
 //! | `Overloaded` | RESOURCE_EXHAUSTED | `OVERLOADED` |
 //! | `DeadlineExceeded` | DEADLINE_EXCEEDED (a write may or may not have applied) | `DEADLINE_EXCEEDED` |
 //! | `Internal` | INTERNAL | `INTERNAL` |
+//! | `Membership` | FAILED_PRECONDITION | `MEMBER_JURISDICTION_NOT_ALLOWED`, `MEMBER_EXISTS`, `MEMBER_NOT_FOUND`, `LEARNER_NOT_CAUGHT_UP`, `LAST_VOTER`, `ADMIN_OPERATION_IN_PROGRESS`, `MEMBERSHIP_CHANGE_IN_PROGRESS` |
 
 use residency_proto::metadata::{LEADER_ADDR_KEY, LEADER_ID_KEY, REASON_KEY, REVISION_KEY};
 use residency_types::{ReasonCode, Rejection, Revision, ValidationError};
@@ -76,6 +77,9 @@ pub enum ApiError {
     DeadlineExceeded(u64),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A membership change refused by a rule; `code` says which, `message` the values involved.
+    #[error("{message}")]
+    Membership { code: ReasonCode, message: String },
 }
 
 impl From<ValidationError> for ApiError {
@@ -119,6 +123,7 @@ impl ApiError {
             ApiError::Overloaded(_) => ReasonCode::Overloaded,
             ApiError::DeadlineExceeded(_) => ReasonCode::DeadlineExceeded,
             ApiError::Internal(_) => ReasonCode::Internal,
+            ApiError::Membership { code, .. } => *code,
         }
     }
 
@@ -141,6 +146,7 @@ impl ApiError {
             ApiError::Overloaded(_) => Code::ResourceExhausted,
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::Internal(_) => Code::Internal,
+            ApiError::Membership { .. } => Code::FailedPrecondition,
         }
     }
 }

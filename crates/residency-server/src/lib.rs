@@ -16,6 +16,7 @@ pub mod cluster_service;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod membership;
 pub mod network;
 pub mod node;
 pub mod observability;

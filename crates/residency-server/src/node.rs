@@ -47,6 +47,8 @@ pub struct Node {
     pub info: NodeInfo,
     pub peers: PeerChannels,
     read_index: ReadIndexBatcher,
+    /// Held by a membership change for its whole run (see `membership.rs`).
+    pub(crate) admin_lock: tokio::sync::Mutex<()>,
     last_leader_contact: Mutex<Option<Instant>>,
 }
 
@@ -92,6 +94,7 @@ impl Node {
             info,
             peers,
             read_index,
+            admin_lock: tokio::sync::Mutex::new(()),
             last_leader_contact: Mutex::new(None),
         }
     }

@@ -49,11 +49,18 @@ pub enum ReasonCode {
     DuplicateUserInBatch,
     PolicyNotFound,
     InvalidAccessor,
+    AdminOperationInProgress,
+    MemberExists,
+    MemberNotFound,
+    LearnerNotCaughtUp,
+    MemberJurisdictionNotAllowed,
+    LastVoter,
+    MembershipChangeInProgress,
 }
 
 impl ReasonCode {
     /// Every code, for tables and round-trip tests.
-    pub const ALL: [ReasonCode; 39] = [
+    pub const ALL: [ReasonCode; 46] = [
         ReasonCode::InvalidUserId,
         ReasonCode::InvalidJurisdiction,
         ReasonCode::InvalidLocationId,
@@ -93,6 +100,13 @@ impl ReasonCode {
         ReasonCode::DuplicateUserInBatch,
         ReasonCode::PolicyNotFound,
         ReasonCode::InvalidAccessor,
+        ReasonCode::AdminOperationInProgress,
+        ReasonCode::MemberExists,
+        ReasonCode::MemberNotFound,
+        ReasonCode::LearnerNotCaughtUp,
+        ReasonCode::MemberJurisdictionNotAllowed,
+        ReasonCode::LastVoter,
+        ReasonCode::MembershipChangeInProgress,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -136,6 +150,13 @@ impl ReasonCode {
             ReasonCode::DuplicateUserInBatch => "DUPLICATE_USER_IN_BATCH",
             ReasonCode::PolicyNotFound => "POLICY_NOT_FOUND",
             ReasonCode::InvalidAccessor => "INVALID_ACCESSOR",
+            ReasonCode::AdminOperationInProgress => "ADMIN_OPERATION_IN_PROGRESS",
+            ReasonCode::MemberExists => "MEMBER_EXISTS",
+            ReasonCode::MemberNotFound => "MEMBER_NOT_FOUND",
+            ReasonCode::LearnerNotCaughtUp => "LEARNER_NOT_CAUGHT_UP",
+            ReasonCode::MemberJurisdictionNotAllowed => "MEMBER_JURISDICTION_NOT_ALLOWED",
+            ReasonCode::LastVoter => "LAST_VOTER",
+            ReasonCode::MembershipChangeInProgress => "MEMBERSHIP_CHANGE_IN_PROGRESS",
         }
     }
 

@@ -1,4 +1,4 @@
-//! `residencyctl status`, `cluster status`, `cluster init`.
+//! `residencyctl status`, `cluster status [--watch]`, `cluster init`, `cluster digest`.
 
 use clap::Subcommand;
 use residency_client::Client;
@@ -10,8 +10,17 @@ use crate::output::{self, OutputFormat, optional};
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// Same as `residencyctl status`.
-    Status,
+    /// Same as `residencyctl status`; `--watch` refreshes it every interval until interrupted.
+    Status {
+        #[arg(long)]
+        watch: bool,
+        /// Refresh interval for --watch, in milliseconds.
+        #[arg(long, default_value_t = 2_000)]
+        interval_ms: u64,
+    },
+    /// Asks every member for its state digest and reports whether they agree at one revision.
+    /// Exits 1 if any member cannot answer or two members disagree.
+    Digest,
     /// Forms a new cluster from the nodes at these peer addresses (the first endpoint's node
     /// must be one of them). Refused if that node already belongs to a cluster.
     Init {
@@ -27,7 +36,19 @@ pub async fn run(
     command: ClusterCommand,
 ) -> Result<(), Failure> {
     match command {
-        ClusterCommand::Status => status(client, format).await,
+        ClusterCommand::Status { watch: false, .. } => status(client, format).await,
+        ClusterCommand::Status {
+            watch: true,
+            interval_ms,
+        } => loop {
+            // Clear the screen and home the cursor, like `watch`.
+            output::line("\x1b[2J\x1b[H");
+            if let Err(failure) = status(client, format).await {
+                output::line(&format!("error: {}", failure.message));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(interval_ms)).await;
+        },
+        ClusterCommand::Digest => digest(client, format).await,
         ClusterCommand::Init { peers } => {
             let response = client.initialize(peers).await?;
             print_members(format, None, &response.members);
@@ -75,7 +96,7 @@ fn member_json(member: &MemberStatus) -> serde_json::Value {
     })
 }
 
-fn print_members(format: OutputFormat, leader_id: Option<u64>, members: &[MemberStatus]) {
+pub fn print_members(format: OutputFormat, leader_id: Option<u64>, members: &[MemberStatus]) {
     match format {
         OutputFormat::Json => output::json(&json!({
             "leader_id": leader_id,
@@ -141,5 +162,101 @@ pub async fn status(client: &Client, format: OutputFormat) -> Result<(), Failure
         ));
     }
     print_members(format, status.leader_id, &status.members);
+    Ok(())
+}
+
+/// Attempts at finding every member at one revision (a cluster under writes moves on between
+/// two answers), and the pause between them.
+const DIGEST_ATTEMPTS_MAX: usize = 20;
+const DIGEST_RETRY_MS: u64 = 250;
+
+async fn digest(client: &Client, format: OutputFormat) -> Result<(), Failure> {
+    let status = client.status().await?;
+    let options = residency_client::ClientOptions {
+        timeout: std::time::Duration::from_secs(10),
+        caller: String::new(),
+    };
+    let mut last = Vec::new();
+    for _ in 0..DIGEST_ATTEMPTS_MAX {
+        let mut digests = Vec::new();
+        for member in &status.members {
+            let one = Client::new(vec![member.client_addr.clone()], options.clone())?;
+            match one.digest().await {
+                Ok(digest) => digests.push((member.id, Some(digest))),
+                Err(error) => {
+                    return Err(Failure {
+                        exit_code: 1,
+                        message: format!(
+                            "MEMBER_UNREACHABLE: node {} did not give its digest: {error}",
+                            member.id
+                        ),
+                    });
+                }
+            }
+        }
+        let revisions: std::collections::BTreeSet<u64> = digests
+            .iter()
+            .filter_map(|(_, digest)| digest.as_ref().map(|digest| digest.revision))
+            .collect();
+        last = digests;
+        if revisions.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(DIGEST_RETRY_MS)).await;
+    }
+    let answers: Vec<(u64, u64, String, u64)> = last
+        .iter()
+        .filter_map(|(id, digest)| {
+            digest
+                .as_ref()
+                .map(|d| (*id, d.revision, d.sha256_hex.clone(), d.pairs))
+        })
+        .collect();
+    let same_revision = answers.windows(2).all(|pair| pair[0].1 == pair[1].1);
+    let agree = same_revision && answers.windows(2).all(|pair| pair[0].2 == pair[1].2);
+    match format {
+        OutputFormat::Json => output::json(&json!({
+            "agree": agree,
+            "same_revision": same_revision,
+            "members": answers.iter().map(|(id, revision, sha, pairs)| json!({
+                "id": id, "revision": revision, "sha256": sha, "pairs": pairs,
+            })).collect::<Vec<_>>(),
+        })),
+        OutputFormat::Table => {
+            let rows: Vec<Vec<String>> = answers
+                .iter()
+                .map(|(id, revision, sha, pairs)| {
+                    vec![
+                        id.to_string(),
+                        revision.to_string(),
+                        sha.clone(),
+                        pairs.to_string(),
+                    ]
+                })
+                .collect();
+            output::table(&["ID", "REVISION", "SHA256", "PAIRS"], &rows);
+        }
+    }
+    if !same_revision {
+        return Err(Failure {
+            exit_code: 1,
+            message: format!(
+                "REVISION_NOT_REACHED: the members did not stand at one revision in {DIGEST_ATTEMPTS_MAX} attempts; retry when writes pause"
+            ),
+        });
+    }
+    if !agree {
+        return Err(Failure {
+            exit_code: 1,
+            message: "DIGEST_MISMATCH: members disagree at the same revision".to_string(),
+        });
+    }
+    if format == OutputFormat::Table {
+        output::line(&format!(
+            "all {} members agree at revision {}",
+            answers.len(),
+            answers.first().map_or(0, |a| a.1)
+        ));
+    }
     Ok(())
 }

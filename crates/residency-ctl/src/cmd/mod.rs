@@ -3,5 +3,6 @@
 pub mod check;
 pub mod cluster;
 pub mod location;
+pub mod member;
 pub mod policy;
 pub mod user;
