@@ -11,6 +11,7 @@ mod t60_bad_input;
 mod t70_consistency;
 mod t80_residency_rules;
 mod t90_membership;
+mod t95_backup_restore;
 
 use residency_client::Client;
 use residency_types::{Jurisdiction, LocationId, Placement, UserId};

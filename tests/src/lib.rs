@@ -226,6 +226,58 @@ impl Cluster {
         cluster
     }
 
+    /// Builds a new cluster of `size` nodes from a backup with `residencyd restore` on each,
+    /// starts them (no `cluster init`: the restored state names them) and waits for a leader.
+    pub async fn start_restored(backup: &Path, size: u64, raft_toml: &str) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("residency-restored-")
+            .tempdir()
+            .expect("cluster dir");
+        let mut nodes = BTreeMap::new();
+        for id in 1..=size {
+            nodes.insert(id, NodeHandle::configure(dir.path(), id, "US", raft_toml));
+        }
+        let members: Vec<String> = nodes
+            .values()
+            .map(|node| {
+                format!(
+                    "--member={}={}/{}",
+                    node.id,
+                    node.peer_addr(),
+                    node.client_addr()
+                )
+            })
+            .collect();
+        for node in nodes.values() {
+            let output = Command::new(residencyd_path())
+                .arg("--config")
+                .arg(&node.config_path)
+                .arg("restore")
+                .arg("--backup")
+                .arg(backup)
+                .args(&members)
+                .output()
+                .expect("residencyd restore runs");
+            assert!(
+                output.status.success(),
+                "restore failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let mut cluster = Cluster {
+            nodes,
+            dir: Some(dir),
+        };
+        for node in cluster.nodes.values_mut() {
+            node.start();
+        }
+        for node in cluster.nodes.values() {
+            wait_port(node.client_port).await;
+        }
+        cluster.wait_for_leader(None).await;
+        cluster
+    }
+
     /// The catalog every test starts from: three US locations, one German one, the US policy
     /// (store: US; access: US) and the DE policy (store: DE; access: DE and US).
     async fn seed_catalog(&self) {

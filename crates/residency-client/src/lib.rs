@@ -19,11 +19,13 @@
 //! # Ok(()) }
 //! ```
 
+mod backup;
 mod catalog;
 mod cluster;
 mod error;
 mod registry;
 
+pub use backup::BackupSummary;
 pub use catalog::{PolicyDryRun, Versioned};
 pub use registry::{Checked, Moved};
 

@@ -42,6 +42,9 @@ struct Cli {
 enum Command {
     /// Members, roles, leader, term, and commit and applied index per node.
     Status,
+    /// Backups of a running cluster (restore with `residencyd restore`).
+    #[command(subcommand)]
+    Backup(cmd::backup::BackupCommand),
     /// Membership: list, add-learner, promote, remove.
     #[command(subcommand)]
     Member(cmd::member::MemberCommand),
@@ -112,6 +115,7 @@ async fn main() -> ExitCode {
         Command::Status => cmd::cluster::status(&client, cli.output).await,
         Command::Cluster(command) => cmd::cluster::run(&client, cli.output, command).await,
         Command::User(command) => cmd::user::run(&client, cli.output, command).await,
+        Command::Backup(command) => cmd::backup::run(&client, cli.output, command).await,
         Command::Member(command) => cmd::member::run(&client, cli.output, command).await,
         Command::Location(command) => cmd::location::run(&client, cli.output, command).await,
         Command::Policy(command) => cmd::policy::run(&client, cli.output, command).await,

@@ -7,9 +7,9 @@ use std::time::Duration;
 use openraft::error::{InitializeError, RaftError};
 use residency_proto::pb::cluster_server::Cluster;
 use residency_proto::pb::{
-    AddLearnerRequest, DigestRequest, DigestResponse, InitializeRequest, InitializeResponse,
-    MemberRole, MemberStatus, MembershipResponse, PromoteRequest, RaftState, RemoveMemberRequest,
-    StatusRequest, StatusResponse,
+    AddLearnerRequest, BackupRequest, DigestRequest, DigestResponse, InitializeRequest,
+    InitializeResponse, MemberRole, MemberStatus, MembershipResponse, PromoteRequest, RaftState,
+    RemoveMemberRequest, StatusRequest, StatusResponse,
 };
 use residency_store::{NodeId, NodeInfo};
 use residency_types::{Jurisdiction, ReasonCode};
@@ -147,6 +147,18 @@ impl Cluster for ClusterService {
             })
         })
         .await
+    }
+
+    type BackupStream = crate::backup::BackupStream;
+
+    async fn backup(
+        &self,
+        _request: Request<BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        // The stream outlives any request deadline: a large backup takes as long as it takes.
+        let stream = self.node.backup().await.map_err(Status::from)?;
+        metrics::counter!("residency_backups_total").increment(1);
+        Ok(Response::new(stream))
     }
 
     async fn add_learner(

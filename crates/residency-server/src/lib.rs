@@ -11,6 +11,7 @@
 //! - [`error`]: the one table from errors to gRPC statuses and reason codes.
 //! - [`observability`]: metrics, health, readiness and logging; [`watchdog`]: the election guard.
 
+pub mod backup;
 pub mod catalog_service;
 pub mod cluster_service;
 pub mod config;

@@ -5,8 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use residency_server::config::{Config, LogFormat};
+use std::collections::BTreeMap;
+
+use residency_server::config::{Config, LogFormat, ValidConfig};
 use residency_server::{Listeners, observability};
+use residency_store::{NodeInfo, StoreOptions, restore};
 
 #[derive(Debug, Parser)]
 #[command(name = "residencyd", version, about = "A Residency Registry node")]
@@ -38,6 +41,93 @@ struct Args {
     /// Validate the configuration, print it, and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Offline>,
+}
+
+/// Work on a node's data while the node is not running.
+#[derive(Debug, clap::Subcommand)]
+enum Offline {
+    /// Builds this node's data (its config's data_dir, which must not hold a store yet) from a
+    /// backup, as a member of a new cluster. Run it on every node of the new cluster with the
+    /// same backup and the same --member list, then start the nodes: no `cluster init`.
+    ///
+    /// Example: residencyd --config node1.toml restore --backup registry.backup
+    ///   --member 1=10.0.0.1:7201/10.0.0.1:7101 --member 2=10.0.0.2:7201/10.0.0.2:7101
+    ///   --member 3=10.0.0.3:7201/10.0.0.3:7101
+    Restore {
+        #[arg(long)]
+        backup: PathBuf,
+        /// A member of the new cluster: ID=PEER_ADDR/CLIENT_ADDR. Repeat for each member.
+        #[arg(long = "member", required = true)]
+        members: Vec<String>,
+    },
+    /// Reads a whole backup file and checks it (count and checksum); prints its revision.
+    VerifyBackup { backup: PathBuf },
+}
+
+fn parse_member(text: &str, jurisdiction: &str) -> anyhow::Result<(u64, NodeInfo)> {
+    let (id, addresses) = text
+        .split_once('=')
+        .context("a member is ID=PEER_ADDR/CLIENT_ADDR")?;
+    let (peer_addr, client_addr) = addresses
+        .split_once('/')
+        .context("a member is ID=PEER_ADDR/CLIENT_ADDR")?;
+    let id: u64 = id
+        .parse()
+        .with_context(|| format!("{id:?} is not a node id"))?;
+    anyhow::ensure!(
+        id > 0 && !peer_addr.is_empty() && !client_addr.is_empty(),
+        "a member is ID=PEER_ADDR/CLIENT_ADDR"
+    );
+    let info = NodeInfo {
+        client_addr: client_addr.to_string(),
+        peer_addr: peer_addr.to_string(),
+        jurisdiction: jurisdiction.to_string(),
+    };
+    Ok((id, info))
+}
+
+fn offline(command: Offline, config: ValidConfig) -> anyhow::Result<()> {
+    match command {
+        Offline::VerifyBackup { backup } => {
+            let verified = restore::verify_backup(&backup)
+                .with_context(|| format!("{} is not a sound backup", backup.display()))?;
+            println!(
+                "{}: a sound backup at revision {} ({} pairs)",
+                backup.display(),
+                verified.applied.index,
+                verified.pairs
+            );
+        }
+        Offline::Restore { backup, members } => {
+            let jurisdiction = config.required_jurisdiction.to_string();
+            let members = members
+                .iter()
+                .map(|member| parse_member(member, &jurisdiction))
+                .collect::<anyhow::Result<BTreeMap<u64, NodeInfo>>>()?;
+            let options = StoreOptions {
+                cache_capacity_bytes: config.storage.cache_capacity_bytes,
+            };
+            let restored =
+                restore::restore(&config.data_dir, options, &backup, config.node_id, members)
+                    .with_context(|| {
+                        format!(
+                            "restoring {} into {}",
+                            backup.display(),
+                            config.data_dir.display()
+                        )
+                    })?;
+            println!(
+                "node {} restored at revision {} ({} pairs) into {}",
+                config.node_id,
+                restored.applied.index,
+                restored.pairs,
+                config.data_dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn load(args: &Args) -> anyhow::Result<Config> {
@@ -71,6 +161,9 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = load(&args)?.validate().context("invalid configuration")?;
+    if let Some(command) = args.command {
+        return offline(command, config);
+    }
     if args.check_config {
         println!("{config:#?}");
         return Ok(());

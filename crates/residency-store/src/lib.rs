@@ -15,6 +15,7 @@ pub mod error;
 pub mod log_store;
 pub mod reader;
 pub mod record;
+pub mod restore;
 pub mod snapshot;
 pub mod state_machine;
 

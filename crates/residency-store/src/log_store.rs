@@ -78,6 +78,16 @@ impl LogStore {
         Ok(store)
     }
 
+    /// Starts an empty log just after a restored state: purged and committed up to `applied`,
+    /// with `vote` saved (see `restore.rs`).
+    pub(crate) fn mark_restored(&self, applied: LogId, vote: Vote) -> Result<(), StoreError> {
+        assert!(self.log.is_empty(), "a restore starts from an empty log");
+        self.write_meta(LAST_PURGED_KEY, &applied)?;
+        self.write_meta(COMMITTED_KEY, &applied)?;
+        self.write_meta(VOTE_KEY, &vote)?;
+        Ok(())
+    }
+
     pub fn committed_index(&self) -> CommittedIndex {
         self.committed.clone()
     }

@@ -124,6 +124,13 @@ impl StateReader {
         Ok((value, self.applied_revision()))
     }
 
+    /// The node's current snapshot, opened (it cannot be deleted while the file is open).
+    pub fn open_current_snapshot(
+        &self,
+    ) -> Result<Option<(crate::SnapshotMeta, std::fs::File)>, StoreError> {
+        self.shared.open_current_snapshot()
+    }
+
     /// The state digest at the current applied revision (holds the read lock while hashing).
     pub async fn digest(&self) -> Result<DigestAt, StoreError> {
         let tree = self.shared.state.clone().read_owned().await;

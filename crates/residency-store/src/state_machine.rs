@@ -38,10 +38,12 @@ const POINTER_TREE: &str = "sm_pointer";
 const CURRENT_TREE_KEY: &str = "current";
 const NEXT_SEQ_KEY: &str = "next_seq";
 const STATE_TREE_PREFIX: &str = "state-";
+/// The state tree of a store no snapshot was ever installed into.
+pub(crate) const INITIAL_STATE_TREE: &str = "state-0";
 const SNAPSHOT_SUFFIX: &str = ".snap";
 const PARTIAL_SUFFIX: &str = ".partial";
 /// Pairs per sled batch while loading a snapshot: bounds memory during install.
-const INSTALL_BATCH_PAIRS_MAX: usize = 10_000;
+pub(crate) const INSTALL_BATCH_PAIRS_MAX: usize = 10_000;
 
 pub(crate) fn applied_key() -> Vec<u8> {
     keys::meta_key("applied")
@@ -202,7 +204,7 @@ impl StateMachineStore {
         let current_name = match pointer.get(CURRENT_TREE_KEY)? {
             Some(name) => String::from_utf8(name.to_vec())
                 .map_err(|_| StoreError::corrupt("state tree pointer is not UTF-8"))?,
-            None => format!("{STATE_TREE_PREFIX}0"),
+            None => INITIAL_STATE_TREE.to_string(),
         };
         for name in db.tree_names() {
             let stale =
@@ -388,7 +390,7 @@ impl Shared {
     }
 
     /// The current snapshot, opened under the lock that deletes replaced ones.
-    fn open_current_snapshot(&self) -> Result<Option<(SnapshotMeta, File)>, StoreError> {
+    pub(crate) fn open_current_snapshot(&self) -> Result<Option<(SnapshotMeta, File)>, StoreError> {
         let current = self
             .current_snapshot
             .lock()

@@ -1,5 +1,6 @@
 //! One module per command group.
 
+pub mod backup;
 pub mod check;
 pub mod cluster;
 pub mod location;

@@ -12,6 +12,7 @@ mod determinism;
 mod log_corruption;
 mod reads;
 mod restart;
+mod restore_backup;
 mod snapshot_file;
 mod snapshot_install;
 
