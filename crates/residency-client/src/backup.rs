@@ -84,3 +84,37 @@ impl Client {
         })
     }
 }
+
+impl Client {
+    /// Every placement at one revision, handed to `each` in user-id order, from the first
+    /// endpoint. Returns the revision.
+    pub async fn export_placements<F>(
+        &self,
+        mut each: F,
+    ) -> Result<residency_types::Revision, ClientError>
+    where
+        F: FnMut(residency_types::Placement) -> Result<(), ClientError>,
+    {
+        let channel = self.channel(&self.endpoints()[0])?;
+        let mut stream = crate::registry_client(channel)
+            .export_placements(pb::ExportPlacementsRequest {})
+            .await
+            .map_err(ClientError::from_status)?
+            .into_inner();
+        let first = stream
+            .message()
+            .await
+            .map_err(ClientError::from_status)?
+            .ok_or_else(|| protocol("the export ended before its first message"))?;
+        let revision = residency_types::Revision(first.revision);
+        for placement in first.placements {
+            each(residency_types::Placement::try_from(placement)?)?;
+        }
+        while let Some(chunk) = stream.message().await.map_err(ClientError::from_status)? {
+            for placement in chunk.placements {
+                each(residency_types::Placement::try_from(placement)?)?;
+            }
+        }
+        Ok(revision)
+    }
+}

@@ -114,6 +114,10 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Status => cmd::cluster::status(&client, cli.output).await,
         Command::Cluster(command) => cmd::cluster::run(&client, cli.output, command).await,
+        // An import shares its client among the batches it keeps in flight.
+        Command::User(cmd::user::UserCommand::Import(args)) => {
+            cmd::transfer::import(client, cli.output, args).await
+        }
         Command::User(command) => cmd::user::run(&client, cli.output, command).await,
         Command::Backup(command) => cmd::backup::run(&client, cli.output, command).await,
         Command::Member(command) => cmd::member::run(&client, cli.output, command).await,

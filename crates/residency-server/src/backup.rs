@@ -120,3 +120,83 @@ impl Node {
         Ok(Box::pin(ReceiverStream::new(receiver)))
     }
 }
+
+/// Placements per export message.
+const EXPORT_PAGE_PLACEMENTS: usize = 1_000;
+
+pub type ExportStream =
+    Pin<Box<dyn Stream<Item = Result<residency_proto::pb::ExportPlacementsChunk, Status>> + Send>>;
+
+impl Node {
+    /// Streams every placement of a fresh snapshot: one revision, no lock held while sending.
+    pub async fn export_placements(&self) -> Result<ExportStream, ApiError> {
+        use residency_proto::pb::ExportPlacementsChunk;
+        let (revision, file) = self.fresh_snapshot().await?;
+        let (sender, receiver) = mpsc::channel(BACKUP_CHUNKS_IN_FLIGHT_MAX);
+        tokio::task::spawn_blocking(move || {
+            let send =
+                |chunk: Result<ExportPlacementsChunk, Status>| sender.blocking_send(chunk).is_ok();
+            if !send(Ok(ExportPlacementsChunk {
+                revision,
+                placements: Vec::new(),
+            })) {
+                return;
+            }
+            let read = residency_store::snapshot::SnapshotReader::open(file);
+            let mut reader = match read {
+                Ok((reader, _)) => reader,
+                Err(error) => {
+                    send(Err(Status::internal(format!(
+                        "reading the snapshot: {error}"
+                    ))));
+                    return;
+                }
+            };
+            let mut page = Vec::with_capacity(EXPORT_PAGE_PLACEMENTS);
+            loop {
+                match reader.next_pair() {
+                    Ok(Some((key, value))) => {
+                        if !key.starts_with(residency_core::keys::PLACEMENT_PREFIX) {
+                            continue;
+                        }
+                        match residency_core::codec::decode::<residency_types::Placement>(&value) {
+                            Ok(placement) => page.push((&placement).into()),
+                            Err(error) => {
+                                send(Err(Status::internal(format!(
+                                    "a placement does not decode: {error}"
+                                ))));
+                                return;
+                            }
+                        }
+                        if page.len() == EXPORT_PAGE_PLACEMENTS {
+                            let full = std::mem::replace(
+                                &mut page,
+                                Vec::with_capacity(EXPORT_PAGE_PLACEMENTS),
+                            );
+                            if !send(Ok(ExportPlacementsChunk {
+                                revision,
+                                placements: full,
+                            })) {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        send(Err(Status::internal(format!(
+                            "reading the snapshot: {error}"
+                        ))));
+                        return;
+                    }
+                }
+            }
+            if !page.is_empty() {
+                send(Ok(ExportPlacementsChunk {
+                    revision,
+                    placements: page,
+                }));
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(receiver)))
+    }
+}

@@ -386,4 +386,14 @@ impl Registry for RegistryService {
         })
         .await
     }
+
+    type ExportPlacementsStream = crate::backup::ExportStream;
+
+    async fn export_placements(
+        &self,
+        _request: Request<pb::ExportPlacementsRequest>,
+    ) -> Result<Response<Self::ExportPlacementsStream>, Status> {
+        let stream = self.node.export_placements().await.map_err(Status::from)?;
+        Ok(Response::new(stream))
+    }
 }

@@ -6,4 +6,5 @@ pub mod cluster;
 pub mod location;
 pub mod member;
 pub mod policy;
+pub mod transfer;
 pub mod user;

@@ -95,6 +95,17 @@ pub enum UserCommand {
     /// Moves a user's data between locations: begin, then complete (epoch rises) or abort.
     #[command(subcommand)]
     Move(MoveCommand),
+    /// Loads placements from a CSV or JSON-lines file in atomic batches; safe to run again.
+    ///
+    /// Example: residencyctl user import users.csv --rejects users.rejects.jsonl
+    Import(crate::cmd::transfer::ImportArgs),
+    /// Writes every placement at one revision as JSON lines (to FILE, or stdout).
+    ///
+    /// Example: residencyctl user export --file placements.jsonl
+    Export {
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
     /// Deletes a user's placement.
     Forget {
         user_id: String,
@@ -272,6 +283,11 @@ pub async fn run(
             print_placement(format, &placement, extra);
             Ok(())
         }
+        UserCommand::Import(_) => Err(Failure {
+            exit_code: 2,
+            message: "an import runs through cmd::transfer::import".into(),
+        }),
+        UserCommand::Export { file } => crate::cmd::transfer::export(client, file).await,
         UserCommand::Move(command) => run_move(client, format, command).await,
         UserCommand::Forget { user_id, write } => {
             let user_id = UserId::parse(user_id)?;
