@@ -12,6 +12,7 @@ mod t70_consistency;
 mod t80_residency_rules;
 mod t90_membership;
 mod t95_backup_restore;
+mod t96_cli;
 
 use residency_client::Client;
 use residency_types::{Jurisdiction, LocationId, Placement, UserId};

@@ -53,12 +53,17 @@ pub fn serially<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
 
 /// Where cargo put `residencyd`: beside the directory of this test binary (`target/debug`).
 fn residencyd_path() -> PathBuf {
+    binary_path("residencyd")
+}
+
+/// Where cargo put one of the project's binaries (`cargo test --workspace` builds them).
+fn binary_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("test binary lives in target/<profile>/deps");
-    let path = profile_dir.join("residencyd");
+    let path = profile_dir.join(name);
     assert!(
         path.exists(),
         "{} is missing: run the tests with `cargo test --workspace`, which builds it",
@@ -424,6 +429,27 @@ impl Cluster {
 
     pub fn restart(&mut self, id: u64) {
         self.node(id).start();
+    }
+
+    /// Runs `residencyctl` against this cluster's nodes; returns its exit code, stdout, stderr.
+    pub fn ctl(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let endpoints: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|node| node.is_running())
+            .map(NodeHandle::client_addr)
+            .collect();
+        let output = Command::new(binary_path("residencyctl"))
+            .arg("--endpoints")
+            .arg(endpoints.join(","))
+            .args(args)
+            .output()
+            .expect("residencyctl runs");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
     }
 
     /// Everything the nodes have logged so far (at `info` level, openraft included).
