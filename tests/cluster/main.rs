@@ -13,6 +13,7 @@ mod t80_residency_rules;
 mod t90_membership;
 mod t95_backup_restore;
 mod t96_cli;
+mod t97_large_batches;
 
 use residency_client::Client;
 use residency_types::{Jurisdiction, LocationId, Placement, UserId};

@@ -1,7 +1,11 @@
 //! The write path: decide one command against the state, deterministically.
 
-use residency_types::limits::REQUEST_DEDUP_WINDOW_REVISIONS;
-use residency_types::{ApplyResult, Command, Outcome, Rejection, RequestId, Revision, WriteBody};
+use residency_types::command::AssignedItem;
+use residency_types::limits::{REQUEST_DEDUP_WINDOW_REVISIONS, REQUEST_RECORD_BYTES_MAX};
+use residency_types::{
+    ApplyResult, CallerId, Command, Outcome, Placement, PlacementState, ReasonText, Rejection,
+    RequestId, Revision, WriteBody,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::staged::Staged;
@@ -11,7 +15,112 @@ use crate::{CoreError, KvRead, catalog_rules, keys, placement_rules};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestRecord {
     pub body: WriteBody,
-    pub result: ApplyResult,
+    pub result: StoredResult,
+}
+
+/// A first result as kept for retries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredResult {
+    /// Most answers are small: kept whole.
+    Whole(ApplyResult),
+    /// A batch's answer repeats every placement; kept as only what its body does not say, and
+    /// rebuilt exactly on a retry (see `answer`).
+    Batch {
+        revision: Revision,
+        stamped_at_ms: u64,
+        caller: CallerId,
+        caller_authenticated: bool,
+        reason: ReasonText,
+        items: Vec<BatchItemResult>,
+    },
+}
+
+/// What a batch item's placement had that its request did not say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchItemResult {
+    pub created: bool,
+    pub epoch: u64,
+    pub create_revision: Revision,
+}
+
+impl StoredResult {
+    fn of(command: &Command, result: &ApplyResult) -> StoredResult {
+        let Some(Outcome::BatchAssigned { items }) = &result.outcome else {
+            return StoredResult::Whole(result.clone());
+        };
+        StoredResult::Batch {
+            revision: result.revision,
+            stamped_at_ms: command.stamped_at_ms,
+            caller: command.caller.clone(),
+            caller_authenticated: command.caller_authenticated,
+            reason: command.reason.clone(),
+            items: items
+                .iter()
+                .map(|item| BatchItemResult {
+                    created: item.created,
+                    epoch: item.placement.epoch,
+                    create_revision: item.placement.create_revision,
+                })
+                .collect(),
+        }
+    }
+
+    fn revision(&self) -> Revision {
+        match self {
+            StoredResult::Whole(result) => result.revision,
+            StoredResult::Batch { revision, .. } => *revision,
+        }
+    }
+
+    /// The first result, as it was answered.
+    fn answer(&self, body: &WriteBody) -> ApplyResult {
+        let (
+            StoredResult::Batch {
+                revision,
+                stamped_at_ms,
+                caller,
+                caller_authenticated,
+                reason,
+                items,
+            },
+            WriteBody::BatchAssign { items: requested },
+        ) = (self, body)
+        else {
+            let StoredResult::Whole(result) = self else {
+                unreachable!("a batch result is only ever stored for a batch body");
+            };
+            return result.clone();
+        };
+        assert_eq!(
+            items.len(),
+            requested.len(),
+            "a batch record does not match its body"
+        );
+        let items = requested
+            .iter()
+            .zip(items)
+            .map(|(request, kept)| AssignedItem {
+                placement: Placement {
+                    user_id: request.user_id.clone(),
+                    residency: request.residency,
+                    location_id: request.location_id.clone(),
+                    state: PlacementState::Active,
+                    epoch: kept.epoch,
+                    create_revision: kept.create_revision,
+                    mod_revision: *revision,
+                    updated_at_ms: *stamped_at_ms,
+                    updated_by: caller.clone(),
+                    updated_by_authenticated: *caller_authenticated,
+                    reason: reason.clone(),
+                },
+                created: kept.created,
+            })
+            .collect();
+        ApplyResult {
+            revision: *revision,
+            outcome: Some(Outcome::BatchAssigned { items }),
+        }
+    }
 }
 
 /// One change to the key space, applied by the store in order and atomically with the rest.
@@ -56,10 +165,10 @@ pub fn apply<V: KvRead>(
 
     let remembered: Option<RequestRecord> = staged.read(&keys::request_key(&command.request_id))?;
     // The record aging out at this very revision is being deleted above: it no longer counts.
-    let remembered = remembered.filter(|record| !is_expired(record.result.revision, revision));
+    let remembered = remembered.filter(|record| !is_expired(record.result.revision(), revision));
     if let Some(record) = remembered {
         let result = if record.body == command.body {
-            record.result
+            record.result.answer(&record.body)
         } else {
             let outcome = Outcome::Rejected(Rejection::RequestIdReused);
             ApplyResult {
@@ -87,7 +196,7 @@ pub fn apply<V: KvRead>(
         revision,
         outcome: Some(outcome),
     };
-    remember_request(&mut staged, &command.request_id, &command.body, &result);
+    remember_request(&mut staged, command, &result);
     Ok(Applied {
         result,
         mutations: staged.into_mutations(),
@@ -160,16 +269,28 @@ fn forget_expired_request<V: KvRead>(
 
 fn remember_request<V: KvRead>(
     staged: &mut Staged<'_, V>,
-    request_id: &RequestId,
-    body: &WriteBody,
+    command: &Command,
     result: &ApplyResult,
 ) {
     let record = RequestRecord {
-        body: body.clone(),
-        result: result.clone(),
+        body: command.body.clone(),
+        result: StoredResult::of(command, result),
     };
-    staged.put(keys::request_key(request_id), &record);
-    staged.put(keys::request_by_revision_key(result.revision), request_id);
+    let encoded = crate::codec::encode(&record);
+    if encoded.len() > REQUEST_RECORD_BYTES_MAX {
+        // Only a refused batch naming many long ids gets here (the size is the same on every
+        // replica, so so is this choice): its retry is decided afresh, which is safe.
+        assert!(
+            matches!(result.outcome, Some(Outcome::Rejected(_))),
+            "an applied write's record is over its bound"
+        );
+        return;
+    }
+    staged.put_raw(keys::request_key(&command.request_id), encoded);
+    staged.put(
+        keys::request_by_revision_key(result.revision),
+        &command.request_id,
+    );
 }
 
 #[cfg(test)]

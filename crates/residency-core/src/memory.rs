@@ -90,6 +90,12 @@ impl MemoryState {
         digest.finish()
     }
 
+    /// The raw value at `key`, for tests that look at the encoding.
+    #[cfg(test)]
+    pub fn get_for_test(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.entries.get(key).cloned()
+    }
+
     /// Deletes a key behind the rules' back, to test how reads behave on a damaged state.
     #[cfg(test)]
     pub fn remove_for_test(&mut self, key: &[u8]) {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use residency_types::Jurisdiction;
+use residency_types::limits::COMMAND_BYTES_MAX;
 use serde::Deserialize;
 
 /// Raft timing and snapshot settings, in milliseconds, entries and bytes.
@@ -37,7 +38,8 @@ impl Default for RaftConfig {
             max_in_snapshot_log_to_keep: 1_000,
             snapshot_chunk_bytes_max: 1024 * 1024,
             install_snapshot_timeout_ms: 10_000,
-            max_payload_entries: 300,
+            // 200 entries of the largest command (64 KiB) make 12.5 MiB: one peer message.
+            max_payload_entries: 200,
         }
     }
 }
@@ -46,8 +48,11 @@ impl Default for RaftConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Largest gRPC message accepted or sent, on the client and peer listeners.
+    /// Largest gRPC message accepted or sent on the client listener.
     pub grpc_message_bytes_max: usize,
+    /// Largest message between peers: it must hold `raft.max_payload_entries` entries of the
+    /// largest command (64 KiB each) and a snapshot chunk.
+    pub peer_message_bytes_max: usize,
     /// The deadline of a request that names none, and the cap on any deadline a client names.
     pub request_timeout_ms_max: u64,
     /// Timeout of one peer RPC other than Raft's own (forwarded writes, read index, status).
@@ -62,6 +67,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             grpc_message_bytes_max: 4 * 1024 * 1024,
+            peer_message_bytes_max: 16 * 1024 * 1024,
             request_timeout_ms_max: 10_000,
             peer_rpc_timeout_ms: 5_000,
             status_member_timeout_ms: 1_000,
@@ -259,11 +265,31 @@ impl Config {
             ));
         }
         let limits = &self.limits;
-        // A snapshot chunk travels in one peer message with a little framing around it.
-        if raft.snapshot_chunk_bytes_max + 64 * 1024 > limits.grpc_message_bytes_max as u64 {
+        // A snapshot chunk, or a full replication batch of the largest commands, travels in
+        // one peer message with a little framing around it.
+        let framing_bytes = 1024 * 1024;
+        if raft.snapshot_chunk_bytes_max + framing_bytes > limits.peer_message_bytes_max as u64 {
             return Err(invalid(
                 "raft.snapshot_chunk_bytes_max",
-                "must be at least 64 KiB below limits.grpc_message_bytes_max",
+                "must be at least 1 MiB below limits.peer_message_bytes_max",
+            ));
+        }
+        let batch_bytes = raft
+            .max_payload_entries
+            .saturating_mul(COMMAND_BYTES_MAX as u64);
+        if batch_bytes.saturating_add(framing_bytes) > limits.peer_message_bytes_max as u64 {
+            return Err(invalid(
+                "raft.max_payload_entries",
+                format!(
+                    "{} entries of up to {COMMAND_BYTES_MAX} bytes do not fit limits.peer_message_bytes_max",
+                    raft.max_payload_entries
+                ),
+            ));
+        }
+        if limits.grpc_message_bytes_max < 2 * COMMAND_BYTES_MAX {
+            return Err(invalid(
+                "limits.grpc_message_bytes_max",
+                "must hold at least two of the largest commands",
             ));
         }
         if limits.request_timeout_ms_max == 0

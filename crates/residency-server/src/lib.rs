@@ -118,7 +118,7 @@ pub async fn run(
         },
         jurisdiction: config.jurisdiction.to_string(),
     };
-    let peers = PeerChannels::new(config.limits.grpc_message_bytes_max);
+    let peers = PeerChannels::new(config.limits.peer_message_bytes_max);
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config(&config)?),
@@ -192,8 +192,8 @@ pub async fn run(
         .tcp_nodelay(true)
         .add_service(
             PeerServer::new(peer_service::PeerService::new(node.clone()))
-                .max_decoding_message_size(message_bytes_max)
-                .max_encoding_message_size(message_bytes_max),
+                .max_decoding_message_size(config.limits.peer_message_bytes_max)
+                .max_encoding_message_size(config.limits.peer_message_bytes_max),
         )
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listeners.peer),

@@ -11,7 +11,10 @@ use residency_proto::convert::WriteContext;
 use residency_proto::pb;
 use residency_proto::peer_pb::{LocalStatusRequest, RaftPayload, ReadIndexRequest};
 use residency_store::{CommittedIndex, NodeId, NodeInfo, Raft, StateReader};
-use residency_types::{ApplyResult, Command, Consistency, Outcome, Revision, WriteBody};
+use residency_types::limits::COMMAND_BYTES_MAX;
+use residency_types::{
+    ApplyResult, Command, Consistency, Outcome, ReasonCode, Revision, WriteBody,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ValidConfig;
@@ -287,6 +290,20 @@ impl Node {
         // earlier leader. Until then (just after an election) it skips the early check rather
         // than refuse a write on a state that may lack its premises. A retry of an applied
         // request answers its first result here too.
+        // Bounded so that every log record and request record stays inline in sled (whose
+        // larger values go to unsynced blob files) and a replication batch fits a peer message.
+        let encoded_bytes = postcard::to_stdvec(&command)
+            .map_err(ApiError::internal)?
+            .len();
+        if encoded_bytes > COMMAND_BYTES_MAX {
+            return Err(ApiError::invalid(
+                ReasonCode::BatchTooLarge,
+                "request",
+                format!(
+                    "encodes to {encoded_bytes} bytes, more than the limit of {COMMAND_BYTES_MAX}; send smaller batches"
+                ),
+            ));
+        }
         if self.has_applied_own_term() {
             let evaluated = self
                 .reader

@@ -25,6 +25,11 @@ pub struct StoreOptions {
     pub cache_capacity_bytes: u64,
 }
 
+/// sled writes a value over 128 KiB to a file in `blobs/` that is never synced, so no value we
+/// store may come near it: commands and request records are bounded well below this, and the
+/// store asserts it (a larger value would be our bug, and a silent durability hole).
+pub const SLED_INLINE_VALUE_BYTES_MAX: usize = 120 * 1024;
+
 /// Something waiting for the next durable point.
 pub(crate) type SyncWaiter = Box<dyn FnOnce() + Send>;
 

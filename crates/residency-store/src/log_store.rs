@@ -278,7 +278,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = sled::Batch::default();
         let mut appended = 0_u64;
         for entry in entries {
-            batch.insert(&index_key(entry.log_id.index), seal(&entry));
+            let record = seal(&entry);
+            assert!(
+                record.len() <= crate::durable::SLED_INLINE_VALUE_BYTES_MAX,
+                "a log record of {} bytes would go to sled's unsynced blob files",
+                record.len()
+            );
+            batch.insert(&index_key(entry.log_id.index), record);
             appended += 1;
         }
         self.log

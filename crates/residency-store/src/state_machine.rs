@@ -123,7 +123,14 @@ impl Overlay<'_> {
         let mut batch = sled::Batch::default();
         for (key, value) in self.pending {
             match value {
-                Some(value) => batch.insert(key, value),
+                Some(value) => {
+                    assert!(
+                        value.len() <= crate::durable::SLED_INLINE_VALUE_BYTES_MAX,
+                        "a state value of {} bytes would go to sled's unsynced blob files",
+                        value.len()
+                    );
+                    batch.insert(key, value)
+                }
                 None => batch.remove(key),
             }
         }

@@ -12,6 +12,14 @@ pub const CALLER_ID_BYTES_MAX: usize = 256;
 pub const REASON_TEXT_BYTES_MAX: usize = 512;
 /// A location label (provider, region, zone) is at most this many bytes.
 pub const LABEL_BYTES_MAX: usize = 64;
+/// The largest command the leader proposes, encoded. Every value kept in sled stays well below
+/// its 128 KiB blob threshold (blobs are never synced: see docs/storage.md), and a bounded
+/// number of entries fits one replication message.
+pub const COMMAND_BYTES_MAX: usize = 64 * 1024;
+/// The largest request record kept for deduplication, encoded; a larger one (only a refused
+/// batch naming many long ids) is not kept, and a retry of it is decided afresh, which is safe
+/// because a refused write applied nothing.
+pub const REQUEST_RECORD_BYTES_MAX: usize = 100 * 1024;
 /// How many placements one `BatchAssign` may carry; all apply or none do.
 pub const BATCH_ASSIGN_ITEMS_MAX: usize = 500;
 /// How many placements a policy dry run lists by id (it counts all of them).

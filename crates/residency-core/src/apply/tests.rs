@@ -678,3 +678,43 @@ fn request_ids_age_out_after_the_window() {
         Revision(100 + REQUEST_DEDUP_WINDOW_REVISIONS)
     );
 }
+
+#[test]
+fn a_retried_batch_answers_its_first_result_from_a_compact_record() {
+    let mut registry = Registry::seeded();
+    registry.ok(assign("u-0", "us-west-2/pg-2"));
+    let items: Vec<AssignItem> = (0..500)
+        .map(|n| {
+            item(
+                &format!("u-{n}"),
+                "US",
+                ["us-east-1/pg-1", "us-west-2/pg-2"][n % 2],
+                None,
+            )
+        })
+        .collect();
+    let first = registry.write_as(
+        "big-batch",
+        WriteBody::BatchAssign {
+            items: items.clone(),
+        },
+    );
+    let Outcome::BatchAssigned { items: assigned } = &first else {
+        panic!("applied: {first:?}")
+    };
+    assert_eq!(assigned[0].placement.epoch, 2, "u-0 moved: its epoch rose");
+    assert!(!assigned[0].created && assigned[1].created);
+    let retry = registry.write_as("big-batch", WriteBody::BatchAssign { items });
+    assert_eq!(retry, first, "the rebuilt answer is the first answer");
+    let record = registry
+        .state
+        .get_for_test(&crate::keys::request_key(
+            &RequestId::parse("big-batch").expect("valid"),
+        ))
+        .expect("the batch's record is kept");
+    assert!(
+        record.len() < 100 * 1024,
+        "a 500-item batch record takes {} bytes",
+        record.len()
+    );
+}

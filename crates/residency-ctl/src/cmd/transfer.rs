@@ -54,6 +54,13 @@ const RESUBMIT_ROUNDS_MAX: usize = 3;
 const PROGRESS_INTERVAL_MS: u64 = 1_000;
 /// Batches sent at once, at most.
 const IN_FLIGHT_MAX: usize = 64;
+/// A batch is sent once its ids add up to this many bytes, whatever its row count, so that it
+/// stays below the registry's command size limit (64 KiB) with room for the rest.
+const BATCH_ID_BYTES_MAX: usize = 40 * 1024;
+
+fn row_bytes(item: &AssignItem) -> usize {
+    item.user_id.as_str().len() + item.location_id.as_str().len() + 16
+}
 
 struct Row {
     line: usize,
@@ -254,6 +261,7 @@ pub async fn import(client: Client, format: OutputFormat, args: ImportArgs) -> R
     let mut in_flight: JoinSet<(usize, usize, Vec<Rejected>)> = JoinSet::new();
     let reader = BufReader::new(std::fs::File::open(&args.file).map_err(io)?);
     let mut batch: Vec<Row> = Vec::with_capacity(args.batch_size);
+    let mut batch_bytes = 0_usize;
     let mut lines = reader.lines().enumerate().peekable();
     loop {
         let line = lines.next();
@@ -263,10 +271,13 @@ pub async fn import(client: Client, format: OutputFormat, args: ImportArgs) -> R
                 message: error.to_string(),
             })?;
             match parse_line(text, file_format) {
-                Ok(Some(item)) => batch.push(Row {
-                    line: index + 1,
-                    item,
-                }),
+                Ok(Some(item)) => {
+                    batch_bytes += row_bytes(&item);
+                    batch.push(Row {
+                        line: index + 1,
+                        item,
+                    });
+                }
                 Ok(None) => lines_done += 1,
                 Err((user_id, reason, message)) => {
                     lines_done += 1;
@@ -284,10 +295,13 @@ pub async fn import(client: Client, format: OutputFormat, args: ImportArgs) -> R
                 }
             }
         }
-        let full = batch.len() == args.batch_size || (line.is_none() && !batch.is_empty());
+        let full = batch.len() == args.batch_size
+            || batch_bytes >= BATCH_ID_BYTES_MAX
+            || (line.is_none() && !batch.is_empty());
         if full {
             let first_line = batch[0].line;
             let rows = std::mem::take(&mut batch);
+            batch_bytes = 0;
             let count = rows.len();
             let id = format!("import-{content_id}-{first_line}");
             let (client, reason) = (client.clone(), args.reason.clone());

@@ -1,0 +1,106 @@
+//! Large writes: a batch over the command size limit is refused before it reaches the log, and
+//! a follower that missed more than a client message's worth of large batches catches up from
+//! the log (replication messages are sized for the largest commands).
+
+use residency_client::WriteOptions;
+use residency_proto::metadata;
+use residency_proto::pb::{AssignItem as PbItem, BatchAssignRequest, WriteContext};
+use residency_tests::{Cluster, serially};
+use residency_types::{AssignItem, Consistency, Jurisdiction, ReasonCode};
+
+use crate::{DEFAULT_RAFT, location, user};
+
+#[test]
+fn an_oversized_batch_is_refused_before_the_log() {
+    serially(|| async {
+        let cluster = Cluster::start(3, DEFAULT_RAFT).await;
+        let leader = cluster.wait_for_leader(None).await;
+        let before = cluster.member_status(leader).await.last_log_index;
+        let items = (0..500)
+            .map(|n| PbItem {
+                user_id: format!("{n:0>128}"),
+                residency: "US".into(),
+                location_id: "us-east-1/pg-1".into(),
+                expected_mod_revision: None,
+            })
+            .collect();
+        let context = Some(WriteContext {
+            request_id: "oversized".into(),
+            caller: String::new(),
+            reason: String::new(),
+        });
+        let mut raw = cluster.raw_registry(leader).await;
+        let status = raw
+            .batch_assign(BatchAssignRequest { items, context })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            metadata::reason(&status),
+            Some(ReasonCode::BatchTooLarge),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            cluster.member_status(leader).await.last_log_index,
+            before,
+            "the log grew"
+        );
+    });
+}
+
+#[test]
+fn a_follower_behind_many_large_batches_catches_up_from_the_log() {
+    serially(|| async {
+        let mut cluster = Cluster::start(3, DEFAULT_RAFT).await;
+        let leader = cluster.wait_for_leader(None).await;
+        let lagging = (1..=3).find(|id| *id != leader).expect("a follower");
+        cluster.node(lagging).kill();
+        let client = cluster.client();
+        // 120 batches of 500 placements with longish ids: about 5 MB of log, more than one
+        // client-sized (4 MiB) message.
+        for batch in 0..120 {
+            let items: Vec<AssignItem> = (0..500)
+                .map(|n| AssignItem {
+                    user_id: user(&format!(
+                        "large-batch-user-{batch:04}-{n:04}-padding-padding"
+                    )),
+                    residency: Jurisdiction::US,
+                    location_id: location("us-east-1/pg-1"),
+                    expected_mod_revision: None,
+                })
+                .collect();
+            let options = WriteOptions {
+                request_id: Some(format!("large-{batch}")),
+                ..WriteOptions::default()
+            };
+            client
+                .batch_assign(&items, Some(options))
+                .await
+                .expect("batch applied");
+        }
+        let leader = cluster.wait_for_leader(None).await;
+        let last = cluster
+            .member_status(leader)
+            .await
+            .last_log_index
+            .expect("log");
+        cluster.restart(lagging);
+        cluster.wait_serving(lagging).await;
+        cluster.wait_applied(lagging, last).await;
+        let status = cluster.member_status(lagging).await;
+        assert_eq!(
+            status.snapshot_index, None,
+            "it should have caught up from the log, not a snapshot"
+        );
+        let read = cluster
+            .client_for(lagging)
+            .lookup(
+                &user("large-batch-user-0119-0499-padding-padding"),
+                Consistency::Stale,
+            )
+            .await
+            .expect("lookup");
+        assert!(read.placement.is_some());
+    });
+}
