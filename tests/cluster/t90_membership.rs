@@ -70,6 +70,18 @@ fn a_node_joins_as_learner_is_promoted_and_another_is_removed() {
 
         let client = cluster.client_for(newcomer);
         assign(&client, "after-change", "us-west-2/pg-2").await;
+        // The removed node cannot come back under its old id.
+        cluster.restart(leader);
+        cluster.wait_serving(leader).await;
+        let rejoin = client
+            .add_learner(&cluster.nodes[&leader].peer_addr())
+            .await
+            .expect_err("id reused");
+        assert_eq!(
+            rejoin.reason(),
+            Some(ReasonCode::MemberIdReused),
+            "{rejoin}"
+        );
         let read = client
             .lookup(&user("before-0"), Consistency::Linearizable)
             .await

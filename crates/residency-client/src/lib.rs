@@ -261,6 +261,11 @@ impl Client {
         }
     }
 
+    /// The options this client was made with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
     /// The endpoints this client was given.
     pub fn endpoints(&self) -> &[String] {
         &self.endpoints

@@ -10,6 +10,8 @@
 //! | `i/` | location id, NUL, user id | empty: which users a location holds or awaits |
 //! | `r/` | request id | a `RequestRecord`: the write's body and its first result |
 //! | `q/` | revision, big-endian u64 | the request id applied at that revision (for pruning) |
+//! | `n/placements` | | u64: how many placements exist (for the placements metric) |
+//! | `e/` | node id, big-endian u64 | empty: the node has been a member (its id is never reused) |
 //! | `m/` | name | the store's own metadata (applied log id, membership) |
 //!
 //! Location ids may contain `/`, so the `i/` index separates location and user with a NUL,
@@ -26,6 +28,12 @@ pub const LOCATION_USERS_PREFIX: &[u8] = b"i/";
 pub const REQUEST_PREFIX: &[u8] = b"r/";
 pub const REQUEST_BY_REVISION_PREFIX: &[u8] = b"q/";
 pub const META_PREFIX: &[u8] = b"m/";
+pub const PLACEMENT_COUNT_KEY: &[u8] = b"n/placements";
+pub const FORMER_MEMBER_PREFIX: &[u8] = b"e/";
+
+pub fn former_member_key(node_id: u64) -> Vec<u8> {
+    prefixed(FORMER_MEMBER_PREFIX, &[&node_id.to_be_bytes()])
+}
 
 fn prefixed(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     let mut key = prefix.to_vec();

@@ -142,6 +142,7 @@ fn assign_one<V: KvRead>(
         }
         None => {
             staged.reference(&item.user_id, item.residency, &location, true)?;
+            staged.count_placements(1)?;
             let created = Placement {
                 user_id: item.user_id.clone(),
                 residency: item.residency,
@@ -226,6 +227,7 @@ pub fn forget<V: KvRead>(
         Err(rejection) => return Ok(Err(rejection)),
     };
     staged.reference(user_id, current.residency, &location, false)?;
+    staged.count_placements(-1)?;
     staged.delete(keys::placement_key(user_id));
     Ok(Ok(Outcome::Forgotten {
         user_id: user_id.clone(),

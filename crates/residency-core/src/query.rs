@@ -34,6 +34,19 @@ pub fn lookup<V: KvRead>(
     Ok(Some(placement))
 }
 
+/// Whether node `node_id` has ever been a member of this cluster.
+pub fn was_member<V: KvRead>(view: &V, node_id: u64) -> Result<bool, CoreError<V::Error>> {
+    Ok(view
+        .get(&keys::former_member_key(node_id))
+        .map_err(CoreError::Read)?
+        .is_some())
+}
+
+/// How many placements exist.
+pub fn placements_count<V: KvRead>(view: &V) -> Result<u64, CoreError<V::Error>> {
+    Staged::new(view).counter(keys::PLACEMENT_COUNT_KEY)
+}
+
 pub fn location<V: KvRead>(
     view: &V,
     location_id: &LocationId,

@@ -92,6 +92,11 @@ impl<'a, V: KvRead> Staged<'a, V> {
         Ok(self.read::<u64>(key)?.unwrap_or(0))
     }
 
+    /// Counts a placement created (`1`) or forgotten (`-1`).
+    pub fn count_placements(&mut self, delta: i64) -> Result<(), V> {
+        self.add_to_counter(keys::PLACEMENT_COUNT_KEY.to_vec(), delta)
+    }
+
     fn add_to_counter(&mut self, key: Vec<u8>, delta: i64) -> Result<(), V> {
         let current = self.counter(&key)?;
         let next = current

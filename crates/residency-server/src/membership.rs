@@ -75,7 +75,13 @@ impl Node {
         let status = self
             .remote_status(peer_addr, timeout)
             .await
-            .map_err(|error| ApiError::MemberUnreachable(format!("{peer_addr}: {error}")))?;
+            // Not UNAVAILABLE: retrying elsewhere cannot help when the new node does not answer.
+            .map_err(|error| {
+                refused(
+                    ReasonCode::MemberUnreachable,
+                    format!("{peer_addr} does not answer: {error}"),
+                )
+            })?;
         let required = self.config.required_jurisdiction;
         let declared = Jurisdiction::parse(&status.jurisdiction).ok();
         if declared != Some(required) {
@@ -91,6 +97,22 @@ impl Node {
             return Err(refused(
                 ReasonCode::MemberExists,
                 format!("node {} is already a member", status.id),
+            ));
+        }
+        let (was_member, _) = self
+            .reader
+            .query(|view| Ok(residency_core::query::was_member(view, status.id)?))
+            .await
+            .map_err(ApiError::internal)?;
+        if was_member {
+            // A node that left (or lost its disk) and comes back under its old id could make the
+            // leader see its log go backwards; openraft 0.9 asserts on that.
+            return Err(refused(
+                ReasonCode::MemberIdReused,
+                format!(
+                    "node id {} was a member before; start the node under a new node_id",
+                    status.id
+                ),
             ));
         }
         let info = NodeInfo {

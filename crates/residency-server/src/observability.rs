@@ -120,6 +120,13 @@ pub async fn sample_raft_metrics(node: Arc<Node>) {
             .set(node.committed.get().unwrap_or(0) as f64);
         metrics::gauge!("residency_raft_snapshot_index")
             .set(metrics.snapshot.map_or(0.0, |log_id| log_id.index as f64));
+        if let Ok((placements, _)) = node
+            .reader
+            .query(|view| Ok(residency_core::query::placements_count(view)?))
+            .await
+        {
+            metrics::gauge!("residency_placements").set(placements as f64);
+        }
         prometheus.run_upkeep();
     }
 }

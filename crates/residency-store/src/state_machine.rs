@@ -269,6 +269,10 @@ impl StateMachineStore {
                     residency_core::apply(&overlay, revision, Some(command))?
                 }
                 EntryPayload::Membership(membership) => {
+                    // Every id ever in a membership is remembered: a wiped node must rejoin under a new id.
+                    for (node_id, _) in membership.nodes() {
+                        overlay.put(keys::former_member_key(*node_id), Vec::new());
+                    }
                     let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
                     overlay.put(membership_key(), codec::encode(&stored));
                     residency_core::apply(&overlay, revision, None)?
@@ -410,6 +414,7 @@ impl Shared {
 
     /// Streams the state tree to a new snapshot file; the caller holds the state read lock.
     fn write_snapshot(&self, tree: &sled::Tree) -> Result<(SnapshotMeta, File), StoreError> {
+        let started = std::time::Instant::now();
         // The log may be purged up to this snapshot, so the state it covers must be durable.
         self.durable.sync_blocking();
         let last_log_id = read_applied(tree)?;
@@ -433,8 +438,14 @@ impl Shared {
         }
         let pairs = writer.finish()?;
         let file = self.adopt_snapshot(meta.clone(), &partial)?;
+        let bytes = file.metadata()?.len();
+        metrics::histogram!("residency_snapshot_build_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::gauge!("residency_snapshot_bytes").set(bytes as f64);
+        metrics::gauge!("residency_snapshot_pairs").set(pairs as f64);
         tracing::info!(
             pairs,
+            bytes,
             index = meta.last_log_id.map(|log_id| log_id.index),
             "snapshot built"
         );
@@ -471,6 +482,7 @@ impl Shared {
                 header.last_log_id, meta.last_log_id
             )));
         }
+        let started = std::time::Instant::now();
         let db = self.durable.db();
         let name = format!("{STATE_TREE_PREFIX}{}", self.next_seq()?);
         let live = self.pointer.get(CURRENT_TREE_KEY)?;
@@ -513,6 +525,8 @@ impl Shared {
         };
         db.drop_tree(&old_name)?;
         self.adopt_snapshot(meta.clone(), partial)?;
+        metrics::histogram!("residency_snapshot_install_seconds")
+            .record(started.elapsed().as_secs_f64());
         tracing::info!(
             index = applied.map(|log_id| log_id.index),
             "snapshot installed"

@@ -56,11 +56,12 @@ pub enum ReasonCode {
     MemberJurisdictionNotAllowed,
     LastVoter,
     MembershipChangeInProgress,
+    MemberIdReused,
 }
 
 impl ReasonCode {
     /// Every code, for tables and round-trip tests.
-    pub const ALL: [ReasonCode; 46] = [
+    pub const ALL: [ReasonCode; 47] = [
         ReasonCode::InvalidUserId,
         ReasonCode::InvalidJurisdiction,
         ReasonCode::InvalidLocationId,
@@ -107,6 +108,7 @@ impl ReasonCode {
         ReasonCode::MemberJurisdictionNotAllowed,
         ReasonCode::LastVoter,
         ReasonCode::MembershipChangeInProgress,
+        ReasonCode::MemberIdReused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -157,6 +159,7 @@ impl ReasonCode {
             ReasonCode::MemberJurisdictionNotAllowed => "MEMBER_JURISDICTION_NOT_ALLOWED",
             ReasonCode::LastVoter => "LAST_VOTER",
             ReasonCode::MembershipChangeInProgress => "MEMBERSHIP_CHANGE_IN_PROGRESS",
+            ReasonCode::MemberIdReused => "MEMBER_ID_REUSED",
         }
     }
 

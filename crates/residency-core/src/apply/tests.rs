@@ -718,3 +718,19 @@ fn a_retried_batch_answers_its_first_result_from_a_compact_record() {
         record.len()
     );
 }
+
+#[test]
+fn the_placement_count_follows_creates_and_forgets() {
+    let mut registry = Registry::seeded();
+    let count = |registry: &Registry| {
+        crate::query::placements_count(&registry.state).expect("memory reads never fail")
+    };
+    assert_eq!(count(&registry), 0);
+    registry.ok(assign("a", "us-east-1/pg-1"));
+    registry.ok(assign("b", "us-east-1/pg-1"));
+    registry.ok(assign("a", "us-west-2/pg-2"));
+    registry.refused(assign("c", "eu-central-1/pg-9"));
+    assert_eq!(count(&registry), 2);
+    registry.ok(forget("a", None));
+    assert_eq!(count(&registry), 1);
+}

@@ -42,7 +42,9 @@ pub async fn run(
             interval_ms,
         } => loop {
             // Clear the screen and home the cursor, like `watch`.
-            output::line("\x1b[2J\x1b[H");
+            if format == OutputFormat::Table {
+                output::line("\x1b[2J\x1b[H");
+            }
             if let Err(failure) = status(client, format).await {
                 output::line(&format!("error: {}", failure.message));
             }
@@ -147,7 +149,7 @@ pub async fn status(client: &Client, format: OutputFormat) -> Result<(), Failure
         return Err(Failure {
             exit_code: 1,
             message: format!(
-                "CLUSTER_NOT_INITIALIZED: node {} has not joined a cluster; see `residencyctl cluster init`",
+                "CLUSTER_NOT_INITIALIZED: node {} has not joined a cluster: form one with `residencyctl cluster init`, or add it to one with `residencyctl member add-learner`",
                 status.served_by
             ),
         });
@@ -172,10 +174,16 @@ const DIGEST_RETRY_MS: u64 = 250;
 
 async fn digest(client: &Client, format: OutputFormat) -> Result<(), Failure> {
     let status = client.status().await?;
-    let options = residency_client::ClientOptions {
-        timeout: std::time::Duration::from_secs(10),
-        caller: String::new(),
-    };
+    if status.members.is_empty() {
+        return Err(Failure {
+            exit_code: 1,
+            message: format!(
+                "CLUSTER_NOT_INITIALIZED: node {} has not joined a cluster",
+                status.served_by
+            ),
+        });
+    }
+    let options = client.options().clone();
     let mut last = Vec::new();
     for _ in 0..DIGEST_ATTEMPTS_MAX {
         let mut digests = Vec::new();

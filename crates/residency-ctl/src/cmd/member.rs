@@ -36,6 +36,9 @@ pub enum MemberCommand {
     Remove { node_id: u64 },
 }
 
+/// The longest catch-up wait the server accepts.
+const CATCH_UP_TIMEOUT_MS_MAX: u64 = 600_000;
+
 /// How often `promote` prints the learner's lag while it waits.
 const LAG_REPORT_INTERVAL_MS: u64 = 1_000;
 
@@ -67,6 +70,15 @@ pub async fn run(
     let response = match command {
         MemberCommand::List => {
             let status = client.status().await?;
+            if !status.initialized {
+                return Err(Failure {
+                    exit_code: 1,
+                    message: format!(
+                        "CLUSTER_NOT_INITIALIZED: node {} has not joined a cluster",
+                        status.served_by
+                    ),
+                });
+            }
             print_members(format, status.leader_id, &status.members);
             return Ok(());
         }
@@ -76,6 +88,12 @@ pub async fn run(
             catch_up_timeout_ms,
             max_lag_entries,
         } => {
+            if catch_up_timeout_ms == 0 || catch_up_timeout_ms > CATCH_UP_TIMEOUT_MS_MAX {
+                return Err(Failure {
+                    exit_code: 2,
+                    message: format!("--catch-up-timeout-ms is 1..={CATCH_UP_TIMEOUT_MS_MAX}"),
+                });
+            }
             let promotion = client.promote(node_id, catch_up_timeout_ms, max_lag_entries);
             tokio::select! {
                 result = promotion => result?,
