@@ -41,6 +41,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Members, roles, leader, term, and commit and applied index per node.
+    ///
+    /// Example: residencyctl status -o json
     Status,
     /// Backups of a running cluster (restore with `residencyd restore`).
     #[command(subcommand)]
@@ -61,6 +63,8 @@ enum Command {
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),
     /// May this service, running in this jurisdiction, touch this user's data? Exit code 4 on a deny.
+    ///
+    /// Example: residencyctl check alice --service payments --jurisdiction US --operation write
     Check(cmd::check::CheckArgs),
 }
 

@@ -73,3 +73,49 @@ fn an_unreachable_cluster_exits_1() {
     assert!(stderr.starts_with("error: "), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn every_command_help_shows_an_example() {
+    let commands: &[&[&str]] = &[
+        &["status"],
+        &["cluster", "status"],
+        &["cluster", "init"],
+        &["cluster", "digest"],
+        &["member", "list"],
+        &["member", "add-learner"],
+        &["member", "promote"],
+        &["member", "remove"],
+        &["user", "assign"],
+        &["user", "get"],
+        &["user", "forget"],
+        &["user", "import"],
+        &["user", "export"],
+        &["user", "move", "begin"],
+        &["user", "move", "complete"],
+        &["user", "move", "abort"],
+        &["location", "add"],
+        &["location", "get"],
+        &["location", "list"],
+        &["location", "drain"],
+        &["location", "activate"],
+        &["location", "retire"],
+        &["policy", "set"],
+        &["policy", "get"],
+        &["policy", "list"],
+        &["policy", "dry-run"],
+        &["check"],
+        &["backup", "create"],
+    ];
+    for command in commands {
+        let output = Command::new(env!("CARGO_BIN_EXE_residencyctl"))
+            .args(*command)
+            .arg("--help")
+            .output()
+            .expect("residencyctl runs");
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            help.contains("Example: residencyctl"),
+            "{command:?} --help has no example:\n{help}"
+        );
+    }
+}

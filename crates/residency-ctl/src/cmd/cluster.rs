@@ -11,6 +11,8 @@ use crate::output::{self, OutputFormat, optional};
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Same as `residencyctl status`; `--watch` refreshes it every interval until interrupted.
+    ///
+    /// Example: residencyctl cluster status --watch --interval-ms 1000
     Status {
         #[arg(long)]
         watch: bool,
@@ -20,9 +22,13 @@ pub enum ClusterCommand {
     },
     /// Asks every member for its state digest and reports whether they agree at one revision.
     /// Exits 1 if any member cannot answer or two members disagree.
+    ///
+    /// Example: residencyctl cluster digest
     Digest,
     /// Forms a new cluster from the nodes at these peer addresses (the first endpoint's node
     /// must be one of them). Refused if that node already belongs to a cluster.
+    ///
+    /// Example: residencyctl --endpoints 127.0.0.1:7101 cluster init --peers 127.0.0.1:7201,127.0.0.1:7202,127.0.0.1:7203
     Init {
         /// Peer addresses (host:port) of every initial voter, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]

@@ -12,6 +12,8 @@ use crate::output::{self, OutputFormat};
 #[derive(Debug, Subcommand)]
 pub enum LocationCommand {
     /// Registers a storage location (or updates its labels). Its jurisdiction is fixed.
+    ///
+    /// Example: residencyctl location add us-east-1/oci-ashburn/pg-043 --jurisdiction US --provider oci --region us-east-1 --zone us-east-1a
     Add {
         location_id: String,
         /// ISO 3166-1 alpha-2 code of where the location is.
@@ -27,29 +29,39 @@ pub enum LocationCommand {
         write: ContextArgs,
     },
     /// Shows one location.
+    ///
+    /// Example: residencyctl location get us-east-1/oci-ashburn/pg-042
     Get {
         location_id: String,
         #[arg(long, default_value = "linearizable")]
         consistency: ConsistencyArg,
     },
     /// Lists every location.
+    ///
+    /// Example: residencyctl location list -o json
     List {
         #[arg(long, default_value = "linearizable")]
         consistency: ConsistencyArg,
     },
     /// Keeps the location's placements but takes no new ones.
+    ///
+    /// Example: residencyctl location drain us-east-1/oci-ashburn/pg-042
     Drain {
         location_id: String,
         #[command(flatten)]
         write: ContextArgs,
     },
     /// Takes new placements again (from draining).
+    ///
+    /// Example: residencyctl location activate us-east-1/oci-ashburn/pg-042
     Activate {
         location_id: String,
         #[command(flatten)]
         write: ContextArgs,
     },
     /// Retires an empty location for good.
+    ///
+    /// Example: residencyctl location retire us-east-1/oci-ashburn/pg-042
     Retire {
         location_id: String,
         #[command(flatten)]

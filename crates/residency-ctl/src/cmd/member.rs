@@ -12,6 +12,8 @@ use crate::output::{self, OutputFormat};
 #[derive(Debug, Subcommand)]
 pub enum MemberCommand {
     /// Lists the members with their roles and progress (as `status`).
+    ///
+    /// Example: residencyctl member list
     List,
     /// Adds the node listening for peers at PEER_ADDR as a learner. Its jurisdiction must be the
     /// cluster's required one.

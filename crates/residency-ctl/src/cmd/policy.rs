@@ -15,6 +15,8 @@ use crate::output::{self, OutputFormat};
 pub enum PolicyCommand {
     /// Creates or replaces the policy for a residency. Refused if existing placements would
     /// be left in breach (see `dry-run`).
+    ///
+    /// Example: residencyctl policy set US --storage US --access US
     Set {
         /// The residency jurisdiction the policy governs.
         residency: String,
@@ -28,17 +30,23 @@ pub enum PolicyCommand {
         write: ContextArgs,
     },
     /// Shows the policy for a residency.
+    ///
+    /// Example: residencyctl policy get US
     Get {
         residency: String,
         #[arg(long, default_value = "linearizable")]
         consistency: ConsistencyArg,
     },
     /// Lists every policy.
+    ///
+    /// Example: residencyctl policy list
     List {
         #[arg(long, default_value = "linearizable")]
         consistency: ConsistencyArg,
     },
     /// What `set` with this storage set would find in breach, changing nothing.
+    ///
+    /// Example: residencyctl policy dry-run US --storage US,CA
     DryRun {
         residency: String,
         #[arg(long, value_delimiter = ',', required = true)]

@@ -74,6 +74,8 @@ impl ContextArgs {
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
     /// Creates or updates a user's placement.
+    ///
+    /// Example: residencyctl user assign alice --residency US --location us-east-1/oci-ashburn/pg-042 --reason onboarding
     Assign {
         user_id: String,
         /// ISO 3166-1 alpha-2 code of the jurisdiction the user's data belongs to.
@@ -86,6 +88,8 @@ pub enum UserCommand {
         write: WriteArgs,
     },
     /// Shows a user's placement.
+    ///
+    /// Example: residencyctl --endpoints 127.0.0.1:7102 user get alice --consistency at-least=42
     Get {
         user_id: String,
         /// linearizable (default), stale, or at-least=REVISION.
@@ -107,6 +111,8 @@ pub enum UserCommand {
         file: Option<std::path::PathBuf>,
     },
     /// Deletes a user's placement.
+    ///
+    /// Example: residencyctl user forget alice --expected-mod-revision 42
     Forget {
         user_id: String,
         #[command(flatten)]
@@ -117,6 +123,8 @@ pub enum UserCommand {
 #[derive(Debug, Subcommand)]
 pub enum MoveCommand {
     /// Starts the move to TARGET, which must satisfy the same rules as an assign.
+    ///
+    /// Example: residencyctl user move begin alice --target us-west-2/oci-phoenix/pg-013
     Begin {
         user_id: String,
         #[arg(long)]
@@ -125,12 +133,16 @@ pub enum MoveCommand {
         write: WriteArgs,
     },
     /// Flips the placement to the target and raises its epoch.
+    ///
+    /// Example: residencyctl user move complete alice
     Complete {
         user_id: String,
         #[command(flatten)]
         write: WriteArgs,
     },
     /// Gives the move up; the placement stays where it was.
+    ///
+    /// Example: residencyctl user move abort alice
     Abort {
         user_id: String,
         #[command(flatten)]
