@@ -14,6 +14,7 @@ mod t90_membership;
 mod t95_backup_restore;
 mod t96_cli;
 mod t97_large_batches;
+mod t98_readiness;
 
 use residency_client::Client;
 use residency_types::{Jurisdiction, LocationId, Placement, UserId};

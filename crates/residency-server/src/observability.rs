@@ -76,10 +76,19 @@ async fn healthz(State(probe): State<Probe>) -> (StatusCode, &'static str) {
 async fn readyz(State(probe): State<Probe>) -> (StatusCode, String) {
     let node = &probe.node;
     let applied = node.reader.applied_revision().0;
-    if node.leader().is_none() {
+    let Some((leader_id, _)) = node.leader() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "no leader known\n".to_string(),
+        );
+    };
+    // openraft 0.9 keeps a leader that lost its quorum in office; it cannot serve then.
+    let quorum_window_ms = node.config.raft.election_timeout_ms_max;
+    let quorum_ack_ms = node.raft.metrics().borrow().millis_since_quorum_ack;
+    if leader_id == node.id() && quorum_ack_ms.is_none_or(|millis| millis > quorum_window_ms) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("leading without a quorum: last acknowledged {quorum_ack_ms:?} ms ago\n"),
         );
     }
     match node.ready_index.get() {
