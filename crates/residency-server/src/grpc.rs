@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
 use tonic::{Response, Status};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 
@@ -49,7 +50,9 @@ pub async fn observe<T>(
     work: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<Response<T>, Status> {
     let started = Instant::now();
-    let result = match tokio::time::timeout(timeout, work).await {
+    // Every log line of the request carries its method (never a user id or location).
+    let span = tracing::info_span!("rpc", method);
+    let result = match tokio::time::timeout(timeout, work).instrument(span).await {
         Ok(result) => result,
         Err(_) => Err(ApiError::DeadlineExceeded(
             u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),

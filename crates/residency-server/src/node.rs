@@ -246,6 +246,9 @@ impl Node {
     }
 
     /// Sends a write to the leader: proposed here when this node leads, else forwarded once.
+    /// Request ids are the caller's strings, so they are traced at debug level only: a caller
+    /// might put something personal in one.
+    #[tracing::instrument(level = "debug", skip_all, fields(request_id = %context.request_id))]
     pub async fn write(
         &self,
         context: WriteContext,
