@@ -38,7 +38,7 @@ impl Client {
         let io = |error: std::io::Error| {
             ClientError::Protocol(format!("writing {}: {error}", path.display()))
         };
-        let partial = path.with_extension("partial");
+        let partial = std::path::PathBuf::from(format!("{}.partial", path.display()));
         let mut file = tokio::fs::File::create(&partial).await.map_err(io)?;
         let mut hasher = Sha256::new();
         let mut written = 0_u64;

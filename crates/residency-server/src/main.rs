@@ -88,19 +88,28 @@ fn parse_member(text: &str, jurisdiction: &str) -> anyhow::Result<(u64, NodeInfo
     Ok((id, info))
 }
 
+fn verify_backup(backup: &std::path::Path) -> anyhow::Result<()> {
+    let verified = restore::verify_backup(backup)
+        .with_context(|| format!("{} is not a sound backup", backup.display()))?;
+    println!(
+        "{}: a sound backup at revision {} ({} pairs)",
+        backup.display(),
+        verified.applied.index,
+        verified.pairs
+    );
+    Ok(())
+}
+
 fn offline(command: Offline, config: ValidConfig) -> anyhow::Result<()> {
     match command {
-        Offline::VerifyBackup { backup } => {
-            let verified = restore::verify_backup(&backup)
-                .with_context(|| format!("{} is not a sound backup", backup.display()))?;
-            println!(
-                "{}: a sound backup at revision {} ({} pairs)",
-                backup.display(),
-                verified.applied.index,
-                verified.pairs
-            );
-        }
+        Offline::VerifyBackup { backup } => verify_backup(&backup)?,
         Offline::Restore { backup, members } => {
+            anyhow::ensure!(
+                config.jurisdiction == config.required_jurisdiction,
+                "this node declares {} but the cluster requires {}: it cannot be restored as a member",
+                config.jurisdiction,
+                config.required_jurisdiction
+            );
             let jurisdiction = config.required_jurisdiction.to_string();
             let members = members
                 .iter()
@@ -160,6 +169,10 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Checking a backup needs no node: no configuration either.
+    if let Some(Offline::VerifyBackup { backup }) = &args.command {
+        return verify_backup(backup);
+    }
     let config = load(&args)?.validate().context("invalid configuration")?;
     if let Some(command) = args.command {
         return offline(command, config);
