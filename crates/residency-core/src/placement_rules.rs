@@ -284,25 +284,34 @@ pub fn begin_move<V: KvRead>(
     Ok(Ok(Outcome::Moved { placement }))
 }
 
+/// The placement of a user whose data is moving, and the location it is moving to.
+fn move_under_way<V: KvRead>(
+    staged: &Staged<'_, V>,
+    user_id: &UserId,
+    expected: Option<Revision>,
+) -> Result<std::result::Result<(Placement, Location), Rejection>, V> {
+    let current = match moving_placement(staged, user_id, expected)? {
+        Ok(current) => current,
+        Err(rejection) => return Ok(Err(rejection)),
+    };
+    let PlacementState::Moving { target } = &current.state else {
+        return Ok(Err(Rejection::UserNotMoving));
+    };
+    Ok(referenced_location(staged, target)?.map(|location| (current, location)))
+}
+
 pub fn complete_move<V: KvRead>(
     staged: &mut Staged<'_, V>,
     context: WriteContext<'_>,
     user_id: &UserId,
     expected: Option<Revision>,
 ) -> Result<Verdict, V> {
-    let current = match moving_placement(staged, user_id, expected)? {
-        Ok(current) => current,
+    let (current, target_location) = match move_under_way(staged, user_id, expected)? {
+        Ok(found) => found,
         Err(rejection) => return Ok(Err(rejection)),
-    };
-    let PlacementState::Moving { target } = current.state.clone() else {
-        return Ok(Err(Rejection::UserNotMoving));
     };
     // The reservation made at begin keeps the target registered and allowed; check it again
     // all the same (I2: the target satisfies I1 when the move completes).
-    let target_location = match referenced_location(staged, &target)? {
-        Ok(location) => location,
-        Err(rejection) => return Ok(Err(rejection)),
-    };
     if let Err(rejection) = storage_allowed(staged, current.residency, &target_location)? {
         return Ok(Err(rejection));
     }
@@ -314,7 +323,7 @@ pub fn complete_move<V: KvRead>(
     let epoch = current.epoch + 1;
     let placement = stamped(
         Placement {
-            location_id: target,
+            location_id: target_location.id.clone(),
             state: PlacementState::Active,
             epoch,
             ..current
@@ -331,15 +340,8 @@ pub fn abort_move<V: KvRead>(
     user_id: &UserId,
     expected: Option<Revision>,
 ) -> Result<Verdict, V> {
-    let current = match moving_placement(staged, user_id, expected)? {
-        Ok(current) => current,
-        Err(rejection) => return Ok(Err(rejection)),
-    };
-    let PlacementState::Moving { target } = current.state.clone() else {
-        return Ok(Err(Rejection::UserNotMoving));
-    };
-    let target_location = match referenced_location(staged, &target)? {
-        Ok(location) => location,
+    let (current, target_location) = match move_under_way(staged, user_id, expected)? {
+        Ok(found) => found,
         Err(rejection) => return Ok(Err(rejection)),
     };
     staged.reference(user_id, current.residency, &target_location, false)?;
