@@ -101,5 +101,74 @@ fn status_import_and_export_through_the_cli() {
         assert_eq!(code, Some(0), "{err}");
         let second = export();
         assert_eq!(first, second, "a re-run of the import changed placements");
+        let backup = scratch.path().join("registry.backup");
+        let (code, out, err) = cluster.ctl(&[
+            "-o",
+            "json",
+            "backup",
+            "create",
+            backup.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        let summary = json(&out);
+        let size = std::fs::metadata(&backup).expect("backup written").len();
+        assert_eq!(summary["size_bytes"].as_u64(), Some(size));
+    });
+}
+
+#[test]
+fn membership_through_the_cli() {
+    serially(|| async {
+        let mut cluster = Cluster::start(3, DEFAULT_RAFT).await;
+        let newcomer = cluster.add_node("US", DEFAULT_RAFT).await;
+        let outsider = cluster.add_node("CA", DEFAULT_RAFT).await;
+        let peer = |id: u64| cluster.nodes[&id].peer_addr();
+
+        let (code, _, err) = cluster.ctl(&["member", "add-learner", &peer(outsider)]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.starts_with("error: MEMBER_JURISDICTION_NOT_ALLOWED"),
+            "{err}"
+        );
+
+        let (code, out, err) =
+            cluster.ctl(&["-o", "json", "member", "add-learner", &peer(newcomer)]);
+        assert_eq!(code, Some(0), "{err}");
+        let learner = json(&out)["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .find(|member| member["id"] == newcomer)
+            .cloned()
+            .expect("listed");
+        assert_eq!(learner["role"], "learner");
+
+        let (code, _, err) = cluster.ctl(&[
+            "member",
+            "promote",
+            &newcomer.to_string(),
+            "--catch-up-timeout-ms",
+            "30000",
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        let (code, _, err) = cluster.ctl(&["member", "remove", "1"]);
+        assert_eq!(code, Some(0), "{err}");
+        cluster.node(1).stop();
+
+        let (code, out, err) = cluster.ctl(&["-o", "json", "member", "list"]);
+        assert_eq!(code, Some(0), "{err}");
+        let listed = json(&out);
+        let mut voters: Vec<u64> = listed["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .filter(|member| member["role"] == "voter")
+            .map(|member| member["id"].as_u64().expect("id"))
+            .collect();
+        voters.sort_unstable();
+        assert_eq!(voters, vec![2, 3, newcomer]);
+        let (code, out, err) = cluster.ctl(&["-o", "json", "cluster", "digest"]);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(json(&out)["agree"], true);
     });
 }
