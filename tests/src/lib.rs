@@ -217,12 +217,7 @@ impl Cluster {
             nodes,
             dir: Some(dir),
         };
-        for node in cluster.nodes.values_mut() {
-            node.start();
-        }
-        for node in cluster.nodes.values() {
-            wait_port(node.client_port).await;
-        }
+        cluster.start_all().await;
         let peers: Vec<String> = cluster.nodes.values().map(NodeHandle::peer_addr).collect();
         let first = cluster.client_for(1);
         first.initialize(peers).await.expect("cluster initializes");
@@ -273,12 +268,7 @@ impl Cluster {
             nodes,
             dir: Some(dir),
         };
-        for node in cluster.nodes.values_mut() {
-            node.start();
-        }
-        for node in cluster.nodes.values() {
-            wait_port(node.client_port).await;
-        }
+        cluster.start_all().await;
         cluster.wait_for_leader(None).await;
         cluster
     }
@@ -325,6 +315,16 @@ impl Cluster {
         wait_port(node.client_port).await;
         self.nodes.insert(id, node);
         id
+    }
+
+    /// Starts every node and waits for their client ports.
+    async fn start_all(&mut self) {
+        for node in self.nodes.values_mut() {
+            node.start();
+        }
+        for node in self.nodes.values() {
+            wait_port(node.client_port).await;
+        }
     }
 
     pub fn node(&mut self, id: u64) -> &mut NodeHandle {

@@ -368,15 +368,7 @@ pub async fn export(client: &Client, file: Option<PathBuf>) -> Result<(), Failur
     let mut failed = None;
     let revision = client
         .export_placements(|placement| {
-            let line = json!({
-                "user_id": placement.user_id.as_str(),
-                "residency": placement.residency.as_str(),
-                "location_id": placement.location_id.as_str(),
-                "state": placement.state.as_str(),
-                "move_target_location_id": placement.state.move_target().map(|target| target.as_str()),
-                "epoch": placement.epoch,
-                "mod_revision": placement.mod_revision.0,
-            });
+            let line = crate::cmd::user::placement_json(&placement);
             if let Err(error) = writeln!(out, "{line}") {
                 failed.get_or_insert(error);
             }

@@ -185,7 +185,7 @@ async fn run_move(
     Ok(())
 }
 
-fn placement_json(placement: &Placement) -> serde_json::Value {
+pub fn placement_json(placement: &Placement) -> serde_json::Value {
     json!({
         "user_id": placement.user_id.as_str(),
         "residency": placement.residency.as_str(),
