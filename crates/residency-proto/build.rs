@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "residency/v1/registry.proto",
         "residency/v1/catalog.proto",
+        "residency/v1/watch.proto",
         "residency/v1/cluster.proto",
         "residency/v1/peer.proto",
     ];

@@ -15,6 +15,7 @@ mod t95_backup_restore;
 mod t96_cli;
 mod t97_large_batches;
 mod t98_readiness;
+mod t99_watch;
 
 use residency_client::Client;
 use residency_types::{Jurisdiction, LocationId, Placement, UserId};

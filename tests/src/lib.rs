@@ -413,7 +413,12 @@ impl Cluster {
 
     /// Waits until node `id` has applied at least `index`.
     pub async fn wait_applied(&self, id: u64, index: u64) {
-        let deadline = Instant::now() + LEADER_WAIT;
+        self.wait_applied_within(id, index, LEADER_WAIT).await;
+    }
+
+    /// Waits until node `id` has applied at least `index`, for at most `patience`.
+    pub async fn wait_applied_within(&self, id: u64, index: u64, patience: Duration) {
+        let deadline = Instant::now() + patience;
         loop {
             let applied = self.member_status(id).await.applied_index.unwrap_or(0);
             if applied >= index {

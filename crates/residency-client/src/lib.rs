@@ -24,10 +24,12 @@ mod catalog;
 mod cluster;
 mod error;
 mod registry;
+mod watch;
 
 pub use backup::BackupSummary;
 pub use catalog::{PolicyDryRun, Versioned};
 pub use registry::{Checked, Moved};
+pub use watch::{WatchItem, Watcher};
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -1,10 +1,12 @@
 //! The write path: decide one command against the state, deterministically.
 
 use residency_types::command::AssignedItem;
-use residency_types::limits::{REQUEST_DEDUP_WINDOW_REVISIONS, REQUEST_RECORD_BYTES_MAX};
+use residency_types::limits::{
+    REQUEST_DEDUP_WINDOW_REVISIONS, REQUEST_RECORD_BYTES_MAX, WATCH_HISTORY_REVISIONS,
+};
 use residency_types::{
-    ApplyResult, CallerId, Command, Outcome, Placement, PlacementState, ReasonText, Rejection,
-    RequestId, Revision, WriteBody,
+    ApplyResult, CallerId, Change, Command, Event, LocationId, Outcome, Placement, PlacementState,
+    ReasonText, Rejection, RequestId, Revision, WriteBody,
 };
 use serde::{Deserialize, Serialize};
 
@@ -153,6 +155,7 @@ pub fn apply<V: KvRead>(
 ) -> Result<Applied, CoreError<V::Error>> {
     let mut staged = Staged::new(view);
     forget_expired_request(&mut staged, revision)?;
+    forget_expired_events(&mut staged, revision)?;
     let Some(command) = command else {
         return Ok(Applied {
             result: ApplyResult {
@@ -182,12 +185,24 @@ pub fn apply<V: KvRead>(
         });
     }
 
+    // A forget's event says where the data was; the rule deletes that, so read it first.
+    let forgotten_location = match &command.body {
+        WriteBody::Forget { user_id, .. } => staged
+            .placement(user_id)?
+            .map(|placement| placement.location_id),
+        _ => None,
+    };
     // A rule decides on a fork: a refusal discards everything it staged.
     let context = WriteContext { command, revision };
     let mut decision = staged.fork();
     let outcome = match decide(&mut decision, context)? {
         Ok(outcome) => {
             staged.adopt(decision);
+            record_events(
+                &mut staged,
+                revision,
+                changes_of(&outcome, forgotten_location),
+            );
             outcome
         }
         Err(rejection) => Outcome::Rejected(rejection),
@@ -244,6 +259,68 @@ fn decide<V: KvRead>(
             access,
         } => catalog_rules::put_policy(staged, context, *residency, storage, access),
     }
+}
+
+/// The changes an applied outcome made, in the order watchers see them.
+fn changes_of(outcome: &Outcome, forgotten_location: Option<LocationId>) -> Vec<Change> {
+    match outcome {
+        Outcome::Assigned { placement, .. } | Outcome::Moved { placement } => {
+            vec![Change::Placed(placement.clone())]
+        }
+        Outcome::BatchAssigned { items } => items
+            .iter()
+            .map(|item| Change::Placed(item.placement.clone()))
+            .collect(),
+        Outcome::Forgotten { user_id } => {
+            let location_id = forgotten_location.expect("a forgotten placement had a location");
+            vec![Change::Forgotten {
+                user_id: user_id.clone(),
+                location_id,
+            }]
+        }
+        Outcome::LocationWritten { location, .. } => vec![Change::Location(location.clone())],
+        Outcome::PolicyWritten { policy, .. } => vec![Change::Policy(policy.clone())],
+        Outcome::Rejected(_) => Vec::new(),
+    }
+}
+
+fn record_events<V: KvRead>(staged: &mut Staged<'_, V>, revision: Revision, changes: Vec<Change>) {
+    if changes.is_empty() {
+        return;
+    }
+    let count = u32::try_from(changes.len()).expect("a write makes fewer than 2^32 changes");
+    for (index, change) in changes.into_iter().enumerate() {
+        let index = u32::try_from(index).expect("counted above");
+        staged.put(
+            keys::event_key(revision, index),
+            &Event {
+                revision,
+                index,
+                change,
+            },
+        );
+    }
+    staged.put(keys::event_count_key(revision), &count);
+}
+
+/// Drops the events made exactly `WATCH_HISTORY_REVISIONS` ago: like request ids, every
+/// revision passes here once, so the history is always exactly that window.
+fn forget_expired_events<V: KvRead>(
+    staged: &mut Staged<'_, V>,
+    revision: Revision,
+) -> Result<(), CoreError<V::Error>> {
+    let Some(expired) = revision.0.checked_sub(WATCH_HISTORY_REVISIONS) else {
+        return Ok(());
+    };
+    let expired = Revision(expired);
+    let count_key = keys::event_count_key(expired);
+    if let Some(count) = staged.read::<u32>(&count_key)? {
+        for index in 0..count {
+            staged.delete(keys::event_key(expired, index));
+        }
+        staged.delete(count_key);
+    }
+    Ok(())
 }
 
 fn is_expired(applied_at: Revision, now: Revision) -> bool {

@@ -12,6 +12,8 @@
 //! | `q/` | revision, big-endian u64 | the request id applied at that revision (for pruning) |
 //! | `n/placements` | | u64: how many placements exist (for the placements metric) |
 //! | `e/` | node id, big-endian u64 | empty: the node has been a member (its id is never reused) |
+//! | `x/` | revision (BE u64), index (BE u32) | an `Event` for watchers |
+//! | `X/` | revision (BE u64) | u32: how many events that revision made (for pruning) |
 //! | `m/` | name | the store's own metadata (applied log id, membership) |
 //!
 //! Location ids may contain `/`, so the `i/` index separates location and user with a NUL,
@@ -30,6 +32,24 @@ pub const REQUEST_BY_REVISION_PREFIX: &[u8] = b"q/";
 pub const META_PREFIX: &[u8] = b"m/";
 pub const PLACEMENT_COUNT_KEY: &[u8] = b"n/placements";
 pub const FORMER_MEMBER_PREFIX: &[u8] = b"e/";
+pub const EVENT_PREFIX: &[u8] = b"x/";
+pub const EVENT_COUNT_PREFIX: &[u8] = b"X/";
+
+pub fn event_key(revision: Revision, index: u32) -> Vec<u8> {
+    prefixed(
+        EVENT_PREFIX,
+        &[&revision.0.to_be_bytes(), &index.to_be_bytes()],
+    )
+}
+
+/// The first event key at or after `revision`.
+pub fn event_start_key(revision: Revision) -> Vec<u8> {
+    prefixed(EVENT_PREFIX, &[&revision.0.to_be_bytes()])
+}
+
+pub fn event_count_key(revision: Revision) -> Vec<u8> {
+    prefixed(EVENT_COUNT_PREFIX, &[&revision.0.to_be_bytes()])
+}
 
 pub fn former_member_key(node_id: u64) -> Vec<u8> {
     prefixed(FORMER_MEMBER_PREFIX, &[&node_id.to_be_bytes()])

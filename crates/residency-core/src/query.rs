@@ -2,10 +2,10 @@
 
 use std::collections::BTreeSet;
 
-use residency_types::limits::POLICY_DRY_RUN_SAMPLE_MAX;
+use residency_types::limits::{POLICY_DRY_RUN_SAMPLE_MAX, WATCH_HISTORY_REVISIONS};
 use residency_types::{
     AccessOperation, Decision, DenyReason, Jurisdiction, Location, LocationId, LocationState,
-    Placement, Policy, UserId,
+    Placement, Policy, Revision, UserId,
 };
 
 use crate::staged::Staged;
@@ -32,6 +32,37 @@ pub fn lookup<V: KvRead>(
         "placement stored under another user's key"
     );
     Ok(Some(placement))
+}
+
+/// An event and its key, the cursor to resume a page after it.
+pub type KeyedEvent = (Vec<u8>, residency_types::Event);
+
+/// The newest revision whose events watchers can no longer get, once `applied` is applied.
+pub fn compacted_revision(applied: Revision) -> Revision {
+    Revision(applied.0.saturating_sub(WATCH_HISTORY_REVISIONS))
+}
+
+/// Up to `limit` events from `from` on, after the event key `after` if given (to resume a
+/// page), in revision then index order.
+pub fn events<V: KvScan>(
+    view: &V,
+    from: Revision,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<KeyedEvent>, CoreError<V::Error>> {
+    // No event key equals the 10-byte start key: every event of `from` sorts just after it.
+    let start = keys::event_start_key(from);
+    let after = match after {
+        Some(after) if after > start.as_slice() => after.to_vec(),
+        _ => start,
+    };
+    let pairs = view
+        .scan_prefix(keys::EVENT_PREFIX, Some(&after), limit)
+        .map_err(CoreError::Read)?;
+    pairs
+        .into_iter()
+        .map(|(key, value)| Ok((key, codec::decode(&value)?)))
+        .collect()
 }
 
 /// Whether node `node_id` has ever been a member of this cluster.

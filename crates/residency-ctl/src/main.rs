@@ -44,6 +44,10 @@ enum Command {
     ///
     /// Example: residencyctl status -o json
     Status,
+    /// Prints changes as they are applied, in order, from a revision on, until interrupted.
+    ///
+    /// Example: residencyctl watch --from 120 --prefix user- -o json
+    Watch(cmd::watch::WatchArgs),
     /// Backups of a running cluster (restore with `residencyd restore`).
     #[command(subcommand)]
     Backup(cmd::backup::BackupCommand),
@@ -123,6 +127,7 @@ async fn main() -> ExitCode {
             cmd::transfer::import(client, cli.output, args).await
         }
         Command::User(command) => cmd::user::run(&client, cli.output, command).await,
+        Command::Watch(args) => cmd::watch::run(&client, cli.output, args).await,
         Command::Backup(command) => cmd::backup::run(&client, cli.output, command).await,
         Command::Member(command) => cmd::member::run(&client, cli.output, command).await,
         Command::Location(command) => cmd::location::run(&client, cli.output, command).await,

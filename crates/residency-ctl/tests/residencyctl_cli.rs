@@ -105,6 +105,7 @@ fn every_command_help_shows_an_example() {
         &["policy", "dry-run"],
         &["check"],
         &["backup", "create"],
+        &["watch"],
     ];
     for command in commands {
         let output = Command::new(env!("CARGO_BIN_EXE_residencyctl"))

@@ -4,9 +4,9 @@
 use std::collections::BTreeSet;
 
 use residency_types::{
-    AccessOperation, AssignItem, CallerId, Consistency, Decision, DenyReason, Jurisdiction, Labels,
-    Location, LocationId, LocationState, Placement, PlacementState, Policy, ReasonCode, ReasonText,
-    RequestId, Revision, UserId, ValidationError,
+    AccessOperation, AssignItem, CallerId, Change, Consistency, Decision, DenyReason, Event,
+    Jurisdiction, Labels, Location, LocationId, LocationState, Placement, PlacementState, Policy,
+    ReasonCode, ReasonText, RequestId, Revision, UserId, ValidationError,
 };
 
 use crate::pb;
@@ -343,6 +343,62 @@ pub fn write_context_from_pb(
         caller: CallerId::parse(caller)?,
         reason: ReasonText::parse(context.reason)?,
     })
+}
+
+impl From<&Event> for pb::WatchEvent {
+    fn from(event: &Event) -> Self {
+        let change = match &event.change {
+            Change::Placed(placement) => pb::watch_event::Change::Placed(placement.into()),
+            Change::Forgotten {
+                user_id,
+                location_id,
+            } => pb::watch_event::Change::Forgotten(pb::Forgotten {
+                user_id: user_id.to_string(),
+                location_id: location_id.to_string(),
+            }),
+            Change::Location(location) => pb::watch_event::Change::Location(location.into()),
+            Change::Policy(policy) => pb::watch_event::Change::Policy(policy.into()),
+        };
+        pb::WatchEvent {
+            revision: event.revision.0,
+            index: event.index,
+            change: Some(change),
+        }
+    }
+}
+
+impl TryFrom<pb::WatchEvent> for Event {
+    type Error = ValidationError;
+
+    fn try_from(event: pb::WatchEvent) -> Result<Self, ValidationError> {
+        let change = match event.change {
+            Some(pb::watch_event::Change::Placed(placement)) => {
+                Change::Placed(Placement::try_from(placement)?)
+            }
+            Some(pb::watch_event::Change::Forgotten(forgotten)) => Change::Forgotten {
+                user_id: UserId::parse(forgotten.user_id)?,
+                location_id: LocationId::parse(forgotten.location_id)?,
+            },
+            Some(pb::watch_event::Change::Location(location)) => {
+                Change::Location(Location::try_from(location)?)
+            }
+            Some(pb::watch_event::Change::Policy(policy)) => {
+                Change::Policy(Policy::try_from(policy)?)
+            }
+            None => {
+                return Err(ValidationError::new(
+                    ReasonCode::InvalidArgument,
+                    "change",
+                    "an event without a change",
+                ));
+            }
+        };
+        Ok(Event {
+            revision: Revision(event.revision),
+            index: event.index,
+            change,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -38,8 +38,10 @@ impl Default for RaftConfig {
             max_in_snapshot_log_to_keep: 1_000,
             snapshot_chunk_bytes_max: 1024 * 1024,
             install_snapshot_timeout_ms: 10_000,
-            // 200 entries of the largest command (64 KiB) make 12.5 MiB: one peer message.
-            max_payload_entries: 200,
+            // At most 4 MiB of the largest commands (64 KiB) per replication message: small
+            // enough that a follower decodes and stores one well within a heartbeat's timeout
+            // even on a loaded machine, large enough to batch small writes.
+            max_payload_entries: 64,
         }
     }
 }

@@ -18,6 +18,8 @@
 //! | `Overloaded` | RESOURCE_EXHAUSTED | `OVERLOADED` |
 //! | `DeadlineExceeded` | DEADLINE_EXCEEDED (a write may or may not have applied) | `DEADLINE_EXCEEDED` |
 //! | `Internal` | INTERNAL | `INTERNAL` |
+//! | `WatchCompacted` | OUT_OF_RANGE + the compaction revision in `residency-revision` | `WATCH_COMPACTED` |
+//! | `WatcherTooSlow` | RESOURCE_EXHAUSTED | `WATCHER_TOO_SLOW` |
 //! | `Membership` | FAILED_PRECONDITION | `MEMBER_JURISDICTION_NOT_ALLOWED`, `MEMBER_EXISTS`, `MEMBER_NOT_FOUND`, `LEARNER_NOT_CAUGHT_UP`, `LAST_VOTER`, `ADMIN_OPERATION_IN_PROGRESS`, `MEMBERSHIP_CHANGE_IN_PROGRESS` |
 
 use residency_proto::metadata::{LEADER_ADDR_KEY, LEADER_ID_KEY, REASON_KEY, REVISION_KEY};
@@ -77,6 +79,10 @@ pub enum ApiError {
     DeadlineExceeded(u64),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("the change history before revision {} is compacted; re-list, then watch from after it", .compacted.0 + 1)]
+    WatchCompacted { compacted: Revision },
+    #[error("the watcher read too slowly and was cut off; resume from the last revision it saw")]
+    WatcherTooSlow,
     /// A membership change refused by a rule; `code` says which, `message` the values involved.
     #[error("{message}")]
     Membership { code: ReasonCode, message: String },
@@ -124,6 +130,8 @@ impl ApiError {
             ApiError::DeadlineExceeded(_) => ReasonCode::DeadlineExceeded,
             ApiError::Internal(_) => ReasonCode::Internal,
             ApiError::Membership { code, .. } => *code,
+            ApiError::WatchCompacted { .. } => ReasonCode::WatchCompacted,
+            ApiError::WatcherTooSlow => ReasonCode::WatcherTooSlow,
         }
     }
 
@@ -147,6 +155,8 @@ impl ApiError {
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::Internal(_) => Code::Internal,
             ApiError::Membership { .. } => Code::FailedPrecondition,
+            ApiError::WatchCompacted { .. } => Code::OutOfRange,
+            ApiError::WatcherTooSlow => Code::ResourceExhausted,
         }
     }
 }
@@ -202,9 +212,10 @@ impl From<ApiError> for tonic::Status {
             }
             ApiError::UserNotFound { revision }
             | ApiError::LocationNotFound { revision, .. }
-            | ApiError::PolicyNotFound { revision, .. } => {
-                insert(&mut status, REVISION_KEY, &revision.to_string())
-            }
+            | ApiError::PolicyNotFound { revision, .. }
+            | ApiError::WatchCompacted {
+                compacted: revision,
+            } => insert(&mut status, REVISION_KEY, &revision.to_string()),
             _ => {}
         }
         status

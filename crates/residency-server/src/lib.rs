@@ -24,6 +24,7 @@ pub mod observability;
 pub mod peer_service;
 pub mod read_index;
 pub mod registry_service;
+pub mod watch_service;
 pub mod watchdog;
 
 use std::future::Future;
@@ -160,6 +161,7 @@ pub async fn run(
             .with_service_name("residency.v1.Registry")
             .with_service_name("residency.v1.Catalog")
             .with_service_name("residency.v1.Cluster")
+            .with_service_name("residency.v1.Watch")
             .with_service_name("grpc.health.v1.Health")
     };
     let reflection_v1 = reflection().build_v1()?;
@@ -180,6 +182,13 @@ pub async fn run(
             ClusterServer::new(cluster_service::ClusterService::new(node.clone()))
                 .max_decoding_message_size(message_bytes_max)
                 .max_encoding_message_size(message_bytes_max),
+        )
+        .add_service(
+            residency_proto::pb::watch_server::WatchServer::new(watch_service::WatchService::new(
+                node.clone(),
+            ))
+            .max_decoding_message_size(message_bytes_max)
+            .max_encoding_message_size(message_bytes_max),
         )
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -124,6 +124,11 @@ impl StateReader {
         Ok((value, self.applied_revision()))
     }
 
+    /// A receiver that sees the applied revision change.
+    pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.applied_notify.subscribe()
+    }
+
     /// The node's current snapshot, opened (it cannot be deleted while the file is open).
     pub fn open_current_snapshot(
         &self,

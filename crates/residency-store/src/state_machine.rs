@@ -174,6 +174,8 @@ pub(crate) struct Shared {
     /// A seqlock over (tree, applied revision): odd while an apply or install changes them. A
     /// reader that saw the same even value before and after its reads saw one applied state.
     pub(crate) change_seq: AtomicU64,
+    /// The applied revision, for watchers to wait on (sent after the state holds it).
+    pub(crate) applied_notify: tokio::sync::watch::Sender<u64>,
     snapshot_dir: PathBuf,
     current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf)>>,
     incoming: Mutex<Vec<PathBuf>>,
@@ -234,6 +236,9 @@ impl StateMachineStore {
             change_seq: AtomicU64::new(0),
             state: Arc::new(RwLock::new(tree)),
             applied_next: AtomicU64::new(applied.map_or(0, |log_id| log_id.index + 1)),
+            applied_notify: tokio::sync::watch::Sender::new(
+                applied.map_or(0, |log_id| log_id.index),
+            ),
             snapshot_dir,
             current_snapshot: Mutex::new(current_snapshot),
             incoming: Mutex::new(Vec::new()),
@@ -291,6 +296,7 @@ impl StateMachineStore {
                 .applied_next
                 .swap(log_id.index + 1, Ordering::SeqCst);
             assert!(previous <= log_id.index, "applied index went backwards");
+            self.shared.applied_notify.send_replace(log_id.index);
         }
         metrics::counter!("residency_entries_applied_total").increment(results.len() as u64);
         Ok(results)
@@ -521,6 +527,8 @@ impl Shared {
                 applied.map_or(0, |log_id| log_id.index + 1),
                 Ordering::SeqCst,
             );
+            self.applied_notify
+                .send_replace(applied.map_or(0, |log_id| log_id.index));
             old.name()
         };
         db.drop_tree(&old_name)?;

@@ -26,6 +26,9 @@ pub const BATCH_ASSIGN_ITEMS_MAX: usize = 500;
 pub const POLICY_DRY_RUN_SAMPLE_MAX: usize = 20;
 /// How many locations or policies one list call returns at most.
 pub const CATALOG_PAGE_MAX: usize = 1_000;
+/// How many revisions of change history watchers can resume from. Older events are dropped as
+/// new revisions are applied; a watch asking for one gets the compaction revision and re-lists.
+pub const WATCH_HISTORY_REVISIONS: u64 = 100_000;
 /// How many user ids one `BatchLookup` may name.
 pub const BATCH_LOOKUP_IDS_MAX: usize = 1_000;
 /// How many revisions a request id is remembered for after its write was applied. A retry

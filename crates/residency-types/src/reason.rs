@@ -57,11 +57,13 @@ pub enum ReasonCode {
     LastVoter,
     MembershipChangeInProgress,
     MemberIdReused,
+    WatchCompacted,
+    WatcherTooSlow,
 }
 
 impl ReasonCode {
     /// Every code, for tables and round-trip tests.
-    pub const ALL: [ReasonCode; 47] = [
+    pub const ALL: [ReasonCode; 49] = [
         ReasonCode::InvalidUserId,
         ReasonCode::InvalidJurisdiction,
         ReasonCode::InvalidLocationId,
@@ -109,6 +111,8 @@ impl ReasonCode {
         ReasonCode::LastVoter,
         ReasonCode::MembershipChangeInProgress,
         ReasonCode::MemberIdReused,
+        ReasonCode::WatchCompacted,
+        ReasonCode::WatcherTooSlow,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -160,6 +164,8 @@ impl ReasonCode {
             ReasonCode::LastVoter => "LAST_VOTER",
             ReasonCode::MembershipChangeInProgress => "MEMBERSHIP_CHANGE_IN_PROGRESS",
             ReasonCode::MemberIdReused => "MEMBER_ID_REUSED",
+            ReasonCode::WatchCompacted => "WATCH_COMPACTED",
+            ReasonCode::WatcherTooSlow => "WATCHER_TOO_SLOW",
         }
     }
 

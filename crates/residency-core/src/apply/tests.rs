@@ -734,3 +734,64 @@ fn the_placement_count_follows_creates_and_forgets() {
     registry.ok(forget("a", None));
     assert_eq!(count(&registry), 1);
 }
+
+#[test]
+fn every_applied_change_becomes_one_event_in_order_and_old_ones_age_out() {
+    use residency_types::Change;
+    let mut registry = Registry::seeded();
+    let seeded_events =
+        crate::query::events(&registry.state, Revision(1), None, 100).expect("events");
+    assert_eq!(seeded_events.len(), 6, "four locations and two policies");
+    registry.ok(assign("alice", "us-east-1/pg-1"));
+    registry.refused(assign("bob", "eu-central-1/pg-9"));
+    registry.ok(WriteBody::BatchAssign {
+        items: vec![
+            item("b1", "US", "us-east-1/pg-1", None),
+            item("b2", "US", "us-west-2/pg-2", None),
+        ],
+    });
+    registry.ok(forget("alice", None));
+    let events = crate::query::events(&registry.state, Revision(7), None, 100).expect("events");
+    let summary: Vec<(u64, u32, String)> = events
+        .iter()
+        .map(|(_, event)| {
+            let what = match &event.change {
+                Change::Placed(placement) => format!("placed {}", placement.user_id),
+                Change::Forgotten {
+                    user_id,
+                    location_id,
+                } => format!("forgot {user_id} at {location_id}"),
+                other => format!("{other:?}"),
+            };
+            (event.revision.0, event.index, what)
+        })
+        .collect();
+    let expected = vec![
+        (7, 0, "placed alice".to_string()),
+        (9, 0, "placed b1".to_string()),
+        (9, 1, "placed b2".to_string()),
+        (10, 0, "forgot alice at us-east-1/pg-1".to_string()),
+    ];
+    assert_eq!(
+        summary, expected,
+        "the refused write at revision 8 made no event"
+    );
+    // Resuming after the batch's first event gives the rest.
+    let after_first = &events[1].0;
+    let rest =
+        crate::query::events(&registry.state, Revision(7), Some(after_first), 100).expect("events");
+    assert_eq!(rest.len(), 2);
+
+    let mut state = registry.state.clone();
+    let window = residency_types::limits::WATCH_HISTORY_REVISIONS;
+    state.apply(Revision(7 + window), None);
+    let aged = crate::query::events(&state, Revision(1), None, 100).expect("events");
+    assert!(
+        aged.iter().all(|(_, event)| event.revision.0 != 7),
+        "revision 7's event outlived the window"
+    );
+    assert_eq!(
+        crate::query::compacted_revision(Revision(7 + window)),
+        Revision(7)
+    );
+}

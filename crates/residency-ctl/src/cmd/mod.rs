@@ -8,3 +8,4 @@ pub mod member;
 pub mod policy;
 pub mod transfer;
 pub mod user;
+pub mod watch;

@@ -1,0 +1,231 @@
+//! `residency.v1.Watch`: the change history from a revision on, then live, with progress
+//! notices. Every replica holds the same history (events are written by apply, atomically with
+//! the state), so any node serves a watch and a watcher resumes on another after a failure.
+//! Memory per watcher is bounded: a watcher that does not keep up is cut off.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use residency_proto::pb::watch_server::Watch;
+use residency_proto::pb::{WatchProgress, WatchRequest, WatchResponse, watch_response};
+use residency_types::{Event, LocationId, ReasonCode, Revision};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::node::Node;
+
+/// Messages buffered for one watcher, at most.
+const WATCH_BUFFER_MESSAGES: usize = 256;
+/// How long a send may wait for a watcher to read before the watcher is cut off.
+const WATCH_SEND_WAIT_MS: u64 = 5_000;
+/// How long a quiet watch waits before it sends a progress notice.
+const WATCH_PROGRESS_INTERVAL_MS: u64 = 1_000;
+/// Events read from the state per page.
+const WATCH_PAGE_EVENTS: usize = 1_000;
+/// Watches one node serves at once; more are refused with RESOURCE_EXHAUSTED.
+const WATCHERS_MAX: usize = 1_024;
+/// A user-id prefix is at most a user id.
+const USER_ID_PREFIX_BYTES_MAX: usize = residency_types::limits::USER_ID_BYTES_MAX;
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[derive(Debug)]
+pub struct WatchService {
+    node: Arc<Node>,
+    watchers: Arc<AtomicUsize>,
+}
+
+impl WatchService {
+    pub fn new(node: Arc<Node>) -> WatchService {
+        WatchService {
+            node,
+            watchers: Arc::default(),
+        }
+    }
+}
+
+/// What a watch asked for.
+#[derive(Debug, Clone)]
+struct Filter {
+    user_id_prefix: String,
+    location_id: Option<LocationId>,
+}
+
+impl Filter {
+    fn matches(&self, event: &Event) -> bool {
+        if !self.user_id_prefix.is_empty() {
+            let Some(user_id) = event.user_id() else {
+                return false;
+            };
+            if !user_id.as_str().starts_with(&self.user_id_prefix) {
+                return false;
+            }
+        }
+        self.location_id
+            .as_ref()
+            .is_none_or(|location_id| event.concerns_location(location_id))
+    }
+}
+
+/// Releases a watcher slot when the watch ends, however it ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn message(kind: watch_response::Kind) -> WatchResponse {
+    WatchResponse { kind: Some(kind) }
+}
+
+/// Sends one message, waiting a bounded time for the watcher to read. `false`: the watch ends.
+async fn send(sender: &mpsc::Sender<Result<WatchResponse, Status>>, item: WatchResponse) -> bool {
+    match tokio::time::timeout(
+        Duration::from_millis(WATCH_SEND_WAIT_MS),
+        sender.send(Ok(item)),
+    )
+    .await
+    {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            metrics::counter!("residency_watchers_cut_off_total").increment(1);
+            let _ = sender.try_send(Err(ApiError::WatcherTooSlow.into()));
+            false
+        }
+    }
+}
+
+/// Streams events from `next` on until the watcher goes or falls behind the history.
+async fn run(
+    node: Arc<Node>,
+    mut next: u64,
+    filter: Filter,
+    sender: mpsc::Sender<Result<WatchResponse, Status>>,
+    _slot: Slot,
+) {
+    let mut applied = node.reader.subscribe_applied();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        // Catch up with everything applied so far, a page at a time.
+        loop {
+            let read = node
+                .reader
+                .query(|view| {
+                    Ok(residency_core::query::events(
+                        view,
+                        Revision(next),
+                        after.as_deref(),
+                        WATCH_PAGE_EVENTS,
+                    )?)
+                })
+                .await;
+            let (page, at) = match read {
+                Ok(read) => read,
+                Err(error) => {
+                    let _ = sender.send(Err(ApiError::internal(error).into())).await;
+                    return;
+                }
+            };
+            let compacted = residency_core::query::compacted_revision(at);
+            if next <= compacted.0 && after.is_none() {
+                // The history moved past this watcher while it read.
+                let _ = sender
+                    .send(Err(ApiError::WatchCompacted { compacted }.into()))
+                    .await;
+                return;
+            }
+            let full = page.len() == WATCH_PAGE_EVENTS;
+            for (key, event) in page {
+                after = Some(key);
+                if filter.matches(&event)
+                    && !send(
+                        &sender,
+                        message(watch_response::Kind::Event((&event).into())),
+                    )
+                    .await
+                {
+                    return;
+                }
+            }
+            if !full {
+                next = at.0 + 1;
+                after = None;
+                break;
+            }
+        }
+        // Wait for the next apply, or tell an idle watcher how fresh it is.
+        let idle = Duration::from_millis(WATCH_PROGRESS_INTERVAL_MS);
+        match tokio::time::timeout(idle, applied.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let progress = WatchProgress {
+                    revision: next.saturating_sub(1),
+                };
+                if !send(&sender, message(watch_response::Kind::Progress(progress))).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let request = request.into_inner();
+        let prefix_ok = request.user_id_prefix.len() <= USER_ID_PREFIX_BYTES_MAX
+            && request
+                .user_id_prefix
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || b"._:@-".contains(&byte));
+        if !prefix_ok {
+            return Err(ApiError::invalid(
+                ReasonCode::InvalidUserId,
+                "user_id_prefix",
+                "is not the start of a user id",
+            )
+            .into());
+        }
+        let location_id = match request.location_id.as_str() {
+            "" => None,
+            location => Some(LocationId::parse(location).map_err(ApiError::from)?),
+        };
+        let applied = self.node.reader.applied_revision();
+        let from = if request.from_revision == 0 {
+            applied.0 + 1
+        } else {
+            request.from_revision
+        };
+        let compacted = residency_core::query::compacted_revision(applied);
+        if from <= compacted.0 {
+            return Err(ApiError::WatchCompacted { compacted }.into());
+        }
+        if self.watchers.fetch_add(1, Ordering::SeqCst) >= WATCHERS_MAX {
+            self.watchers.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::Overloaded(format!(
+                "this node already serves {WATCHERS_MAX} watches"
+            ))
+            .into());
+        }
+        let slot = Slot(self.watchers.clone());
+        metrics::gauge!("residency_watchers").set(self.watchers.load(Ordering::SeqCst) as f64);
+        let filter = Filter {
+            user_id_prefix: request.user_id_prefix,
+            location_id,
+        };
+        let (sender, receiver) = mpsc::channel(WATCH_BUFFER_MESSAGES);
+        tokio::spawn(run(self.node.clone(), from, filter, sender, slot));
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
