@@ -27,6 +27,8 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
+            // Also openraft 0.9's deadline for every AppendEntries: raise it for clusters that
+            // take bulk loads on slow machines (see docs/configuration.md).
             heartbeat_interval_ms: 100,
             // A wide window relative to the 150 ms election tick makes openraft 0.9's repeated
             // split vote (one random timeout per process) unlikely; the watchdog covers the rest.
@@ -38,10 +40,9 @@ impl Default for RaftConfig {
             max_in_snapshot_log_to_keep: 1_000,
             snapshot_chunk_bytes_max: 1024 * 1024,
             install_snapshot_timeout_ms: 10_000,
-            // At most 4 MiB of the largest commands (64 KiB) per replication message: small
-            // enough that a follower decodes and stores one well within a heartbeat's timeout
-            // even on a loaded machine, large enough to batch small writes.
-            max_payload_entries: 64,
+            // The network layer also cuts every AppendEntries to about 256 KiB of entries (see
+            // `network.rs`), so this count only bounds messages of small entries.
+            max_payload_entries: 300,
         }
     }
 }
@@ -52,8 +53,8 @@ impl Default for RaftConfig {
 pub struct LimitsConfig {
     /// Largest gRPC message accepted or sent on the client listener.
     pub grpc_message_bytes_max: usize,
-    /// Largest message between peers: it must hold `raft.max_payload_entries` entries of the
-    /// largest command (64 KiB each) and a snapshot chunk.
+    /// Largest message between peers: a replication message (about 256 KiB of entries, plus
+    /// one largest command) or a snapshot chunk, with framing.
     pub peer_message_bytes_max: usize,
     /// The deadline of a request that names none, and the cap on any deadline a client names.
     pub request_timeout_ms_max: u64,
@@ -276,15 +277,15 @@ impl Config {
                 "must be at least 1 MiB below limits.peer_message_bytes_max",
             ));
         }
-        let batch_bytes = raft
-            .max_payload_entries
-            .saturating_mul(COMMAND_BYTES_MAX as u64);
-        if batch_bytes.saturating_add(framing_bytes) > limits.peer_message_bytes_max as u64 {
+        let replication_bytes =
+            crate::network::REPLICATION_MESSAGE_BYTES_TARGET + COMMAND_BYTES_MAX;
+        if (replication_bytes as u64).saturating_add(framing_bytes)
+            > limits.peer_message_bytes_max as u64
+        {
             return Err(invalid(
-                "raft.max_payload_entries",
+                "limits.peer_message_bytes_max",
                 format!(
-                    "{} entries of up to {COMMAND_BYTES_MAX} bytes do not fit limits.peer_message_bytes_max",
-                    raft.max_payload_entries
+                    "must hold a replication message ({replication_bytes} bytes) and 1 MiB of framing"
                 ),
             ));
         }

@@ -143,6 +143,22 @@ impl PeerConnection {
     }
 }
 
+/// How many bytes of entries one AppendEntries carries, about (at least one entry always).
+pub const REPLICATION_MESSAGE_BYTES_TARGET: usize = 256 * 1024;
+
+/// How many of `entries`, from the front, fit in `budget` bytes encoded (at least one).
+fn entries_within(entries: &[residency_store::Entry], budget: usize) -> usize {
+    let mut used: usize = 0;
+    for (count, entry) in entries.iter().enumerate() {
+        let size = postcard::experimental::serialized_size(entry).unwrap_or(usize::MAX);
+        used = used.saturating_add(size);
+        if used > budget && count > 0 {
+            return count;
+        }
+    }
+    entries.len()
+}
+
 #[derive(Debug, Clone, Copy)]
 enum RpcKind {
     AppendEntries,
@@ -151,12 +167,26 @@ enum RpcKind {
 }
 
 impl RaftNetwork<TypeConfig> for PeerConnection {
+    /// Sends about `REPLICATION_MESSAGE_BYTES_TARGET` of the entries openraft hands over (at
+    /// least one), and reports a partial success for the rest: openraft 0.9 gives every
+    /// AppendEntries only one heartbeat interval to complete, and packs entries by count, not
+    /// size, so a follower far behind on large batches would otherwise time out on every try.
     async fn append_entries(
         &mut self,
-        request: AppendEntriesRequest<TypeConfig>,
+        mut request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(RpcKind::AppendEntries, &request, &option).await
+        let keep = entries_within(&request.entries, REPLICATION_MESSAGE_BYTES_TARGET);
+        let truncated = keep < request.entries.len();
+        request.entries.truncate(keep);
+        let last_sent = request.entries.last().map(|entry| entry.log_id);
+        let response = self.call(RpcKind::AppendEntries, &request, &option).await?;
+        Ok(match response {
+            AppendEntriesResponse::Success if truncated => {
+                AppendEntriesResponse::PartialSuccess(last_sent)
+            }
+            other => other,
+        })
     }
 
     async fn install_snapshot(
