@@ -149,9 +149,12 @@ pub fn print_members(format: OutputFormat, leader_id: Option<u64>, members: &[Me
     }
 }
 
-pub async fn status(client: &Client, format: OutputFormat) -> Result<(), Failure> {
+/// The cluster's status, or a failure naming what to do if the answering node has not joined.
+pub async fn joined_status(
+    client: &Client,
+) -> Result<residency_client::pb::StatusResponse, Failure> {
     let status = client.status().await?;
-    if !status.initialized {
+    if !status.initialized || status.members.is_empty() {
         return Err(Failure {
             exit_code: 1,
             message: format!(
@@ -160,6 +163,11 @@ pub async fn status(client: &Client, format: OutputFormat) -> Result<(), Failure
             ),
         });
     }
+    Ok(status)
+}
+
+pub async fn status(client: &Client, format: OutputFormat) -> Result<(), Failure> {
+    let status = joined_status(client).await?;
     if format == OutputFormat::Table {
         let leader = status
             .leader_id
@@ -179,16 +187,7 @@ const DIGEST_ATTEMPTS_MAX: usize = 20;
 const DIGEST_RETRY_MS: u64 = 250;
 
 async fn digest(client: &Client, format: OutputFormat) -> Result<(), Failure> {
-    let status = client.status().await?;
-    if status.members.is_empty() {
-        return Err(Failure {
-            exit_code: 1,
-            message: format!(
-                "CLUSTER_NOT_INITIALIZED: node {} has not joined a cluster",
-                status.served_by
-            ),
-        });
-    }
+    let status = joined_status(client).await?;
     let options = client.options().clone();
     let mut last = Vec::new();
     for _ in 0..DIGEST_ATTEMPTS_MAX {

@@ -71,16 +71,7 @@ pub async fn run(
 ) -> Result<(), Failure> {
     let response = match command {
         MemberCommand::List => {
-            let status = client.status().await?;
-            if !status.initialized {
-                return Err(Failure {
-                    exit_code: 1,
-                    message: format!(
-                        "CLUSTER_NOT_INITIALIZED: node {} has not joined a cluster",
-                        status.served_by
-                    ),
-                });
-            }
+            let status = crate::cmd::cluster::joined_status(client).await?;
             print_members(format, status.leader_id, &status.members);
             return Ok(());
         }
