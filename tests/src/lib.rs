@@ -72,9 +72,29 @@ fn binary_path(name: &str) -> PathBuf {
     path
 }
 
+/// Where the harness looks for node ports: below Linux's default ephemeral range
+/// (32768–60999), so an outgoing connection of some other process cannot take a port between
+/// the moment the harness checks it and the moment the node binds it.
+const TEST_PORT_FIRST: u16 = 20_000;
+const TEST_PORTS_COUNT: u16 = 12_000;
+
+static NEXT_TEST_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// A port no one listens on now, outside the ephemeral range; each test process starts at its
+/// own offset (by pid) and walks forward, so two test processes rarely try the same ports.
 fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    use std::sync::atomic::Ordering;
+    let seed = u16::try_from(std::process::id() % u32::from(TEST_PORTS_COUNT))
+        .expect("the offset is below TEST_PORTS_COUNT");
+    let _ = NEXT_TEST_PORT.compare_exchange(0, seed.max(1), Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..TEST_PORTS_COUNT {
+        let offset = NEXT_TEST_PORT.fetch_add(1, Ordering::SeqCst) % TEST_PORTS_COUNT;
+        let port = TEST_PORT_FIRST + offset;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {TEST_PORT_FIRST}..+{TEST_PORTS_COUNT}");
 }
 
 #[derive(Debug)]
@@ -129,6 +149,14 @@ impl NodeHandle {
         }
     }
 
+    /// The last lines of this node's log, for failure messages.
+    fn log_tail(&self) -> String {
+        const LOG_TAIL_LINES: usize = 20;
+        let log = fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+    }
+
     fn start(&mut self) {
         assert!(self.child.is_none(), "node {} is already running", self.id);
         let log = fs::OpenOptions::new()
@@ -160,6 +188,16 @@ impl NodeHandle {
         self.signal(libc::SIGKILL);
         let mut child = self.child.take().expect("node is running");
         child.wait().expect("reap node");
+    }
+
+    /// SIGSTOP: the process freezes (alive, its sockets open, answering nothing) until `thaw`.
+    pub fn freeze(&mut self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT: a frozen process runs again.
+    pub fn thaw(&mut self) {
+        self.signal(libc::SIGCONT);
     }
 
     /// SIGTERM, and waits for a clean exit.
@@ -312,7 +350,7 @@ impl Cluster {
             .expect("the cluster directory lives as long as the cluster");
         let mut node = NodeHandle::configure(dir.path(), id, jurisdiction, raft_toml);
         node.start();
-        wait_port(node.client_port).await;
+        wait_listening(&mut node).await;
         self.nodes.insert(id, node);
         id
     }
@@ -322,8 +360,8 @@ impl Cluster {
         for node in self.nodes.values_mut() {
             node.start();
         }
-        for node in self.nodes.values() {
-            wait_port(node.client_port).await;
+        for node in self.nodes.values_mut() {
+            wait_listening(node).await;
         }
     }
 
@@ -484,20 +522,35 @@ impl Cluster {
         (status, body)
     }
 
-    pub async fn wait_serving(&self, id: u64) {
-        wait_port(self.nodes[&id].client_port).await;
+    pub async fn wait_serving(&mut self, id: u64) {
+        wait_listening(self.node(id)).await;
     }
 }
 
-async fn wait_port(port: u16) {
+/// Waits until `node` accepts connections on its client port; fails at once, with the tail of
+/// its log, if the process exits first.
+async fn wait_listening(node: &mut NodeHandle) {
+    let port = node.client_port;
     let deadline = Instant::now() + PORT_WAIT;
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .is_err()
     {
+        if let Some(child) = node.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            node.child = None;
+            panic!(
+                "node {} exited ({status}) before opening port {port}; its log ends:\n{}",
+                node.id,
+                node.log_tail()
+            );
+        }
         assert!(
             Instant::now() < deadline,
-            "port {port} did not open within {PORT_WAIT:?}"
+            "node {} did not open port {port} within {PORT_WAIT:?}; its log ends:\n{}",
+            node.id,
+            node.log_tail()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
