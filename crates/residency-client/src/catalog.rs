@@ -87,7 +87,9 @@ impl Client {
                 catalog_client(channel).put_location(request).await
             })
             .await?;
-        location_of(response)
+        let versioned = location_of(response)?;
+        self.note_revision(versioned.revision);
+        Ok(versioned)
     }
 
     pub async fn set_location_state(
@@ -107,7 +109,9 @@ impl Client {
                 catalog_client(channel).set_location_state(request).await
             })
             .await?;
-        location_of(response)
+        let versioned = location_of(response)?;
+        self.note_revision(versioned.revision);
+        Ok(versioned)
     }
 
     pub async fn get_location(
@@ -124,7 +128,9 @@ impl Client {
                 catalog_client(channel).get_location(request).await
             })
             .await?;
-        location_of(response)
+        let versioned = location_of(response)?;
+        self.note_revision(versioned.revision);
+        Ok(versioned)
     }
 
     /// Every location, following pages.
@@ -174,7 +180,9 @@ impl Client {
                 catalog_client(channel).put_policy(request).await
             })
             .await?;
-        policy_of(response)
+        let versioned = policy_of(response)?;
+        self.note_revision(versioned.revision);
+        Ok(versioned)
     }
 
     pub async fn get_policy(
@@ -191,7 +199,9 @@ impl Client {
                 catalog_client(channel).get_policy(request).await
             })
             .await?;
-        policy_of(response)
+        let versioned = policy_of(response)?;
+        self.note_revision(versioned.revision);
+        Ok(versioned)
     }
 
     pub async fn list_policies(

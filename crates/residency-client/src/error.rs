@@ -91,6 +91,19 @@ impl ClientError {
         }
     }
 
+    /// Whether the call failed before reaching a node's service (no reason code, UNAVAILABLE):
+    /// the endpoint is down or unreachable.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Status {
+                code: tonic::Code::Unavailable,
+                reason: None,
+                ..
+            }
+        )
+    }
+
     /// Whether sending the same call again (to this or another node) may succeed. Writes are
     /// safe to resend: they keep their request id.
     pub fn is_retryable(&self) -> bool {

@@ -20,6 +20,7 @@
 //! ```
 
 mod backup;
+pub mod cache;
 mod catalog;
 mod cluster;
 mod error;
@@ -27,12 +28,14 @@ mod registry;
 mod watch;
 
 pub use backup::BackupSummary;
+pub use cache::{CacheOptions, CachedChecker, CachedDecision};
 pub use catalog::{PolicyDryRun, Versioned};
 pub use registry::{Checked, Moved};
-pub use watch::{WatchItem, Watcher};
+pub use watch::{StateListing, WatchItem, Watcher};
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub use error::ClientError;
@@ -40,19 +43,25 @@ pub use residency_proto::pb;
 use residency_proto::pb::catalog_client::CatalogClient;
 use residency_proto::pb::cluster_client::ClusterClient;
 use residency_proto::pb::registry_client::RegistryClient;
-use residency_types::{Placement, ReasonCode, Revision};
+use residency_types::{Consistency, Placement, ReasonCode, Revision};
 use tonic::transport::{Channel, Endpoint};
 
 /// The endpoints a client is given when none are: the local three-node cluster.
 pub const LOCAL_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
 /// Largest message the client accepts, in bytes (the server's default limit).
-const MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+pub(crate) const MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// First pause between retries, doubled after each pause up to the maximum, in milliseconds.
 const RETRY_BACKOFF_MS_MIN: u64 = 50;
 const RETRY_BACKOFF_MS_MAX: u64 = 1_000;
 /// Attempts of one call at most, whatever its deadline.
 const CALL_ATTEMPTS_MAX: usize = 64;
 const CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// HTTP/2 pings on idle connections, and how long one may go unanswered before the connection
+/// is taken for dead (a node frozen or cut off without its connections closing).
+const KEEPALIVE_INTERVAL_MS: u64 = 10_000;
+const KEEPALIVE_TIMEOUT_MS: u64 = 5_000;
+/// How long spread reads keep off an endpoint that failed at the transport level.
+const ENDPOINT_REST_MS: u64 = 2_000;
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -108,7 +117,31 @@ pub struct Client {
     /// Where to send the next call first: the last leader we learned of, or the last endpoint
     /// that answered.
     preferred: Mutex<Option<String>>,
+    /// The highest revision any answer has carried: the token for reading one's own writes.
+    highest_revision: AtomicU64,
+    /// Turns of the read rotation over the endpoints.
+    read_turn: AtomicUsize,
+    /// Endpoints that failed at the transport level, and until when reads skip them.
+    resting: Mutex<HashMap<String, Instant>>,
     options: ClientOptions,
+}
+
+/// Where a call goes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// The leader, as last learned: writes, and reads that need the leader's read index.
+    Leader,
+    /// The next endpoint in rotation: reads any node can serve alone (`AtLeast`, `Stale`).
+    Spread,
+}
+
+impl Route {
+    pub(crate) fn for_read(consistency: Consistency) -> Route {
+        match consistency {
+            Consistency::Linearizable => Route::Leader,
+            Consistency::AtLeast(_) | Consistency::Stale => Route::Spread,
+        }
+    }
 }
 
 /// What one attempt at one endpoint tells the retry loop.
@@ -135,8 +168,51 @@ impl Client {
             endpoints,
             channels: Mutex::default(),
             preferred: Mutex::default(),
+            highest_revision: AtomicU64::new(0),
+            read_turn: AtomicUsize::new(0),
+            resting: Mutex::default(),
             options,
         })
+    }
+
+    /// The highest revision this client has seen in any answer (a write's, or a read's).
+    pub fn highest_revision(&self) -> Revision {
+        Revision(self.highest_revision.load(Ordering::SeqCst))
+    }
+
+    /// Reads that include every write this client has seen acknowledged, from whichever node
+    /// answers first: `AtLeast` its highest revision. Read-your-writes without the leader.
+    pub fn read_your_writes(&self) -> Consistency {
+        Consistency::AtLeast(self.highest_revision())
+    }
+
+    /// Raises the highest revision seen to `revision`.
+    pub(crate) fn note_revision(&self, revision: Revision) {
+        self.highest_revision
+            .fetch_max(revision.0, Ordering::SeqCst);
+    }
+
+    /// The endpoint a spread read goes to first: the next in rotation that has not failed in
+    /// the last `ENDPOINT_REST_MS`.
+    fn next_reader(&self) -> String {
+        let now = Instant::now();
+        let mut resting = self.resting.lock().expect("resting lock poisoned");
+        resting.retain(|_, until| *until > now);
+        let turn = self.read_turn.fetch_add(1, Ordering::Relaxed);
+        (0..self.endpoints.len())
+            .map(|step| &self.endpoints[(turn + step) % self.endpoints.len()])
+            .find(|endpoint| !resting.contains_key(*endpoint))
+            .unwrap_or(&self.endpoints[turn % self.endpoints.len()])
+            .clone()
+    }
+
+    /// Keeps spread reads off `endpoint` for a while after it failed at the transport level.
+    fn rest(&self, endpoint: &str) {
+        let until = Instant::now() + Duration::from_millis(ENDPOINT_REST_MS);
+        self.resting
+            .lock()
+            .expect("resting lock poisoned")
+            .insert(endpoint.to_string(), until);
     }
 
     fn channel(&self, endpoint: &str) -> Result<Channel, ClientError> {
@@ -147,6 +223,9 @@ impl Client {
         let channel = Endpoint::from_shared(format!("http://{endpoint}"))
             .map_err(|error| ClientError::Config(format!("endpoint {endpoint:?}: {error}")))?
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .http2_keep_alive_interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS))
+            .keep_alive_timeout(Duration::from_millis(KEEPALIVE_TIMEOUT_MS))
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .connect_lazy();
         channels.insert(endpoint.to_string(), channel.clone());
@@ -160,17 +239,20 @@ impl Client {
     }
 
     /// Runs `call` against endpoints until it succeeds, fails for good, or the deadline passes.
-    async fn with_retries<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    async fn with_retries<T, F, Fut>(&self, route: Route, call: F) -> Result<T, ClientError>
     where
         F: Fn(String, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let deadline = Instant::now() + self.options.timeout;
-        let first = self
-            .preferred
-            .lock()
-            .expect("preferred lock poisoned")
-            .clone();
+        let first = match route {
+            Route::Leader => self
+                .preferred
+                .lock()
+                .expect("preferred lock poisoned")
+                .clone(),
+            Route::Spread => Some(self.next_reader()),
+        };
         let mut next = first.unwrap_or_else(|| self.endpoints[0].clone());
         let mut rotation = 0;
         let mut backoff_ms = RETRY_BACKOFF_MS_MIN;
@@ -187,13 +269,18 @@ impl Client {
             };
             let (hinted, pause, error) = match attempt {
                 Attempt::Done(value) => {
-                    *self.preferred.lock().expect("preferred lock poisoned") = Some(next);
+                    if route == Route::Leader {
+                        *self.preferred.lock().expect("preferred lock poisoned") = Some(next);
+                    }
                     return Ok(value);
                 }
                 Attempt::Retry { next, pause, error } => (next, pause, error),
             };
             if !error.is_retryable() {
                 return Err(error);
+            }
+            if error.is_transport() {
+                self.rest(&next);
             }
             failed.push(next.clone());
             // Report the most telling failure: a server's reason beats a later transport error
@@ -216,7 +303,9 @@ impl Client {
                     self.endpoints[rotation % self.endpoints.len()].clone()
                 }
             };
-            *self.preferred.lock().expect("preferred lock poisoned") = Some(next.clone());
+            if route == Route::Leader {
+                *self.preferred.lock().expect("preferred lock poisoned") = Some(next.clone());
+            }
             if !follow_at_once {
                 let pause_ms =
                     backoff_ms.min(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX));
@@ -239,9 +328,24 @@ impl Client {
         F: Fn(Channel, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
+        self.call_routed(Route::Leader, message, rpc).await
+    }
+
+    /// `call`, starting where `route` says.
+    pub(crate) async fn call_routed<Req, Resp, F, Fut>(
+        &self,
+        route: Route,
+        message: Req,
+        rpc: F,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
         let rpc = &rpc;
         let message = &message;
-        self.with_retries(|endpoint, remaining| async move {
+        self.with_retries(route, |endpoint, remaining| async move {
             let channel = self
                 .channel(&endpoint)
                 .map_err(|error| tonic::Status::unavailable(error.to_string()))?;

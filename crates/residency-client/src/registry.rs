@@ -7,10 +7,11 @@ use residency_types::{
     ReasonCode, Revision, UserId,
 };
 
-use crate::{Assigned, Client, ClientError, Read, WriteOptions, registry_client};
+use crate::{Assigned, Client, ClientError, Read, Route, WriteOptions, registry_client};
 
-fn header_of<T>(header: Option<pb::ReadHeader>, value: T) -> Read<T> {
+fn header_of<T>(client: &Client, header: Option<pb::ReadHeader>, value: T) -> Read<T> {
     let header = header.unwrap_or_default();
+    client.note_revision(Revision(header.revision));
     Read {
         placement: value,
         revision: Revision(header.revision),
@@ -51,14 +52,16 @@ impl Client {
             consistency: Some(consistency_to_pb(consistency)),
         };
         let answer = self
-            .call(message, |channel, request| async move {
-                registry_client(channel).lookup(request).await
-            })
+            .call_routed(
+                Route::for_read(consistency),
+                message,
+                |channel, request| async move { registry_client(channel).lookup(request).await },
+            )
             .await;
         match answer {
             Ok(response) => {
                 let placement = response.placement.map(Placement::try_from).transpose()?;
-                Ok(header_of(response.header, placement))
+                Ok(header_of(self, response.header, placement))
             }
             Err(ClientError::Status {
                 reason: Some(ReasonCode::UserNotFound),
@@ -66,7 +69,10 @@ impl Client {
                 ..
             }) => Ok(Read {
                 placement: None,
-                revision: Revision(revision.unwrap_or(0)),
+                revision: {
+                    self.note_revision(Revision(revision.unwrap_or(0)));
+                    Revision(revision.unwrap_or(0))
+                },
                 served_by: 0,
                 millis_since_leader_contact: None,
             }),
@@ -85,7 +91,7 @@ impl Client {
             consistency: Some(consistency_to_pb(consistency)),
         };
         let response = self
-            .call(message, |channel, request| async move {
+            .call_routed(Route::for_read(consistency), message, |channel, request| async move {
                 registry_client(channel).batch_lookup(request).await
             })
             .await?;
@@ -94,7 +100,7 @@ impl Client {
             .into_iter()
             .map(|entry| entry.placement.map(Placement::try_from).transpose())
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(header_of(response.header, placements))
+        Ok(header_of(self, response.header, placements))
     }
 
     pub async fn assign(
@@ -118,6 +124,7 @@ impl Client {
                 registry_client(channel).assign(request).await
             })
             .await?;
+        self.note_revision(Revision(response.revision));
         Ok(Assigned {
             placement: placement_of(response.placement)?,
             created: response.created,
@@ -150,6 +157,7 @@ impl Client {
                 registry_client(channel).batch_assign(request).await
             })
             .await?;
+        self.note_revision(Revision(response.revision));
         response
             .items
             .into_iter()
@@ -180,6 +188,7 @@ impl Client {
                 registry_client(channel).forget(request).await
             })
             .await?;
+        self.note_revision(Revision(response.revision));
         Ok(Revision(response.revision))
     }
 
@@ -201,6 +210,7 @@ impl Client {
                 registry_client(channel).begin_move(request).await
             })
             .await?;
+        self.note_revision(Revision(response.revision));
         Ok(Moved {
             placement: placement_of(response.placement)?,
             revision: Revision(response.revision),
@@ -227,6 +237,7 @@ impl Client {
                 registry_client(channel).complete_move(request).await
             })
             .await?;
+        self.note_revision(Revision(response.revision));
         Ok(Moved {
             placement: placement_of(response.placement)?,
             revision: Revision(response.revision),
@@ -244,6 +255,7 @@ impl Client {
                 registry_client(channel).abort_move(request).await
             })
             .await?;
+        self.note_revision(Revision(response.revision));
         Ok(Moved {
             placement: placement_of(response.placement)?,
             revision: Revision(response.revision),
@@ -270,11 +282,12 @@ impl Client {
             consistency: Some(consistency_to_pb(consistency)),
         };
         let response = self
-            .call(message, |channel, request| async move {
+            .call_routed(Route::for_read(consistency), message, |channel, request| async move {
                 registry_client(channel).check_access(request).await
             })
             .await?;
         let revision = Revision(response.header.as_ref().map_or(0, |header| header.revision));
+        self.note_revision(revision);
         Ok(Checked {
             decision: decision_from_pb(&response),
             revision,

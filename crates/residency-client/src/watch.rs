@@ -3,14 +3,23 @@
 
 use residency_proto::pb;
 use residency_proto::pb::watch_client::WatchClient;
-use residency_types::{Event, LocationId, ReasonCode, Revision};
+use residency_types::{
+    Consistency, Event, Location, LocationId, Placement, Policy, ReasonCode, Revision,
+};
 use tonic::Streaming;
 
-use crate::{Client, ClientError};
+use crate::{Client, ClientError, Route};
 
 /// Reconnection attempts in a row before the watcher gives up.
 const RECONNECT_ATTEMPTS_MAX: usize = 10;
 const RECONNECT_PAUSE_MS: u64 = 300;
+/// The node's progress interval when the watch does not ask for one.
+const PROGRESS_INTERVAL_MS_DEFAULT: u64 = 1_000;
+/// Progress intervals a watch may go without any message before the watcher takes its node
+/// for lost (frozen, or cut off without the connection closing) and resumes on another.
+const SILENT_PROGRESS_INTERVALS_MAX: u32 = 3;
+/// Added to that, for the time a message takes to arrive.
+const SILENCE_SLACK_MS: u64 = 1_000;
 
 /// What a watch yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,16 +60,48 @@ impl Client {
                 from_revision: from.0,
                 user_id_prefix: user_id_prefix.to_string(),
                 location_id: location_id.map(ToString::to_string).unwrap_or_default(),
+                progress_interval_ms: 0,
             },
             stream: None,
-            endpoint: 0,
+            endpoint: self
+                .read_turn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             last: None,
             progressed: None,
         }
     }
 }
 
+/// The error of a node that sent nothing, not even a progress notice, for too long.
+fn silent_node() -> ClientError {
+    ClientError::Status {
+        code: tonic::Code::Unavailable,
+        reason: None,
+        message: "the node sent nothing for longer than its progress interval allows".to_string(),
+        leader_addr: None,
+        revision: None,
+        refused_items: Vec::new(),
+    }
+}
+
 impl Watcher<'_> {
+    /// How long the watch may go without any message before the node is taken for lost.
+    fn silence_limit(&self) -> std::time::Duration {
+        let interval_ms = match self.request.progress_interval_ms {
+            0 => PROGRESS_INTERVAL_MS_DEFAULT,
+            ms => u64::from(ms),
+        };
+        std::time::Duration::from_millis(interval_ms) * SILENT_PROGRESS_INTERVALS_MAX
+            + std::time::Duration::from_millis(SILENCE_SLACK_MS)
+    }
+
+    /// Asks for a progress notice after `interval` without events (the node's default is one
+    /// second; it accepts 100 ms to 60 s).
+    pub fn progress_every(mut self, interval: std::time::Duration) -> Self {
+        self.request.progress_interval_ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
+        self
+    }
+
     async fn connect(&mut self) -> Result<(), ClientError> {
         let endpoints = self.client.endpoints();
         let endpoint = endpoints[self.endpoint % endpoints.len()].clone();
@@ -84,9 +125,15 @@ impl Watcher<'_> {
     pub async fn next(&mut self) -> Result<Option<WatchItem>, ClientError> {
         let mut failures = 0;
         loop {
-            if self.stream.is_none()
-                && let Err(error) = self.connect().await
-            {
+            let silence_limit = self.silence_limit();
+            let connected = if self.stream.is_none() {
+                tokio::time::timeout(silence_limit, self.connect())
+                    .await
+                    .unwrap_or_else(|_| Err(silent_node()))
+            } else {
+                Ok(())
+            };
+            if let Err(error) = connected {
                 if !error.is_retryable() || failures >= RECONNECT_ATTEMPTS_MAX {
                     return Err(error);
                 }
@@ -96,7 +143,10 @@ impl Watcher<'_> {
                 continue;
             }
             let stream = self.stream.as_mut().expect("connected above");
-            match stream.message().await {
+            let message = tokio::time::timeout(silence_limit, stream.message())
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::unavailable(silent_node().to_string())));
+            match message {
                 Ok(Some(response)) => match response.kind {
                     Some(pb::watch_response::Kind::Event(event)) => {
                         let position = (event.revision, event.index);
@@ -105,10 +155,12 @@ impl Watcher<'_> {
                         }
                         let event = Event::try_from(event)?;
                         self.last = Some(position);
+                        self.client.note_revision(event.revision);
                         return Ok(Some(WatchItem::Event(event)));
                     }
                     Some(pb::watch_response::Kind::Progress(progress)) => {
                         self.progressed = Some(progress.revision);
+                        self.client.note_revision(Revision(progress.revision));
                         return Ok(Some(WatchItem::Progress(Revision(progress.revision))));
                     }
                     None => {
@@ -137,5 +189,88 @@ impl Watcher<'_> {
                 }
             }
         }
+    }
+}
+
+/// The whole state at one revision, as `ListState` streams it: where a watcher starts from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateListing {
+    pub revision: Revision,
+    pub locations: Vec<Location>,
+    pub policies: Vec<Policy>,
+    pub placements: Vec<Placement>,
+}
+
+impl Client {
+    /// Every location, policy and placement at one revision; watch from `revision + 1` to
+    /// follow on without a gap. With `allow_recent_snapshot` the node may answer from the
+    /// snapshot it has rather than build one (still watchable from). The whole state is held
+    /// in memory: this is for caches that hold it anyway.
+    pub async fn list_state(
+        &self,
+        allow_recent_snapshot: bool,
+    ) -> Result<StateListing, ClientError> {
+        let request = pb::ListStateRequest {
+            allow_recent_snapshot,
+        };
+        let mut stream = self
+            .call_routed(Route::Spread, request, |channel, request| async move {
+                WatchClient::new(channel)
+                    .max_decoding_message_size(crate::MESSAGE_BYTES_MAX)
+                    .list_state(request)
+                    .await
+            })
+            .await?;
+        let mut listing: Option<StateListing> = None;
+        while let Some(chunk) = stream.message().await.map_err(ClientError::from_status)? {
+            let listing = listing.get_or_insert_with(|| StateListing {
+                revision: Revision(chunk.revision),
+                ..StateListing::default()
+            });
+            if chunk.revision != listing.revision.0 {
+                return Err(ClientError::Protocol(format!(
+                    "a state listing changed revision midway ({} then {})",
+                    listing.revision, chunk.revision
+                )));
+            }
+            for location in chunk.locations {
+                listing.locations.push(Location::try_from(location)?);
+            }
+            for policy in chunk.policies {
+                listing.policies.push(Policy::try_from(policy)?);
+            }
+            for placement in chunk.placements {
+                listing.placements.push(Placement::try_from(placement)?);
+            }
+        }
+        let listing =
+            listing.ok_or_else(|| ClientError::Protocol("an empty state listing".to_string()))?;
+        self.note_revision(listing.revision);
+        Ok(listing)
+    }
+
+    /// The revision a read in `consistency` would be served at. With `Linearizable`, at least
+    /// the revision of every write acknowledged before this call was sent.
+    pub async fn current_revision(
+        &self,
+        consistency: Consistency,
+    ) -> Result<Revision, ClientError> {
+        let message = pb::CurrentRevisionRequest {
+            consistency: Some(residency_proto::convert::consistency_to_pb(consistency)),
+        };
+        let response = self
+            .call_routed(
+                Route::for_read(consistency),
+                message,
+                |channel, request| async move {
+                    crate::registry_client(channel)
+                        .current_revision(request)
+                        .await
+                },
+            )
+            .await?;
+        let revision = Revision(response.header.map_or(0, |header| header.revision));
+        self.note_revision(revision);
+        Ok(revision)
     }
 }

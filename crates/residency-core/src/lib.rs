@@ -26,7 +26,9 @@ pub mod staged;
 pub use apply::{Applied, Mutation, apply};
 pub use codec::CodecError;
 pub use digest::StateDigest;
-pub use query::{DryRun, check_access, dry_run_policy, list_locations, list_policies, lookup};
+pub use query::{
+    DryRun, check_access, decide, dry_run_policy, list_locations, list_policies, lookup,
+};
 
 /// Reads the current state. The store implements it over sled; tests over a `BTreeMap`.
 pub trait KvRead {

@@ -100,21 +100,53 @@ pub fn check_access<V: KvRead>(
     accessor_jurisdiction: Jurisdiction,
     operation: AccessOperation,
 ) -> Result<Decision, CoreError<V::Error>> {
-    let deny = |reason| Ok(Decision::Deny { reason });
     let staged = Staged::new(view);
     let Some(placement) = staged.placement(user_id)? else {
+        return Ok(decide(None, None, None, accessor_jurisdiction, operation));
+    };
+    let policy = staged.policy(placement.residency)?;
+    let location = staged.location(&placement.location_id)?;
+    Ok(decide(
+        Some(&placement),
+        policy.as_ref(),
+        location.as_ref(),
+        accessor_jurisdiction,
+        operation,
+    ))
+}
+
+/// The access rule over values already read: the user's placement, the policy of its
+/// residency and the location that holds it (each `None` if missing). The one rule behind both
+/// the nodes' `CheckAccess` and the client library's cache, so the two cannot disagree.
+pub fn decide(
+    placement: Option<&Placement>,
+    policy: Option<&Policy>,
+    location: Option<&Location>,
+    accessor_jurisdiction: Jurisdiction,
+    operation: AccessOperation,
+) -> Decision {
+    let deny = |reason| Decision::Deny { reason };
+    let Some(placement) = placement else {
         return deny(DenyReason::UnknownUser);
     };
-    let Some(policy) = staged.policy(placement.residency)? else {
+    let Some(policy) = policy else {
         return deny(DenyReason::NoPolicy);
     };
+    assert_eq!(
+        policy.residency, placement.residency,
+        "decide() was given another residency's policy"
+    );
     if !policy.allows_access_from(accessor_jurisdiction) {
         return deny(DenyReason::AccessorJurisdictionNotAllowed);
     }
-    let location = match staged.location(&placement.location_id)? {
+    let location = match location {
         Some(location) if location.state != LocationState::Retired => location,
         _ => return deny(DenyReason::LocationUnavailable),
     };
+    assert_eq!(
+        location.id, placement.location_id,
+        "decide() was given another location than the placement's"
+    );
     if !policy.allows_storage_in(location.jurisdiction) {
         return deny(DenyReason::StorageJurisdictionNotAllowed);
     }
@@ -122,12 +154,12 @@ pub fn check_access<V: KvRead>(
     if move_target.is_some() && operation == AccessOperation::Write {
         return deny(DenyReason::UserMoving);
     }
-    Ok(Decision::Allow {
-        location_id: placement.location_id,
+    Decision::Allow {
+        location_id: placement.location_id.clone(),
         location_jurisdiction: location.jurisdiction,
         epoch: placement.epoch,
         move_target,
-    })
+    }
 }
 
 /// Up to `limit` values whose keys start with `prefix`, after the key `after` if given.

@@ -121,11 +121,98 @@ impl Node {
     }
 }
 
-/// Placements per export message.
-const EXPORT_PAGE_PLACEMENTS: usize = 1_000;
+/// Items per export or list message.
+const EXPORT_PAGE_ITEMS: usize = 1_000;
 
 pub type ExportStream =
     Pin<Box<dyn Stream<Item = Result<residency_proto::pb::ExportPlacementsChunk, Status>> + Send>>;
+pub type ListStateStream =
+    Pin<Box<dyn Stream<Item = Result<residency_proto::pb::ListStateChunk, Status>> + Send>>;
+
+/// What a snapshot export sends: placements only, or the catalog and policies too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExportScope {
+    Placements,
+    WholeState,
+}
+
+/// One page of an export, all of it at one revision.
+#[derive(Debug, Default)]
+struct ExportPage {
+    locations: Vec<residency_proto::pb::Location>,
+    policies: Vec<residency_proto::pb::Policy>,
+    placements: Vec<residency_proto::pb::Placement>,
+}
+
+impl ExportPage {
+    fn len(&self) -> usize {
+        self.locations.len() + self.policies.len() + self.placements.len()
+    }
+
+    /// Decodes one pair of the snapshot into the page, if the scope wants it.
+    fn add(&mut self, scope: ExportScope, key: &[u8], value: &[u8]) -> Result<(), String> {
+        use residency_core::{codec, keys};
+        let undecodable = |what: &str, error: residency_core::CodecError| {
+            format!("a {what} in the snapshot does not decode: {error}")
+        };
+        if key.starts_with(keys::PLACEMENT_PREFIX) {
+            let placement: residency_types::Placement =
+                codec::decode(value).map_err(|error| undecodable("placement", error))?;
+            self.placements.push((&placement).into());
+        } else if scope == ExportScope::WholeState && key.starts_with(keys::LOCATION_PREFIX) {
+            let location: residency_types::Location =
+                codec::decode(value).map_err(|error| undecodable("location", error))?;
+            self.locations.push((&location).into());
+        } else if scope == ExportScope::WholeState && key.starts_with(keys::POLICY_PREFIX) {
+            let policy: residency_types::Policy =
+                codec::decode(value).map_err(|error| undecodable("policy", error))?;
+            self.policies.push((&policy).into());
+        }
+        Ok(())
+    }
+}
+
+/// Reads the snapshot `file` (at `revision`) in key order and hands `send` one page at a time;
+/// stops when `send` says the receiver is gone. Runs on a blocking thread.
+fn export_pages(
+    file: std::fs::File,
+    scope: ExportScope,
+    send: impl Fn(Result<ExportPage, Status>) -> bool,
+) {
+    let mut reader = match residency_store::snapshot::SnapshotReader::open(file) {
+        Ok((reader, _)) => reader,
+        Err(error) => {
+            send(Err(Status::internal(format!(
+                "reading the snapshot: {error}"
+            ))));
+            return;
+        }
+    };
+    let mut page = ExportPage::default();
+    loop {
+        match reader.next_pair() {
+            Ok(Some((key, value))) => {
+                if let Err(error) = page.add(scope, &key, &value) {
+                    send(Err(Status::internal(error)));
+                    return;
+                }
+                if page.len() == EXPORT_PAGE_ITEMS && !send(Ok(std::mem::take(&mut page))) {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(error) => {
+                send(Err(Status::internal(format!(
+                    "reading the snapshot: {error}"
+                ))));
+                return;
+            }
+        }
+    }
+    if page.len() > 0 {
+        send(Ok(page));
+    }
+}
 
 impl Node {
     /// Streams every placement of a fresh snapshot: one revision, no lock held while sending.
@@ -134,69 +221,72 @@ impl Node {
         let (revision, file) = self.fresh_snapshot().await?;
         let (sender, receiver) = mpsc::channel(BACKUP_CHUNKS_IN_FLIGHT_MAX);
         tokio::task::spawn_blocking(move || {
-            let send =
-                |chunk: Result<ExportPlacementsChunk, Status>| sender.blocking_send(chunk).is_ok();
-            if !send(Ok(ExportPlacementsChunk {
+            let header = ExportPlacementsChunk {
                 revision,
                 placements: Vec::new(),
-            })) {
+            };
+            if sender.blocking_send(Ok(header)).is_err() {
                 return;
             }
-            let read = residency_store::snapshot::SnapshotReader::open(file);
-            let mut reader = match read {
-                Ok((reader, _)) => reader,
-                Err(error) => {
-                    send(Err(Status::internal(format!(
-                        "reading the snapshot: {error}"
-                    ))));
-                    return;
-                }
-            };
-            let mut page = Vec::with_capacity(EXPORT_PAGE_PLACEMENTS);
-            loop {
-                match reader.next_pair() {
-                    Ok(Some((key, value))) => {
-                        if !key.starts_with(residency_core::keys::PLACEMENT_PREFIX) {
-                            continue;
-                        }
-                        match residency_core::codec::decode::<residency_types::Placement>(&value) {
-                            Ok(placement) => page.push((&placement).into()),
-                            Err(error) => {
-                                send(Err(Status::internal(format!(
-                                    "a placement does not decode: {error}"
-                                ))));
-                                return;
-                            }
-                        }
-                        if page.len() == EXPORT_PAGE_PLACEMENTS {
-                            let full = std::mem::replace(
-                                &mut page,
-                                Vec::with_capacity(EXPORT_PAGE_PLACEMENTS),
-                            );
-                            if !send(Ok(ExportPlacementsChunk {
-                                revision,
-                                placements: full,
-                            })) {
-                                return;
-                            }
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(error) => {
-                        send(Err(Status::internal(format!(
-                            "reading the snapshot: {error}"
-                        ))));
-                        return;
-                    }
-                }
-            }
-            if !page.is_empty() {
-                send(Ok(ExportPlacementsChunk {
+            export_pages(file, ExportScope::Placements, |page| {
+                let chunk = page.map(|page| ExportPlacementsChunk {
                     revision,
-                    placements: page,
-                }));
-            }
+                    placements: page.placements,
+                });
+                sender.blocking_send(chunk).is_ok()
+            });
         });
         Ok(Box::pin(ReceiverStream::new(receiver)))
+    }
+
+    /// Streams the locations, policies and placements of one snapshot: a fresh one, or with
+    /// `allow_recent` the node's newest if a watcher can still catch up from its revision.
+    pub async fn list_state(&self, allow_recent: bool) -> Result<ListStateStream, ApiError> {
+        use residency_proto::pb::ListStateChunk;
+        let recent = if allow_recent {
+            self.recent_snapshot()?
+        } else {
+            None
+        };
+        let (revision, file) = match recent {
+            Some(recent) => recent,
+            None => self.fresh_snapshot().await?,
+        };
+        let (sender, receiver) = mpsc::channel(BACKUP_CHUNKS_IN_FLIGHT_MAX);
+        tokio::task::spawn_blocking(move || {
+            let header = ListStateChunk {
+                revision,
+                ..ListStateChunk::default()
+            };
+            if sender.blocking_send(Ok(header)).is_err() {
+                return;
+            }
+            export_pages(file, ExportScope::WholeState, |page| {
+                let chunk = page.map(|page| ListStateChunk {
+                    revision,
+                    locations: page.locations,
+                    policies: page.policies,
+                    placements: page.placements,
+                });
+                sender.blocking_send(chunk).is_ok()
+            });
+        });
+        Ok(Box::pin(ReceiverStream::new(receiver)))
+    }
+
+    /// The node's newest snapshot, if it is within the newer half of the watch history: a
+    /// watcher starting from its revision then has half the history's span to catch up.
+    fn recent_snapshot(&self) -> Result<Option<(u64, std::fs::File)>, ApiError> {
+        let Some((meta, file)) = self
+            .reader
+            .open_current_snapshot()
+            .map_err(ApiError::internal)?
+        else {
+            return Ok(None);
+        };
+        let revision = meta.last_log_id.map_or(0, |log_id| log_id.index);
+        let applied = self.reader.applied_revision().0;
+        let half_history = residency_types::limits::WATCH_HISTORY_REVISIONS / 2;
+        Ok((revision + half_history >= applied).then_some((revision, file)))
     }
 }

@@ -387,6 +387,26 @@ impl Registry for RegistryService {
         .await
     }
 
+    async fn current_revision(
+        &self,
+        request: Request<pb::CurrentRevisionRequest>,
+    ) -> Result<Response<pb::CurrentRevisionResponse>, Status> {
+        let timeout = timeout_of(&self.node, &request);
+        let request = request.into_inner();
+        observe("CurrentRevision", timeout, async {
+            let consistency = consistency_from_pb(request.consistency)?;
+            let barrier = self
+                .node
+                .read_barrier(consistency, wait_budget(timeout))
+                .await?;
+            let revision = self.node.reader.applied_revision();
+            Ok(pb::CurrentRevisionResponse {
+                header: Some(read_header(&self.node, barrier, revision)),
+            })
+        })
+        .await
+    }
+
     type ExportPlacementsStream = crate::backup::ExportStream;
 
     async fn export_placements(

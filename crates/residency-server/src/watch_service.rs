@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use futures::Stream;
 use residency_proto::pb::watch_server::Watch;
-use residency_proto::pb::{WatchProgress, WatchRequest, WatchResponse, watch_response};
+use residency_proto::pb::{
+    ListStateRequest, WatchProgress, WatchRequest, WatchResponse, watch_response,
+};
 use residency_types::{Event, LocationId, ReasonCode, Revision};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,8 +25,11 @@ use crate::node::Node;
 const WATCH_BUFFER_MESSAGES: usize = 256;
 /// How long a send may wait for a watcher to read before the watcher is cut off.
 const WATCH_SEND_WAIT_MS: u64 = 5_000;
-/// How long a quiet watch waits before it sends a progress notice.
-const WATCH_PROGRESS_INTERVAL_MS: u64 = 1_000;
+/// How long a quiet watch waits before it sends a progress notice, unless the watcher asks for
+/// another interval within the bounds.
+const WATCH_PROGRESS_INTERVAL_MS_DEFAULT: u32 = 1_000;
+const WATCH_PROGRESS_INTERVAL_MS_MIN: u32 = 100;
+const WATCH_PROGRESS_INTERVAL_MS_MAX: u32 = 60_000;
 /// Events read from the state per page.
 const WATCH_PAGE_EVENTS: usize = 1_000;
 /// Watches one node serves at once; more are refused with RESOURCE_EXHAUSTED.
@@ -54,6 +59,7 @@ impl WatchService {
 struct Filter {
     user_id_prefix: String,
     location_id: Option<LocationId>,
+    progress_interval: Duration,
 }
 
 impl Filter {
@@ -115,6 +121,7 @@ async fn run(
     let mut after: Option<Vec<u8>> = None;
     loop {
         // Catch up with everything applied so far, a page at a time.
+        let mut sent_events = false;
         loop {
             let read = node
                 .reader
@@ -145,15 +152,14 @@ async fn run(
             let full = page.len() == WATCH_PAGE_EVENTS;
             for (key, event) in page {
                 after = Some(key);
-                if filter.matches(&event)
-                    && !send(
-                        &sender,
-                        message(watch_response::Kind::Event((&event).into())),
-                    )
-                    .await
-                {
+                if !filter.matches(&event) {
+                    continue;
+                }
+                let item = message(watch_response::Kind::Event((&event).into()));
+                if !send(&sender, item).await {
                     return;
                 }
+                sent_events = true;
             }
             if !full {
                 next = at.0 + 1;
@@ -161,9 +167,17 @@ async fn run(
                 break;
             }
         }
+        // Mark the end of what was caught up with: the watcher then knows every change up to
+        // here has arrived (the events of one revision may be several) without waiting for the
+        // idle notice.
+        if sent_events {
+            let progress = WatchProgress { revision: next - 1 };
+            if !send(&sender, message(watch_response::Kind::Progress(progress))).await {
+                return;
+            }
+        }
         // Wait for the next apply, or tell an idle watcher how fresh it is.
-        let idle = Duration::from_millis(WATCH_PROGRESS_INTERVAL_MS);
-        match tokio::time::timeout(idle, applied.changed()).await {
+        match tokio::time::timeout(filter.progress_interval, applied.changed()).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
             Err(_) => {
@@ -201,6 +215,25 @@ impl Watch for WatchService {
             "" => None,
             location => Some(LocationId::parse(location).map_err(ApiError::from)?),
         };
+        let progress_interval_ms = match request.progress_interval_ms {
+            0 => WATCH_PROGRESS_INTERVAL_MS_DEFAULT,
+            ms if (WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX)
+                .contains(&ms) =>
+            {
+                ms
+            }
+            ms => {
+                return Err(ApiError::invalid(
+                    ReasonCode::InvalidArgument,
+                    "progress_interval_ms",
+                    format!(
+                        "is {ms}; give 0 (the default) or {WATCH_PROGRESS_INTERVAL_MS_MIN} to \
+                         {WATCH_PROGRESS_INTERVAL_MS_MAX}"
+                    ),
+                )
+                .into());
+            }
+        };
         let applied = self.node.reader.applied_revision();
         let from = if request.from_revision == 0 {
             applied.0 + 1
@@ -223,9 +256,25 @@ impl Watch for WatchService {
         let filter = Filter {
             user_id_prefix: request.user_id_prefix,
             location_id,
+            progress_interval: Duration::from_millis(u64::from(progress_interval_ms)),
         };
         let (sender, receiver) = mpsc::channel(WATCH_BUFFER_MESSAGES);
         tokio::spawn(run(self.node.clone(), from, filter, sender, slot));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    type ListStateStream = crate::backup::ListStateStream;
+
+    async fn list_state(
+        &self,
+        request: Request<ListStateRequest>,
+    ) -> Result<Response<Self::ListStateStream>, Status> {
+        let request = request.into_inner();
+        let stream = self
+            .node
+            .list_state(request.allow_recent_snapshot)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(stream))
     }
 }

@@ -28,16 +28,20 @@ pub enum DenyReason {
     /// The placement's location is in a jurisdiction the policy does not allow for storage
     /// (never expected: a broken invariant).
     StorageJurisdictionNotAllowed,
+    /// Only from the client library's cache, never from a node: the cache cannot prove that
+    /// what it holds was the registry's state within its staleness bound, so it will not say.
+    CacheNotFresh,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 6] = [
+    pub const ALL: [DenyReason; 7] = [
         DenyReason::UnknownUser,
         DenyReason::NoPolicy,
         DenyReason::AccessorJurisdictionNotAllowed,
         DenyReason::UserMoving,
         DenyReason::LocationUnavailable,
         DenyReason::StorageJurisdictionNotAllowed,
+        DenyReason::CacheNotFresh,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +52,7 @@ impl DenyReason {
             DenyReason::UserMoving => "USER_MOVING",
             DenyReason::LocationUnavailable => "LOCATION_UNAVAILABLE",
             DenyReason::StorageJurisdictionNotAllowed => "STORAGE_JURISDICTION_NOT_ALLOWED",
+            DenyReason::CacheNotFresh => "CACHE_NOT_FRESH",
         }
     }
 
