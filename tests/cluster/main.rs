@@ -1,6 +1,7 @@
 //! Three-node clusters of real `residencyd` processes on loopback: replication, forwarding,
 //! leader loss, restart from disk, catch-up by snapshot, idempotent retries, and refusal of
-//! malformed input. One binary, one cluster at a time.
+//! malformed input; the client library and its cache; membership, backup, the CLI, watch. One
+//! binary, one cluster at a time.
 
 mod t10_replication;
 mod t20_leader_loss;
@@ -9,7 +10,9 @@ mod t40_snapshot_catch_up;
 mod t50_idempotence;
 mod t60_bad_input;
 mod t70_consistency;
+mod t72_client;
 mod t80_residency_rules;
+mod t85_cached_checker;
 mod t90_membership;
 mod t95_backup_restore;
 mod t96_cli;
