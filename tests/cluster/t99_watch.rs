@@ -1,12 +1,13 @@
 //! Watch on a real cluster: under concurrent writers every acknowledged change arrives once and
-//! in order, across a leader kill, and across the loss of the node the watcher was reading from.
+//! in order, across a leader kill, and across the loss of the node the watcher was reading from;
+//! a watcher that stops reading is cut off with WATCHER_TOO_SLOW instead of growing the node.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use residency_client::{Client, WatchItem, Watcher};
 use residency_tests::{Cluster, serially};
-use residency_types::{Change, Revision};
+use residency_types::{AssignItem, Change, Jurisdiction, ReasonCode, Revision};
 
 use crate::{DEFAULT_RAFT, assign};
 
@@ -109,5 +110,71 @@ fn watch_delivers_every_change_once_in_order_across_failures() {
             delivered, wanted,
             "the watcher saw revisions it should not have, or missed some"
         );
+    });
+}
+
+/// Batches written while the slow watcher does not read, and users per batch: some 4 MB of
+/// events, more than the node's buffer (256 messages) and HTTP/2's flow-control windows hold.
+const SLOW_BATCHES: usize = 60;
+const SLOW_BATCH_USERS: usize = 500;
+
+#[test]
+fn a_watcher_that_stops_reading_is_cut_off_with_a_reason() {
+    serially(|| async {
+        let cluster = Cluster::start(3, DEFAULT_RAFT).await;
+        let client = cluster.client();
+        // A raw stream, so that nothing reads it until the test says so.
+        let mut watch = residency_client::pb::watch_client::WatchClient::connect(format!(
+            "http://{}",
+            cluster.nodes[&1].client_addr()
+        ))
+        .await
+        .expect("connect");
+        let mut stream = watch
+            .watch(residency_client::pb::WatchRequest::default())
+            .await
+            .expect("watch")
+            .into_inner();
+        for batch in 0..SLOW_BATCHES {
+            let items: Vec<AssignItem> = (0..SLOW_BATCH_USERS)
+                .map(|n| AssignItem {
+                    user_id: crate::user(&format!("slow-{batch}-{n}")),
+                    residency: Jurisdiction::US,
+                    location_id: crate::location(residency_tests::us_location(n)),
+                    expected_mod_revision: None,
+                })
+                .collect();
+            client.batch_assign(&items, None).await.expect("batch");
+        }
+        // Longer than the node waits for a watcher to read (5 s).
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let mut events = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            assert!(
+                Instant::now() < deadline,
+                "no WATCHER_TOO_SLOW after {events} messages: the node kept the watcher"
+            );
+            let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("the stream went quiet after {events} messages"));
+            match message {
+                Ok(Some(_)) => events += 1,
+                Ok(None) => panic!("the stream ended without an error after {events} messages"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert_eq!(
+            residency_proto::metadata::reason(&status),
+            Some(ReasonCode::WatcherTooSlow),
+            "{status:?}"
+        );
+        assert!(
+            events < SLOW_BATCHES * SLOW_BATCH_USERS,
+            "the node buffered all {events} messages instead of cutting the watcher off"
+        );
+        // The node goes on serving.
+        assign(&client, "after-slow", "us-east-1/pg-1").await;
     });
 }

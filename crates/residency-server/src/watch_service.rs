@@ -14,8 +14,7 @@ use residency_proto::pb::{
     ListStateRequest, WatchProgress, WatchRequest, WatchResponse, watch_response,
 };
 use residency_types::{Event, LocationId, ReasonCode, Revision};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
@@ -91,32 +90,80 @@ fn message(kind: watch_response::Kind) -> WatchResponse {
     WatchResponse { kind: Some(kind) }
 }
 
-/// Sends one message, waiting a bounded time for the watcher to read. `false`: the watch ends.
-async fn send(sender: &mpsc::Sender<Result<WatchResponse, Status>>, item: WatchResponse) -> bool {
-    match tokio::time::timeout(
-        Duration::from_millis(WATCH_SEND_WAIT_MS),
-        sender.send(Ok(item)),
-    )
-    .await
-    {
-        Ok(Ok(())) => true,
-        Ok(Err(_)) => false,
-        Err(_) => {
-            metrics::counter!("residency_watchers_cut_off_total").increment(1);
-            let _ = sender.try_send(Err(ApiError::WatcherTooSlow.into()));
-            false
+/// Where a watch's messages go: a bounded queue of messages, and apart from it the error that
+/// ends the watch, which the stream delivers as soon as it is polled, ahead of whatever is still
+/// queued (a watcher cut off for being slow must learn why, not see a clean end).
+struct Outbox {
+    messages: mpsc::Sender<WatchResponse>,
+    end: Option<oneshot::Sender<Status>>,
+}
+
+impl Outbox {
+    /// Sends one message, waiting a bounded time for the watcher to read. `false`: the watch
+    /// ends (the watcher is gone, or was cut off).
+    async fn send(&mut self, item: WatchResponse) -> bool {
+        let wait = Duration::from_millis(WATCH_SEND_WAIT_MS);
+        match tokio::time::timeout(wait, self.messages.send(item)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                metrics::counter!("residency_watchers_cut_off_total").increment(1);
+                self.fail(ApiError::WatcherTooSlow.into());
+                false
+            }
+        }
+    }
+
+    /// Ends the watch with `status`.
+    fn fail(&mut self, status: Status) {
+        if let Some(end) = self.end.take() {
+            let _ = end.send(status);
         }
     }
 }
 
+/// The stream of one watch: the ending error first whenever there is one, else the queue.
+fn watch_stream(
+    messages: mpsc::Receiver<WatchResponse>,
+    end: oneshot::Receiver<Status>,
+) -> WatchStream {
+    struct State {
+        messages: mpsc::Receiver<WatchResponse>,
+        end: Option<oneshot::Receiver<Status>>,
+        ended: bool,
+    }
+    let state = State {
+        messages,
+        end: Some(end),
+        ended: false,
+    };
+    Box::pin(futures::stream::unfold(state, |mut state| async move {
+        if state.ended {
+            return None;
+        }
+        loop {
+            let Some(end) = state.end.as_mut() else {
+                let item = state.messages.recv().await?;
+                return Some((Ok(item), state));
+            };
+            tokio::select! {
+                biased;
+                ending = end => match ending {
+                    Ok(status) => {
+                        state.ended = true;
+                        return Some((Err(status), state));
+                    }
+                    // The watch ended without an error: deliver what is queued, then end.
+                    Err(_) => state.end = None,
+                },
+                item = state.messages.recv() => return item.map(|item| (Ok(item), state)),
+            }
+        }
+    }))
+}
+
 /// Streams events from `next` on until the watcher goes or falls behind the history.
-async fn run(
-    node: Arc<Node>,
-    mut next: u64,
-    filter: Filter,
-    sender: mpsc::Sender<Result<WatchResponse, Status>>,
-    _slot: Slot,
-) {
+async fn run(node: Arc<Node>, mut next: u64, filter: Filter, mut outbox: Outbox, _slot: Slot) {
     let mut applied = node.reader.subscribe_applied();
     let mut after: Option<Vec<u8>> = None;
     loop {
@@ -137,16 +184,14 @@ async fn run(
             let (page, at) = match read {
                 Ok(read) => read,
                 Err(error) => {
-                    let _ = sender.send(Err(ApiError::internal(error).into())).await;
+                    outbox.fail(ApiError::internal(error).into());
                     return;
                 }
             };
             let compacted = residency_core::query::compacted_revision(at);
             if next <= compacted.0 && after.is_none() {
                 // The history moved past this watcher while it read.
-                let _ = sender
-                    .send(Err(ApiError::WatchCompacted { compacted }.into()))
-                    .await;
+                outbox.fail(ApiError::WatchCompacted { compacted }.into());
                 return;
             }
             let full = page.len() == WATCH_PAGE_EVENTS;
@@ -156,7 +201,7 @@ async fn run(
                     continue;
                 }
                 let item = message(watch_response::Kind::Event((&event).into()));
-                if !send(&sender, item).await {
+                if !outbox.send(item).await {
                     return;
                 }
                 sent_events = true;
@@ -172,7 +217,10 @@ async fn run(
         // idle notice.
         if sent_events {
             let progress = WatchProgress { revision: next - 1 };
-            if !send(&sender, message(watch_response::Kind::Progress(progress))).await {
+            if !outbox
+                .send(message(watch_response::Kind::Progress(progress)))
+                .await
+            {
                 return;
             }
         }
@@ -184,7 +232,10 @@ async fn run(
                 let progress = WatchProgress {
                     revision: next.saturating_sub(1),
                 };
-                if !send(&sender, message(watch_response::Kind::Progress(progress))).await {
+                if !outbox
+                    .send(message(watch_response::Kind::Progress(progress)))
+                    .await
+                {
                     return;
                 }
             }
@@ -258,9 +309,14 @@ impl Watch for WatchService {
             location_id,
             progress_interval: Duration::from_millis(u64::from(progress_interval_ms)),
         };
-        let (sender, receiver) = mpsc::channel(WATCH_BUFFER_MESSAGES);
-        tokio::spawn(run(self.node.clone(), from, filter, sender, slot));
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        let (messages, queued) = mpsc::channel(WATCH_BUFFER_MESSAGES);
+        let (end, ending) = oneshot::channel();
+        let outbox = Outbox {
+            messages,
+            end: Some(end),
+        };
+        tokio::spawn(run(self.node.clone(), from, filter, outbox, slot));
+        Ok(Response::new(watch_stream(queued, ending)))
     }
 
     type ListStateStream = crate::backup::ListStateStream;
