@@ -221,9 +221,16 @@ fn the_cache_denies_past_its_bound_without_the_cluster_and_resumes_after() {
                 reason: DenyReason::UserMoving
             }
         );
+        let cached = checker
+            .lookup(&steady)
+            .expect("fresh")
+            .expect("steady is placed");
+        assert_eq!(cached.location_id, moved.placement.location_id);
         assert_eq!(
-            checker.lookup(&steady).expect("fresh").as_ref(),
-            Some(&moved.placement)
+            cached.move_target.as_ref(),
+            moved.placement.state.move_target()
         );
+        assert_eq!(cached.epoch, moved.placement.epoch);
+        assert_eq!(cached.mod_revision, moved.placement.mod_revision);
     });
 }

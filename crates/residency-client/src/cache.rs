@@ -38,7 +38,7 @@ use residency_types::{
 };
 use tokio::task::JoinHandle;
 
-use crate::{Client, StateListing, WatchItem};
+use crate::{Client, ListedItem, StateListing, WatchItem};
 
 /// Proofs of freshness waiting for the cache to catch up, at most; the oldest go first.
 const PENDING_PROOFS_MAX: usize = 64;
@@ -48,6 +48,8 @@ const RETRY_PAUSE_MS_MAX: u64 = 2_000;
 /// The shortest probe interval and progress interval the checker asks for, in milliseconds.
 const PROBE_INTERVAL_MS_MIN: u64 = 50;
 const PROGRESS_INTERVAL_MS_MIN: u64 = 100;
+/// How often `wait_fresh` and `wait_revision` look again.
+const WAIT_POLL_MS: u64 = 10;
 
 /// How the cache behaves.
 #[derive(Debug, Clone)]
@@ -119,36 +121,118 @@ pub struct NotFresh {
     pub freshness: CacheFreshness,
 }
 
-/// The registry's state as the cache holds it: every placement, location and policy, and the
-/// revision up to which every change is applied. Pure: no IO, no clock.
+/// A user's placement as the cache holds it: what routing and the access rule need, without
+/// the audit fields (who wrote it, when, why), which stay in the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedPlacement {
+    pub user_id: UserId,
+    pub residency: Jurisdiction,
+    pub location_id: LocationId,
+    /// Where the data is going, while it moves.
+    pub move_target: Option<LocationId>,
+    /// The fencing token storage compares before writing.
+    pub epoch: u64,
+    pub mod_revision: Revision,
+}
+
+/// User ids of at most this many bytes are kept inside the table's slot, so a lookup follows
+/// no pointer to compare its key.
+const INLINE_KEY_BYTES: usize = 30;
+/// The location index of "no move under way".
+const NO_TARGET: u32 = u32::MAX;
+
+/// A user id as the table keeps it: inline when short, on the heap otherwise.
+#[derive(Debug, Clone)]
+enum Key {
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_KEY_BYTES],
+    },
+    Heap(Box<str>),
+}
+
+impl Key {
+    fn new(user_id: &UserId) -> Key {
+        let text = user_id.as_str();
+        if text.len() <= INLINE_KEY_BYTES {
+            let mut bytes = [0_u8; INLINE_KEY_BYTES];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            Key::Inline {
+                len: u8::try_from(text.len()).expect("at most INLINE_KEY_BYTES"),
+                bytes,
+            }
+        } else {
+            Key::Heap(text.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Heap(text) => text.as_bytes(),
+        }
+    }
+}
+
+/// One user in the table: its key and its placement, locations as indexes into the cache's
+/// location table.
+#[derive(Debug, Clone)]
+struct Slot {
+    key: Key,
+    residency: Jurisdiction,
+    location: u32,
+    target: u32,
+    epoch: u64,
+    mod_revision: Revision,
+}
+
+/// The registry's state as the cache holds it: every placement (compactly), location and
+/// policy, and the revision up to which every change is applied. Pure: no IO, no clock.
 #[derive(Debug, Clone, Default)]
 pub struct CacheState {
     revision: Revision,
-    placements: HashMap<UserId, Placement>,
-    locations: HashMap<LocationId, Location>,
-    policies: HashMap<Jurisdiction, Policy>,
+    hasher: hashbrown::DefaultHashBuilder,
+    users: hashbrown::HashTable<Slot>,
+    /// Every location ever seen; locations are never deleted, so indexes stay valid.
+    locations: Vec<Location>,
+    location_index: HashMap<LocationId, u32>,
+    policies: hashbrown::HashMap<Jurisdiction, Policy>,
 }
 
 impl CacheState {
     pub fn from_listing(listing: StateListing) -> CacheState {
-        CacheState {
-            revision: listing.revision,
-            placements: listing
-                .placements
-                .into_iter()
-                .map(|placement| (placement.user_id.clone(), placement))
-                .collect(),
-            locations: listing
-                .locations
-                .into_iter()
-                .map(|location| (location.id.clone(), location))
-                .collect(),
-            policies: listing
-                .policies
-                .into_iter()
-                .map(|policy| (policy.residency, policy))
-                .collect(),
+        let mut state = CacheState::default();
+        for location in listing.locations {
+            state.add(ListedItem::Location(location));
         }
+        for policy in listing.policies {
+            state.add(ListedItem::Policy(policy));
+        }
+        for placement in listing.placements {
+            state.add(ListedItem::Placement(placement));
+        }
+        state.revision = listing.revision;
+        state
+    }
+
+    /// Adds one item of a listing being streamed in (`Client::list_state_into`); set the
+    /// revision with `listed_at` once the listing is complete.
+    pub fn add(&mut self, item: ListedItem) {
+        match item {
+            ListedItem::Location(location) => {
+                self.put_location(location);
+            }
+            ListedItem::Policy(policy) => {
+                self.policies.insert(policy.residency, policy);
+            }
+            ListedItem::Placement(placement) => self.put_placement(&placement),
+        }
+    }
+
+    /// A state built by `add` from a complete listing at `revision`.
+    pub fn listed_at(mut self, revision: Revision) -> CacheState {
+        self.revision = revision;
+        self
     }
 
     /// Every change up to this revision is applied.
@@ -157,7 +241,95 @@ impl CacheState {
     }
 
     pub fn placements_count(&self) -> usize {
-        self.placements.len()
+        self.users.len()
+    }
+
+    fn hash(&self, user_id: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(user_id)
+    }
+
+    fn slot(&self, user_id: &UserId) -> Option<&Slot> {
+        let key = user_id.as_str().as_bytes();
+        self.users
+            .find(self.hash(key), |slot| slot.key.as_bytes() == key)
+    }
+
+    fn put_location(&mut self, location: Location) -> u32 {
+        match self.location_index.get(&location.id) {
+            Some(&index) => {
+                self.locations[index as usize] = location;
+                index
+            }
+            None => {
+                let index = u32::try_from(self.locations.len())
+                    .ok()
+                    .filter(|index| *index != NO_TARGET)
+                    .expect("fewer than 2^32 - 1 locations");
+                self.location_index.insert(location.id.clone(), index);
+                self.locations.push(location);
+                index
+            }
+        }
+    }
+
+    /// The index of `location_id`, registering a placeholder if the cache has not seen the
+    /// location (the state never holds such a placement; if it did, the placeholder is retired,
+    /// so checks deny with `LOCATION_UNAVAILABLE`, as on the nodes).
+    fn location_index(&mut self, location_id: &LocationId) -> u32 {
+        if let Some(&index) = self.location_index.get(location_id) {
+            return index;
+        }
+        self.put_location(Location {
+            id: location_id.clone(),
+            jurisdiction: Jurisdiction::US,
+            labels: residency_types::Labels::default(),
+            state: residency_types::LocationState::Retired,
+            create_revision: Revision(0),
+            mod_revision: Revision(0),
+        })
+    }
+
+    fn put_placement(&mut self, placement: &Placement) {
+        let location = self.location_index(&placement.location_id);
+        let target = placement
+            .state
+            .move_target()
+            .map_or(NO_TARGET, |target| self.location_index(target));
+        let slot = Slot {
+            key: Key::new(&placement.user_id),
+            residency: placement.residency,
+            location,
+            target,
+            epoch: placement.epoch,
+            mod_revision: placement.mod_revision,
+        };
+        let key = placement.user_id.as_str().as_bytes();
+        let hash = self.hash(key);
+        let hasher = &self.hasher;
+        match self.users.entry(
+            hash,
+            |existing| existing.key.as_bytes() == key,
+            |existing| {
+                use std::hash::BuildHasher;
+                hasher.hash_one(existing.key.as_bytes())
+            },
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut occupied) => *occupied.get_mut() = slot,
+            hashbrown::hash_table::Entry::Vacant(vacant) => {
+                vacant.insert(slot);
+            }
+        }
+    }
+
+    fn remove_placement(&mut self, user_id: &UserId) {
+        let key = user_id.as_str().as_bytes();
+        if let Ok(occupied) = self
+            .users
+            .find_entry(self.hash(key), |slot| slot.key.as_bytes() == key)
+        {
+            occupied.remove();
+        }
     }
 
     /// Applies one watched change. The events of a revision may be several, so the state is
@@ -170,15 +342,10 @@ impl CacheState {
             self.revision
         );
         match &event.change {
-            Change::Placed(placement) => {
-                self.placements
-                    .insert(placement.user_id.clone(), placement.clone());
-            }
-            Change::Forgotten { user_id, .. } => {
-                self.placements.remove(user_id);
-            }
+            Change::Placed(placement) => self.put_placement(placement),
+            Change::Forgotten { user_id, .. } => self.remove_placement(user_id),
             Change::Location(location) => {
-                self.locations.insert(location.id.clone(), location.clone());
+                self.put_location(location.clone());
             }
             Change::Policy(policy) => {
                 self.policies.insert(policy.residency, policy.clone());
@@ -192,6 +359,10 @@ impl CacheState {
         self.revision = self.revision.max(revision);
     }
 
+    fn target_of(&self, slot: &Slot) -> Option<&LocationId> {
+        (slot.target != NO_TARGET).then(|| &self.locations[slot.target as usize].id)
+    }
+
     /// The access rule of the nodes (`residency_core::decide`) over the cached state.
     pub fn check(
         &self,
@@ -199,42 +370,76 @@ impl CacheState {
         accessor_jurisdiction: Jurisdiction,
         operation: AccessOperation,
     ) -> Decision {
-        let placement = self.placements.get(user_id);
-        let policy = placement.and_then(|placement| self.policies.get(&placement.residency));
-        let location = placement.and_then(|placement| self.locations.get(&placement.location_id));
+        let Some(slot) = self.slot(user_id) else {
+            return residency_core::decide(None, None, None, accessor_jurisdiction, operation);
+        };
+        let location = &self.locations[slot.location as usize];
+        let facts = residency_core::PlacementFacts {
+            residency: slot.residency,
+            location_id: &location.id,
+            move_target: self.target_of(slot),
+            epoch: slot.epoch,
+        };
         residency_core::decide(
-            placement,
-            policy,
-            location,
+            Some(facts),
+            self.policies.get(&slot.residency),
+            Some(location),
             accessor_jurisdiction,
             operation,
         )
     }
 
-    pub fn lookup(&self, user_id: &UserId) -> Option<&Placement> {
-        self.placements.get(user_id)
+    pub fn lookup(&self, user_id: &UserId) -> Option<CachedPlacement> {
+        let slot = self.slot(user_id)?;
+        Some(self.placement_of(user_id.clone(), slot))
     }
 
-    /// A SHA-256 over every placement, location and policy in key order, in the store's
-    /// encoding: equal for two caches (or a cache and a listing) holding the same data.
+    fn placement_of(&self, user_id: UserId, slot: &Slot) -> CachedPlacement {
+        CachedPlacement {
+            user_id,
+            residency: slot.residency,
+            location_id: self.locations[slot.location as usize].id.clone(),
+            move_target: self.target_of(slot).cloned(),
+            epoch: slot.epoch,
+            mod_revision: slot.mod_revision,
+        }
+    }
+
+    /// A SHA-256 over every cached placement, location and policy in key order: equal for two
+    /// caches (or a cache and a listing) holding the same data, whatever order it came in.
     pub fn digest(&self) -> (String, u64) {
         use residency_core::{codec, keys};
         let mut pairs: Vec<(Vec<u8>, Vec<u8>)> =
-            Vec::with_capacity(self.placements.len() + self.locations.len() + self.policies.len());
-        pairs.extend(
-            self.placements
-                .values()
-                .map(|p| (keys::placement_key(&p.user_id), codec::encode(p))),
-        );
+            Vec::with_capacity(self.users.len() + self.locations.len() + self.policies.len());
+        for slot in &self.users {
+            let user_id = std::str::from_utf8(slot.key.as_bytes())
+                .ok()
+                .and_then(|text| UserId::parse(text).ok())
+                .expect("the cache keys only valid user ids");
+            let placement = self.placement_of(user_id, slot);
+            let value = format!(
+                "{}|{}|{}|{}|{}",
+                placement.residency,
+                placement.location_id,
+                placement
+                    .move_target
+                    .as_ref()
+                    .map_or("", LocationId::as_str),
+                placement.epoch,
+                placement.mod_revision
+            );
+            pairs.push((keys::placement_key(&placement.user_id), value.into_bytes()));
+        }
         pairs.extend(
             self.locations
-                .values()
-                .map(|l| (keys::location_key(&l.id), codec::encode(l))),
+                .iter()
+                .filter(|location| location.create_revision.0 > 0)
+                .map(|location| (keys::location_key(&location.id), codec::encode(location))),
         );
         pairs.extend(
             self.policies
                 .values()
-                .map(|p| (keys::policy_key(p.residency), codec::encode(p))),
+                .map(|policy| (keys::policy_key(policy.residency), codec::encode(policy))),
         );
         pairs.sort_unstable();
         let mut digest = StateDigest::new();
@@ -357,8 +562,7 @@ impl Shared {
         self.publish(&proof);
     }
 
-    fn replace(&self, listing: StateListing) {
-        let fresh = CacheState::from_listing(listing);
+    fn replace(&self, fresh: CacheState) {
         let revision = fresh.revision();
         *self.state.write().expect("cache state lock poisoned") = fresh;
         let mut proof = self.proof.lock().expect("proof lock poisoned");
@@ -450,7 +654,7 @@ impl CachedChecker {
 
     /// The user's placement as cached, `None` if the user has none; an error when the cache
     /// cannot prove it is within its staleness bound.
-    pub fn lookup(&self, user_id: &UserId) -> Result<Option<Placement>, NotFresh> {
+    pub fn lookup(&self, user_id: &UserId) -> Result<Option<CachedPlacement>, NotFresh> {
         let now = Instant::now();
         let state = self.shared.state.read().expect("cache state lock poisoned");
         let freshness = self.shared.freshness_at(now, state.revision());
@@ -459,7 +663,7 @@ impl CachedChecker {
             return Err(NotFresh { freshness });
         }
         self.shared.hits.fetch_add(1, Ordering::Relaxed);
-        Ok(state.lookup(user_id).cloned())
+        Ok(state.lookup(user_id))
     }
 
     /// The revision the cache reflects and how old its proof of freshness is.
@@ -484,7 +688,27 @@ impl CachedChecker {
             if Instant::now() >= deadline {
                 return Err(NotFresh { freshness });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(WAIT_POLL_MS)).await;
+        }
+    }
+
+    /// Waits until the cache holds every change up to `revision` (say, a write this process
+    /// just made: `Client::highest_revision`) and is fresh, up to `timeout`.
+    pub async fn wait_revision(
+        &self,
+        revision: Revision,
+        timeout: Duration,
+    ) -> Result<CacheFreshness, NotFresh> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let freshness = self.freshness();
+            if freshness.fresh && freshness.revision >= revision {
+                return Ok(freshness);
+            }
+            if Instant::now() >= deadline {
+                return Err(NotFresh { freshness });
+            }
+            tokio::time::sleep(Duration::from_millis(WAIT_POLL_MS)).await;
         }
     }
 
@@ -516,18 +740,22 @@ async fn follow(shared: Arc<Shared>, client: Arc<Client>, options: CacheOptions)
     let mut must_list = true;
     loop {
         if must_list {
-            match client.list_state(options.allow_recent_snapshot).await {
-                Ok(listing) => {
+            let mut fresh = CacheState::default();
+            let listed_revision = client
+                .list_state_into(options.allow_recent_snapshot, |item| fresh.add(item))
+                .await;
+            match listed_revision {
+                Ok(revision) => {
                     if listed {
                         shared.relists.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("residency_cache_relists_total").increment(1);
                     }
                     tracing::info!(
-                        revision = listing.revision.0,
-                        placements = listing.placements.len(),
+                        revision = revision.0,
+                        placements = fresh.placements_count(),
                         "cache listed the registry's state"
                     );
-                    shared.replace(listing);
+                    shared.replace(fresh.listed_at(revision));
                     listed = true;
                     must_list = false;
                     pause_ms = RETRY_PAUSE_MS_MIN;

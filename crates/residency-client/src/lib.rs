@@ -31,7 +31,7 @@ pub use backup::BackupSummary;
 pub use cache::{CacheOptions, CachedChecker, CachedDecision};
 pub use catalog::{PolicyDryRun, Versioned};
 pub use registry::{Checked, Moved};
-pub use watch::{StateListing, WatchItem, Watcher};
+pub use watch::{ListedItem, StateListing, WatchItem, Watcher};
 
 use std::collections::HashMap;
 use std::sync::Mutex;

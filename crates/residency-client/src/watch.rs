@@ -192,6 +192,14 @@ impl Watcher<'_> {
     }
 }
 
+/// One item of a state listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListedItem {
+    Location(Location),
+    Policy(Policy),
+    Placement(Placement),
+}
+
 /// The whole state at one revision, as `ListState` streams it: where a watcher starts from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StateListing {
@@ -205,11 +213,29 @@ impl Client {
     /// Every location, policy and placement at one revision; watch from `revision + 1` to
     /// follow on without a gap. With `allow_recent_snapshot` the node may answer from the
     /// snapshot it has rather than build one (still watchable from). The whole state is held
-    /// in memory: this is for caches that hold it anyway.
+    /// in memory: see `list_state_into` to consume it as it streams.
     pub async fn list_state(
         &self,
         allow_recent_snapshot: bool,
     ) -> Result<StateListing, ClientError> {
+        let mut listing = StateListing::default();
+        listing.revision = self
+            .list_state_into(allow_recent_snapshot, |item| match item {
+                ListedItem::Location(location) => listing.locations.push(location),
+                ListedItem::Policy(policy) => listing.policies.push(policy),
+                ListedItem::Placement(placement) => listing.placements.push(placement),
+            })
+            .await?;
+        Ok(listing)
+    }
+
+    /// `list_state`, handing each item to `sink` as it arrives (locations, then policies, then
+    /// placements) and returning the revision of the listing: memory stays at one message.
+    pub async fn list_state_into(
+        &self,
+        allow_recent_snapshot: bool,
+        mut sink: impl FnMut(ListedItem),
+    ) -> Result<Revision, ClientError> {
         let request = pb::ListStateRequest {
             allow_recent_snapshot,
         };
@@ -221,32 +247,30 @@ impl Client {
                     .await
             })
             .await?;
-        let mut listing: Option<StateListing> = None;
+        let mut revision: Option<u64> = None;
         while let Some(chunk) = stream.message().await.map_err(ClientError::from_status)? {
-            let listing = listing.get_or_insert_with(|| StateListing {
-                revision: Revision(chunk.revision),
-                ..StateListing::default()
-            });
-            if chunk.revision != listing.revision.0 {
+            let listed = *revision.get_or_insert(chunk.revision);
+            if chunk.revision != listed {
                 return Err(ClientError::Protocol(format!(
-                    "a state listing changed revision midway ({} then {})",
-                    listing.revision, chunk.revision
+                    "a state listing changed revision midway ({listed} then {})",
+                    chunk.revision
                 )));
             }
             for location in chunk.locations {
-                listing.locations.push(Location::try_from(location)?);
+                sink(ListedItem::Location(Location::try_from(location)?));
             }
             for policy in chunk.policies {
-                listing.policies.push(Policy::try_from(policy)?);
+                sink(ListedItem::Policy(Policy::try_from(policy)?));
             }
             for placement in chunk.placements {
-                listing.placements.push(Placement::try_from(placement)?);
+                sink(ListedItem::Placement(Placement::try_from(placement)?));
             }
         }
-        let listing =
-            listing.ok_or_else(|| ClientError::Protocol("an empty state listing".to_string()))?;
-        self.note_revision(listing.revision);
-        Ok(listing)
+        let revision = Revision(
+            revision.ok_or_else(|| ClientError::Protocol("an empty state listing".to_string()))?,
+        );
+        self.note_revision(revision);
+        Ok(revision)
     }
 
     /// The revision a read in `consistency` would be served at. With `Linearizable`, at least

@@ -27,7 +27,8 @@ pub use apply::{Applied, Mutation, apply};
 pub use codec::CodecError;
 pub use digest::StateDigest;
 pub use query::{
-    DryRun, check_access, decide, dry_run_policy, list_locations, list_policies, lookup,
+    DryRun, PlacementFacts, check_access, decide, dry_run_policy, list_locations, list_policies,
+    lookup,
 };
 
 /// Reads the current state. The store implements it over sled; tests over a `BTreeMap`.

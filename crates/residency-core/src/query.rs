@@ -107,7 +107,7 @@ pub fn check_access<V: KvRead>(
     let policy = staged.policy(placement.residency)?;
     let location = staged.location(&placement.location_id)?;
     Ok(decide(
-        Some(&placement),
+        Some(PlacementFacts::from(&placement)),
         policy.as_ref(),
         location.as_ref(),
         accessor_jurisdiction,
@@ -115,11 +115,31 @@ pub fn check_access<V: KvRead>(
     ))
 }
 
+/// What the access rule needs to know of a placement (the client's cache keeps only this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlacementFacts<'a> {
+    pub residency: Jurisdiction,
+    pub location_id: &'a LocationId,
+    pub move_target: Option<&'a LocationId>,
+    pub epoch: u64,
+}
+
+impl<'a> From<&'a Placement> for PlacementFacts<'a> {
+    fn from(placement: &'a Placement) -> Self {
+        PlacementFacts {
+            residency: placement.residency,
+            location_id: &placement.location_id,
+            move_target: placement.state.move_target(),
+            epoch: placement.epoch,
+        }
+    }
+}
+
 /// The access rule over values already read: the user's placement, the policy of its
 /// residency and the location that holds it (each `None` if missing). The one rule behind both
 /// the nodes' `CheckAccess` and the client library's cache, so the two cannot disagree.
 pub fn decide(
-    placement: Option<&Placement>,
+    placement: Option<PlacementFacts<'_>>,
     policy: Option<&Policy>,
     location: Option<&Location>,
     accessor_jurisdiction: Jurisdiction,
@@ -144,16 +164,16 @@ pub fn decide(
         _ => return deny(DenyReason::LocationUnavailable),
     };
     assert_eq!(
-        location.id, placement.location_id,
+        &location.id, placement.location_id,
         "decide() was given another location than the placement's"
     );
     if !policy.allows_storage_in(location.jurisdiction) {
         return deny(DenyReason::StorageJurisdictionNotAllowed);
     }
-    let move_target = placement.state.move_target().cloned();
-    if move_target.is_some() && operation == AccessOperation::Write {
+    if placement.move_target.is_some() && operation == AccessOperation::Write {
         return deny(DenyReason::UserMoving);
     }
+    let move_target = placement.move_target.cloned();
     Decision::Allow {
         location_id: placement.location_id.clone(),
         location_jurisdiction: location.jurisdiction,
