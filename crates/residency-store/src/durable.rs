@@ -41,6 +41,11 @@ pub struct Durable {
     db: sled::Db,
     dir: PathBuf,
     flusher: Arc<Flusher>,
+    /// The last index the durable current snapshot covers, plus one (0: no snapshot). The log
+    /// never purges past it (see `LogStore::purge`).
+    snapshot_floor: Arc<std::sync::atomic::AtomicU64>,
+    /// A snapshot from the leader is being received or installed.
+    installing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The flusher thread and the queue into it, shared by every handle to the store.
@@ -128,7 +133,32 @@ impl Durable {
             db,
             dir: dir.to_path_buf(),
             flusher: Arc::new(flusher),
+            snapshot_floor: Arc::default(),
+            installing: Arc::default(),
         })
+    }
+
+    /// The state machine's current snapshot is durable and covers up to `index`.
+    pub(crate) fn set_snapshot_floor(&self, index: u64) {
+        self.snapshot_floor
+            .store(index + 1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A snapshot from the leader is being received (`true`), or its install ended.
+    pub(crate) fn set_installing(&self, installing: bool) {
+        self.installing
+            .store(installing, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn installing(&self) -> bool {
+        self.installing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The last index the durable current snapshot covers, if there is one.
+    pub(crate) fn snapshot_floor(&self) -> Option<u64> {
+        self.snapshot_floor
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .checked_sub(1)
     }
 
     pub fn db(&self) -> &sled::Db {

@@ -176,6 +176,28 @@ impl LogStore {
         Ok(entries)
     }
 
+    /// How far a purge asked up to `log_id` may go: to `log_id` if the durable snapshot covers
+    /// it, else to the entry at the snapshot's index; `None` if nothing new may go.
+    ///
+    /// Without any snapshot, the purge goes ahead unless one is being installed (openraft
+    /// purges without a snapshot only on paths that then build one).
+    fn purge_point(&self, log_id: LogId) -> Result<Option<LogId>, StoreError> {
+        let Some(floor) = self.durable.snapshot_floor() else {
+            return Ok((!self.durable.installing()).then_some(log_id));
+        };
+        if log_id.index <= floor {
+            return Ok(Some(log_id));
+        }
+        let purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
+        if purged.is_some_and(|purged| purged.index >= floor) {
+            return Ok(None);
+        }
+        Ok(self
+            .entries_in(floor, Some(floor + 1))?
+            .first()
+            .map(|entry| entry.log_id))
+    }
+
     fn remove_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), StoreError> {
         let range = (start.map(index_key), end.map(index_key));
         let mut batch = sled::Batch::default();
@@ -302,13 +324,36 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(log_error(ErrorVerb::Delete))
     }
 
+    /// Deletes the log up to `log_id`, but never past the durable snapshot: openraft 0.9 asks
+    /// for the purge of a snapshot it is installing before the state machine has finished (and
+    /// made durable) the install. A node that crashed in between came back with its log gone up
+    /// to the new snapshot and its state and snapshot still at the old one, which openraft
+    /// refuses to start from (found by the fault suite's crash-during-snapshot-install). The
+    /// entries held back are purged by a later call; a restart sees a log that still reaches
+    /// its state.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        tracing::debug!(index = log_id.index, "purging the log");
+        let purge_to = self
+            .purge_point(log_id)
+            .map_err(log_error(ErrorVerb::Read))?;
+        let Some(purge_to) = purge_to else {
+            tracing::info!(
+                index = log_id.index,
+                "log purge held back: the snapshot that covers it is not installed yet"
+            );
+            return Ok(());
+        };
+        if purge_to != log_id {
+            tracing::info!(
+                asked = log_id.index,
+                purged = purge_to.index,
+                "log purge held back to the durable snapshot"
+            );
+        }
         // Record the purge point first: a crash between the two steps leaves extra entries,
         // which are harmless, never a purge point below entries that are gone.
-        self.write_meta(LAST_PURGED_KEY, &log_id)
+        self.write_meta(LAST_PURGED_KEY, &purge_to)
             .map_err(log_error(ErrorVerb::Write))?;
-        self.remove_range(Bound::Unbounded, Bound::Included(log_id.index))
+        self.remove_range(Bound::Unbounded, Bound::Included(purge_to.index))
             .map_err(log_error(ErrorVerb::Delete))
     }
 }

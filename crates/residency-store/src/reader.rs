@@ -81,14 +81,16 @@ impl StateReader {
 
     /// What applying `command` next would answer, against the current state, without writing:
     /// the check before proposing. Apply checks again against the state at the entry's position.
+    ///
+    /// It holds the state lock for reading (applies wait; reads and snapshot builds do not),
+    /// never the optimistic path: `apply` asserts the state's invariants (a counter never goes
+    /// below zero, ...) and a state torn by a concurrent apply would trip them before the
+    /// seqlock could say "read again". The fault suite's crash-during-snapshot-install run found
+    /// exactly that: a leader panicked on a torn pre-check.
     pub async fn evaluate(&self, command: &Command) -> Result<ApplyResult, StoreError> {
-        let (applied, _) = self
-            .read_consistent(|view| {
-                let next = Revision(self.applied_revision().0 + 1);
-                Ok(residency_core::apply(view, next, Some(command))?.result)
-            })
-            .await?;
-        Ok(applied)
+        let tree = self.shared.state.read().await;
+        let next = Revision(self.applied_revision().0 + 1);
+        Ok(residency_core::apply(&TreeView(&tree), next, Some(command))?.result)
     }
 
     /// Runs `read` against one applied state and returns its result with that state's revision.

@@ -229,6 +229,12 @@ impl StateMachineStore {
         std::fs::create_dir_all(&snapshot_dir)?;
         let current_snapshot = find_current_snapshot(&snapshot_dir)?;
         raise_seq_past_existing_names(&pointer, &db, current_snapshot.as_ref())?;
+        if let Some(log_id) = current_snapshot
+            .as_ref()
+            .and_then(|(meta, _)| meta.last_log_id)
+        {
+            durable.set_snapshot_floor(log_id.index);
+        }
         let shared = Shared {
             durable,
             pointer,
@@ -398,6 +404,9 @@ impl Shared {
             .lock()
             .expect("snapshot lock poisoned");
         let opened = File::open(&path)?;
+        if let Some(log_id) = meta.last_log_id {
+            self.durable.set_snapshot_floor(log_id.index);
+        }
         if let Some((_, old_path)) = current.replace((meta, path.clone()))
             && old_path != path
         {
@@ -601,6 +610,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .lock()
             .expect("incoming lock poisoned")
             .push(path);
+        self.shared.durable.set_installing(true);
+        tracing::info!("receiving a snapshot from the leader");
         Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
@@ -619,6 +630,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             if result.is_err() {
                 let _ = std::fs::remove_file(&partial);
             }
+            // Installed and durable (the snapshot floor moved with it), or failed: either way
+            // the log may purge again by the floor alone.
+            shared.durable.set_installing(false);
             result
         })
         .await

@@ -283,3 +283,63 @@ async fn a_snapshot_installed_after_a_lost_counter_bump_keeps_the_state() {
     assert!(placement.is_some(), "the installed state survived a reopen");
     assert_eq!(revision, Revision(CARLA));
 }
+
+/// openraft 0.9 asks the log to purge up to a snapshot it is installing before the install is
+/// done. The log holds back to the durable snapshot, so a crash in between leaves a log that
+/// still reaches the state (the fault suite's crash-during-snapshot-install found the node
+/// unable to start otherwise); once the install is durable the purge goes through.
+#[tokio::test]
+async fn the_log_is_not_purged_past_a_snapshot_still_being_installed() {
+    use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+    let source_dir = tempfile::tempdir().expect("tempdir");
+    let mut source = source_store(source_dir.path()).await;
+    let (meta, bytes) = build_snapshot(&mut source).await;
+    let receiver_dir = tempfile::tempdir().expect("tempdir");
+    let mut receiver = open_store(receiver_dir.path()).await;
+    // The receiver has the seeded history in its log and state, and a snapshot of it.
+    let history = seeded_history(&[1, 2, 3]);
+    receiver
+        .log
+        .blocking_append(history.clone())
+        .await
+        .expect("log appended");
+    let results = receiver
+        .state_machine
+        .apply(history)
+        .await
+        .expect("applied");
+    assert_accepted(&results);
+    let (own, _) = build_snapshot(&mut receiver).await;
+    let floor = own.last_log_id.expect("a snapshot of applied entries");
+
+    // The leader's snapshot arrives; before its install completes, openraft purges to it.
+    let mut file = receiver
+        .state_machine
+        .begin_receiving_snapshot()
+        .await
+        .expect("receiving");
+    let asked = meta
+        .last_log_id
+        .expect("the source snapshot covers entries");
+    receiver.log.purge(asked).await.expect("purge");
+    let state = receiver.log.get_log_state().await.expect("log state");
+    assert_eq!(
+        state.last_purged_log_id,
+        Some(floor),
+        "the purge went past the durable snapshot"
+    );
+
+    // The install completes; the next purge goes all the way.
+    file.write_all(&bytes)
+        .await
+        .expect("snapshot bytes written");
+    file.flush().await.expect("flushed");
+    receiver
+        .state_machine
+        .install_snapshot(&meta, file)
+        .await
+        .expect("installed");
+    receiver.log.purge(asked).await.expect("purge");
+    let state = receiver.log.get_log_state().await.expect("log state");
+    assert_eq!(state.last_purged_log_id, Some(asked));
+}
