@@ -18,15 +18,9 @@ profile="${RESIDENCY_PROFILE:-debug}"
 nodes=(1 2 3)
 up_timeout_s=60
 
-say() { printf '%s\n' "$*"; }
-die() { printf 'local.sh: %s\n' "$*" >&2; exit 1; }
-
-ensure_toolchain() {
-    if ! command -v cargo >/dev/null 2>&1; then
-        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
-    fi
-    command -v cargo >/dev/null 2>&1 || die "cargo is not installed: install Rust from rustup.rs (stable 1.88 or later)"
-}
+script=local.sh
+# shellcheck source=cluster/common.sh
+source "$root/cluster/common.sh"
 
 bin_dir() {
     local target="${CARGO_TARGET_DIR:-$root/target}"
@@ -34,7 +28,7 @@ bin_dir() {
 }
 
 build() {
-    ensure_toolchain
+    ensure_cargo
     local flags=()
     [ "$profile" = "release" ] && flags+=(--release)
     say "building residencyd and residencyctl ($profile)..."
@@ -74,27 +68,8 @@ ready() {
     grep -q '200 OK' <<<"$reply"
 }
 
-# A small demo catalog on a new cluster: three US locations in different regions, one German
-# location for contrast, and the US policy (store: US; access: US). Fixed request ids make a
-# repeated run (after an interrupted `up`) apply each write once. A cluster whose catalog an
-# operator emptied by hand is not seeded again: retired locations stay listed.
-seed_demo_catalog() {
-    say "seeding the demo catalog and the US policy..."
-    local -a locations=(
-        "us-east-1/oci-ashburn/pg-042 US oci us-east-1 us-east-1a"
-        "us-central-1/oci-chicago/pg-007 US oci us-central-1 us-central-1b"
-        "us-west-2/oci-phoenix/pg-013 US oci us-west-2 us-west-2a"
-        "eu-central-1/oci-frankfurt/pg-001 DE oci eu-central-1 eu-central-1a"
-    )
-    local n=0 entry id jurisdiction provider region zone
-    for entry in "${locations[@]}"; do
-        read -r id jurisdiction provider region zone <<<"$entry"
-        n=$((n + 1))
-        ctl -o json location add "$id" --jurisdiction "$jurisdiction" --provider "$provider" \
-            --region "$region" --zone "$zone" --request-id "demo-location-$n" --reason "demo catalog" >/dev/null
-    done
-    ctl -o json policy set US --storage US --access US --request-id demo-policy-us --reason "demo policy" >/dev/null
-}
+# shellcheck source=cluster/demo-catalog.sh
+source "$root/cluster/demo-catalog.sh"
 
 up() {
     build

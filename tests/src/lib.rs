@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 use residency_client::{Client, ClientOptions, pb};
 use residency_types::{Jurisdiction, Labels, LocationId};
 
+pub mod docker;
+pub mod history;
+
 /// How long a cluster may take to elect a leader after start or after losing one.
 pub const LEADER_WAIT: Duration = Duration::from_secs(30);
 /// How long a node may take to open its client port.
@@ -314,31 +317,7 @@ impl Cluster {
     /// The catalog every test starts from: three US locations, one German one, the US policy
     /// (store: US; access: US) and the DE policy (store: DE; access: DE and US).
     async fn seed_catalog(&self) {
-        let client = self.client();
-        for (location, jurisdiction) in SEEDED_LOCATIONS {
-            let location = LocationId::parse(location).expect("valid location");
-            let jurisdiction = Jurisdiction::parse(jurisdiction).expect("valid jurisdiction");
-            client
-                .put_location(&location, jurisdiction, &Labels::default(), None)
-                .await
-                .expect("location registered");
-        }
-        for (residency, storage, access) in [
-            ("US", &["US"][..], &["US"][..]),
-            ("DE", &["DE"][..], &["DE", "US"][..]),
-        ] {
-            let codes = |codes: &[&str]| {
-                codes
-                    .iter()
-                    .map(|code| Jurisdiction::parse(code).expect("valid"))
-                    .collect()
-            };
-            let residency = Jurisdiction::parse(residency).expect("valid jurisdiction");
-            client
-                .put_policy(residency, &codes(storage), &codes(access), None)
-                .await
-                .expect("policy set");
-        }
+        seed_test_catalog(&self.client()).await;
     }
 
     /// Starts one more node, not yet a member, declaring `jurisdiction`; returns its id.
@@ -573,5 +552,33 @@ impl Drop for Cluster {
                 kept.display()
             );
         }
+    }
+}
+
+/// Registers the seeded locations and the US and DE policies through `client`.
+pub async fn seed_test_catalog(client: &Client) {
+    for (location, jurisdiction) in SEEDED_LOCATIONS {
+        let location = LocationId::parse(location).expect("valid location");
+        let jurisdiction = Jurisdiction::parse(jurisdiction).expect("valid jurisdiction");
+        client
+            .put_location(&location, jurisdiction, &Labels::default(), None)
+            .await
+            .expect("location registered");
+    }
+    for (residency, storage, access) in [
+        ("US", &["US"][..], &["US"][..]),
+        ("DE", &["DE"][..], &["DE", "US"][..]),
+    ] {
+        let codes = |codes: &[&str]| {
+            codes
+                .iter()
+                .map(|code| Jurisdiction::parse(code).expect("valid"))
+                .collect()
+        };
+        let residency = Jurisdiction::parse(residency).expect("valid jurisdiction");
+        client
+            .put_policy(residency, &codes(storage), &codes(access), None)
+            .await
+            .expect("policy set");
     }
 }

@@ -64,6 +64,51 @@ enum Offline {
     },
     /// Reads a whole backup file and checks it (count and checksum); prints its revision.
     VerifyBackup { backup: PathBuf },
+    /// Asks a running node whether it is ready (`GET /readyz` on its metrics listener) and exits
+    /// 0 if so, 1 if not: the container healthcheck, which has no shell or curl to use.
+    ///
+    /// Example: residencyd health --addr 127.0.0.1:7301
+    Health {
+        /// The node's metrics listener.
+        #[arg(long, default_value = "127.0.0.1:7301")]
+        addr: String,
+        /// Ask `/healthz` (the process answers) instead of `/readyz` (it can serve reads).
+        #[arg(long)]
+        live: bool,
+    },
+}
+
+/// How long the health probe waits for the node, in milliseconds.
+const HEALTH_PROBE_TIMEOUT_MS: u64 = 2_000;
+
+/// `GET /readyz` (or `/healthz`) on `addr`: Ok if the node answers 200.
+fn health(addr: &str, live: bool) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_millis(HEALTH_PROBE_TIMEOUT_MS);
+    let target = addr
+        .to_socket_addrs()
+        .with_context(|| format!("{addr:?} is not an address"))?
+        .next()
+        .with_context(|| format!("{addr:?} resolves to nothing"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
+        .with_context(|| format!("the node at {addr} does not answer"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let path = if live { "/healthz" } else { "/readyz" };
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.take(64 * 1024).read_to_string(&mut response)?;
+    let status = response.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        status.contains(" 200 "),
+        "{path} at {addr}: {status} {}",
+        response
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, body)| body.trim())
+    );
+    println!("{path} at {addr}: {status}");
+    Ok(())
 }
 
 fn parse_member(text: &str, jurisdiction: &str) -> anyhow::Result<(u64, NodeInfo)> {
@@ -103,6 +148,7 @@ fn verify_backup(backup: &std::path::Path) -> anyhow::Result<()> {
 fn offline(command: Offline, config: ValidConfig) -> anyhow::Result<()> {
     match command {
         Offline::VerifyBackup { backup } => verify_backup(&backup)?,
+        Offline::Health { addr, live } => health(&addr, live)?,
         Offline::Restore { backup, members } => {
             anyhow::ensure!(
                 config.jurisdiction == config.required_jurisdiction,
@@ -169,9 +215,11 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // Checking a backup needs no node: no configuration either.
-    if let Some(Offline::VerifyBackup { backup }) = &args.command {
-        return verify_backup(backup);
+    // Checking a backup or probing a node needs no configuration.
+    match &args.command {
+        Some(Offline::VerifyBackup { backup }) => return verify_backup(backup),
+        Some(Offline::Health { addr, live }) => return health(addr, *live),
+        _ => {}
     }
     let config = load(&args)?.validate().context("invalid configuration")?;
     if let Some(command) = args.command {
