@@ -286,14 +286,7 @@ async fn strike(deployment: &Deployment, fault: Fault, rng: &mut Rng) -> String 
         Fault::RollingRestart => {
             for id in 1..=3 {
                 deployment.restart(id);
-                let deadline = Instant::now() + SETTLE_WAIT;
-                while !deployment.ready(id) {
-                    assert!(
-                        Instant::now() < deadline,
-                        "node {id} not ready after restart"
-                    );
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                deployment.wait_ready(id).await;
             }
             "restarted nodes 1, 2, 3 in turn, each ready before the next".to_string()
         }
@@ -314,6 +307,8 @@ async fn crash_during_install(deployment: &Deployment, leader: u64, rng: &mut Rn
     let follower = other_than(leader);
     let writer = deployment.client(Duration::from_secs(30));
     for attempt in 1..=ATTEMPTS {
+        // The follower came back from the previous attempt's crash (or the suite fails here).
+        deployment.wait_ready(follower).await;
         deployment.kill(follower);
         // Enough entries for the leader to snapshot and drop the log the follower needs.
         for batch in 0..4 {

@@ -336,6 +336,31 @@ impl Deployment {
             .is_some_and(|line| line.contains(" 200 "))
     }
 
+    /// Whether node `id`'s container is running (it exits if its process does).
+    pub fn running(&self, id: u64) -> bool {
+        self.docker(&["inspect", "-f", "{{.State.Running}}", &self.container(id)])
+            .trim()
+            == "true"
+    }
+
+    /// Waits until node `id` is ready; fails at once, with the logs, if its process exited.
+    pub async fn wait_ready(&self, id: u64) {
+        let deadline = Instant::now() + UP_WAIT;
+        while !self.ready(id) {
+            assert!(
+                self.running(id),
+                "node {id} exited; the logs:\n{}",
+                self.logs()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "node {id} is not ready within {UP_WAIT:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until every node is ready (leader known, quorum, caught up).
     pub async fn wait_all_ready(&self) {
         let deadline = Instant::now() + UP_WAIT;

@@ -12,7 +12,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -46,6 +46,9 @@ pub struct Durable {
     snapshot_floor: Arc<std::sync::atomic::AtomicU64>,
     /// A snapshot from the leader is being received or installed.
     installing: Arc<std::sync::atomic::AtomicBool>,
+    /// The furthest purge openraft asked for and the log held back; also the lock every purge
+    /// takes, so two never interleave.
+    pub(crate) held_back_purge: Arc<Mutex<Option<crate::LogId>>>,
 }
 
 /// The flusher thread and the queue into it, shared by every handle to the store.
@@ -135,6 +138,7 @@ impl Durable {
             flusher: Arc::new(flusher),
             snapshot_floor: Arc::default(),
             installing: Arc::default(),
+            held_back_purge: Arc::default(),
         })
     }
 

@@ -328,32 +328,74 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// for the purge of a snapshot it is installing before the state machine has finished (and
     /// made durable) the install. A node that crashed in between came back with its log gone up
     /// to the new snapshot and its state and snapshot still at the old one, which openraft
-    /// refuses to start from (found by the fault suite's crash-during-snapshot-install). The
-    /// entries held back are purged by a later call; a restart sees a log that still reaches
-    /// its state.
+    /// refuses to start from (found by the fault suite's crash-during-snapshot-install). What is
+    /// held back is purged when the install is durable (`finish_held_back_purge`), before
+    /// openraft appends past the snapshot: the log never has a gap.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut held_back = self
+            .durable
+            .held_back_purge
+            .lock()
+            .expect("purge lock poisoned");
         let purge_to = self
             .purge_point(log_id)
             .map_err(log_error(ErrorVerb::Read))?;
-        let Some(purge_to) = purge_to else {
-            tracing::info!(
-                index = log_id.index,
-                "log purge held back: the snapshot that covers it is not installed yet"
-            );
-            return Ok(());
-        };
-        if purge_to != log_id {
+        if purge_to != Some(log_id) {
             tracing::info!(
                 asked = log_id.index,
-                purged = purge_to.index,
-                "log purge held back to the durable snapshot"
+                purged = purge_to.map(|purged| purged.index),
+                "log purge held back until the snapshot that covers it is installed"
             );
+            *held_back = held_back.max(Some(log_id));
         }
-        // Record the purge point first: a crash between the two steps leaves extra entries,
-        // which are harmless, never a purge point below entries that are gone.
-        self.write_meta(LAST_PURGED_KEY, &purge_to)
-            .map_err(log_error(ErrorVerb::Write))?;
-        self.remove_range(Bound::Unbounded, Bound::Included(purge_to.index))
-            .map_err(log_error(ErrorVerb::Delete))
+        match purge_to {
+            Some(purge_to) => {
+                purge_trees(&self.log, &self.meta, purge_to).map_err(log_error(ErrorVerb::Delete))
+            }
+            None => Ok(()),
+        }
     }
+}
+
+/// Deletes the log up to and including `log_id` and records it as purged, unless the log is
+/// purged that far already. Callers hold `Durable::held_back_purge`.
+fn purge_trees(log: &sled::Tree, meta: &sled::Tree, log_id: LogId) -> Result<(), StoreError> {
+    let purged: Option<LogId> = match meta.get(LAST_PURGED_KEY)? {
+        Some(bytes) => Some(unseal(&bytes, LAST_PURGED_KEY)?),
+        None => None,
+    };
+    if purged.is_some_and(|purged| purged.index >= log_id.index) {
+        return Ok(());
+    }
+    // Record the purge point first: a crash between the two steps leaves extra entries, which
+    // are harmless, never a purge point below entries that are gone.
+    meta.insert(LAST_PURGED_KEY, seal(&log_id))?;
+    let mut batch = sled::Batch::default();
+    for item in log.range(..=index_key(log_id.index)) {
+        let (key, _) = item?;
+        batch.remove(key);
+    }
+    log.apply_batch(batch)?;
+    Ok(())
+}
+
+/// Called by the state machine once an installed snapshot is durable (and the snapshot floor
+/// has moved): does the purge openraft asked for during the install.
+pub(crate) fn finish_held_back_purge(durable: &Durable) -> Result<(), StoreError> {
+    let mut held_back = durable.held_back_purge.lock().expect("purge lock poisoned");
+    let Some(log_id) = *held_back else {
+        return Ok(());
+    };
+    if durable
+        .snapshot_floor()
+        .is_none_or(|floor| floor < log_id.index)
+    {
+        return Ok(());
+    }
+    let log = durable.db().open_tree(LOG_TREE)?;
+    let meta = durable.db().open_tree(META_TREE)?;
+    purge_trees(&log, &meta, log_id)?;
+    *held_back = None;
+    tracing::info!(index = log_id.index, "held-back log purge done");
+    Ok(())
 }

@@ -542,6 +542,7 @@ impl Shared {
         };
         db.drop_tree(&old_name)?;
         self.adopt_snapshot(meta.clone(), partial)?;
+        crate::log_store::finish_held_back_purge(&self.durable)?;
         metrics::histogram!("residency_snapshot_install_seconds")
             .record(started.elapsed().as_secs_f64());
         tracing::info!(

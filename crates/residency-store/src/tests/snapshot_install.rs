@@ -286,8 +286,9 @@ async fn a_snapshot_installed_after_a_lost_counter_bump_keeps_the_state() {
 
 /// openraft 0.9 asks the log to purge up to a snapshot it is installing before the install is
 /// done. The log holds back to the durable snapshot, so a crash in between leaves a log that
-/// still reaches the state (the fault suite's crash-during-snapshot-install found the node
-/// unable to start otherwise); once the install is durable the purge goes through.
+/// still reaches the state; once the install is durable the held-back purge is done, so the log
+/// has no gap when entries past the snapshot arrive. The fault suite's
+/// crash-during-snapshot-install found a node unable to start in each case.
 #[tokio::test]
 async fn the_log_is_not_purged_past_a_snapshot_still_being_installed() {
     use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
@@ -329,7 +330,8 @@ async fn the_log_is_not_purged_past_a_snapshot_still_being_installed() {
         "the purge went past the durable snapshot"
     );
 
-    // The install completes; the next purge goes all the way.
+    // The install completes and, with it durable, the held-back purge is done: the log has no
+    // gap when openraft appends past the snapshot, and a restart opens it.
     file.write_all(&bytes)
         .await
         .expect("snapshot bytes written");
@@ -339,7 +341,20 @@ async fn the_log_is_not_purged_past_a_snapshot_still_being_installed() {
         .install_snapshot(&meta, file)
         .await
         .expect("installed");
-    receiver.log.purge(asked).await.expect("purge");
     let state = receiver.log.get_log_state().await.expect("log state");
     assert_eq!(state.last_purged_log_id, Some(asked));
+    let next = super::blank_entry(asked.leader_id.term, asked.index + 1);
+    receiver
+        .log
+        .blocking_append([next])
+        .await
+        .expect("appended past the snapshot");
+    drop(receiver);
+    let mut reopened = open_store(receiver_dir.path()).await;
+    let state = reopened.log.get_log_state().await.expect("log state");
+    assert_eq!(state.last_purged_log_id, Some(asked));
+    assert_eq!(
+        state.last_log_id.map(|log_id| log_id.index),
+        Some(asked.index + 1)
+    );
 }
