@@ -227,7 +227,7 @@ impl StateMachineStore {
         let applied = read_applied(&tree)?;
         let snapshot_dir = durable.dir().join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)?;
-        let current_snapshot = find_current_snapshot(&snapshot_dir)?;
+        let current_snapshot = find_current_snapshot(&snapshot_dir, applied)?;
         raise_seq_past_existing_names(&pointer, &db, current_snapshot.as_ref())?;
         if let Some(log_id) = current_snapshot
             .as_ref()
@@ -342,19 +342,70 @@ fn raise_seq_past_existing_names(
     Ok(())
 }
 
-fn find_current_snapshot(dir: &Path) -> Result<Option<(SnapshotMeta, PathBuf)>, StoreError> {
+/// A received snapshot that the state was switched to before a crash kept it from becoming
+/// the current snapshot (the install switches the state first, then adopts the file): whole,
+/// and at exactly the state's applied log id. Adopted under a `.snap` name of its own, so
+/// that openraft never sees the state ahead of the snapshot that produced it.
+fn adopt_installed_partial(
+    dir: &Path,
+    path: &Path,
+    name: &str,
+    applied: Option<LogId>,
+) -> Result<Option<PathBuf>, StoreError> {
+    let received = name.starts_with("incoming-") || name.starts_with("copied-");
+    let Some(seq) = name
+        .strip_suffix(PARTIAL_SUFFIX)
+        .and_then(|stem| stem.rsplit('-').next())
+    else {
+        return Ok(None);
+    };
+    if !received || applied.is_none() {
+        return Ok(None);
+    }
+    let Ok((mut reader, meta)) = SnapshotReader::open(File::open(path)?) else {
+        return Ok(None);
+    };
+    if meta.last_log_id != applied {
+        return Ok(None);
+    }
+    loop {
+        match reader.next_pair() {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => return Ok(None),
+        }
+    }
+    let adopted = dir.join(format!("snapshot-{seq}{SNAPSHOT_SUFFIX}"));
+    std::fs::rename(path, &adopted)?;
+    crate::durable::sync_directory(dir)?;
+    tracing::info!(
+        index = applied.map(|log_id| log_id.index),
+        "adopted the snapshot an interrupted install had switched the state to"
+    );
+    Ok(Some(adopted))
+}
+
+fn find_current_snapshot(
+    dir: &Path,
+    applied: Option<LogId>,
+) -> Result<Option<(SnapshotMeta, PathBuf)>, StoreError> {
     let mut newest: Option<(SnapshotMeta, PathBuf)> = None;
     for item in std::fs::read_dir(dir)? {
-        let path = item?.path();
+        let mut path = item?.path();
         let name = path
             .file_name()
             .and_then(|name| name.to_str())
             .unwrap_or_default()
             .to_string();
         if !name.ends_with(SNAPSHOT_SUFFIX) {
-            // Partial builds and receptions from before a crash.
-            std::fs::remove_file(&path)?;
-            continue;
+            match adopt_installed_partial(dir, &path, &name, applied)? {
+                Some(adopted) => path = adopted,
+                None => {
+                    // Partial builds and receptions from before a crash.
+                    std::fs::remove_file(&path)?;
+                    continue;
+                }
+            }
         }
         let (_, meta) = SnapshotReader::open(File::open(&path)?)?;
         let newer = newest
