@@ -9,12 +9,14 @@
 #
 # Data lives in ./data/node{1,2,3} (logs in ./data/nodeN/residencyd.log); `up` after `down`
 # restarts the nodes on their existing data. Ports: clients 7101-7103, peers 7201-7203,
-# metrics and health 7301-7303. RESIDENCY_PROFILE=release builds optimised binaries.
+# metrics and health 7301-7303. RESIDENCY_PROFILE=release builds optimised binaries;
+# RESIDENCY_DATA=DIR keeps the data in DIR/node{1,2,3} instead (the benchmark's own cluster).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 profile="${RESIDENCY_PROFILE:-debug}"
+data="${RESIDENCY_DATA:-data}"
 nodes=(1 2 3)
 up_timeout_s=60
 
@@ -35,7 +37,7 @@ build() {
     cargo build "${flags[@]}" --bin residencyd --bin residencyctl
 }
 
-pid_file() { printf 'data/node%s/residencyd.pid' "$1"; }
+pid_file() { printf '%s/node%s/residencyd.pid' "$data" "$1"; }
 
 # The pid of node $1 if the process recorded for it is alive and runs a residencyd binary
 # with that node's config (a reused pid, or `tail -f .../residencyd.log`, does not count).
@@ -76,17 +78,18 @@ up() {
     local bin
     bin="$(bin_dir)/residencyd"
     for n in "${nodes[@]}"; do
-        mkdir -p "data/node$n"
+        mkdir -p "$data/node$n"
         if pid="$(running_pid "$n")"; then
             say "node $n already running (pid $pid)"
             continue
         fi
-        nohup "$bin" --config "cluster/local/node$n.toml" >>"data/node$n/residencyd.log" 2>&1 &
+        nohup "$bin" --config "cluster/local/node$n.toml" --data-dir "$data/node$n" \
+            >>"$data/node$n/residencyd.log" 2>&1 &
         echo $! >"$(pid_file "$n")"
-        say "node $n started (pid $!), log: data/node$n/residencyd.log"
+        say "node $n started (pid $!), log: $data/node$n/residencyd.log"
     done
     for n in "${nodes[@]}"; do
-        wait_port "710$n" || die "node $n did not open its client port; see data/node$n/residencyd.log"
+        wait_port "710$n" || die "node $n did not open its client port; see $data/node$n/residencyd.log"
     done
     local init_output fresh=0
     if init_output="$(ctl --endpoints 127.0.0.1:7101 cluster init --peers 127.0.0.1:7201,127.0.0.1:7202,127.0.0.1:7203 2>&1)"; then
@@ -99,7 +102,7 @@ up() {
     fi
     local deadline=$((SECONDS + up_timeout_s))
     until ctl status -o json 2>/dev/null | grep -q '"leader_id": [0-9]'; do
-        [ "$SECONDS" -lt "$deadline" ] || die "no leader elected within ${up_timeout_s}s; see data/node*/residencyd.log"
+        [ "$SECONDS" -lt "$deadline" ] || die "no leader elected within ${up_timeout_s}s; see $data/node*/residencyd.log"
         sleep 0.3
     done
     # Seed a new cluster, and one whose first `up` stopped before seeding finished (the catalog
@@ -109,7 +112,7 @@ up() {
     fi
     for n in "${nodes[@]}"; do
         until ready "$n"; do
-            [ "$SECONDS" -lt "$deadline" ] || die "node $n is not ready after ${up_timeout_s}s; see data/node$n/residencyd.log"
+            [ "$SECONDS" -lt "$deadline" ] || die "node $n is not ready after ${up_timeout_s}s; see $data/node$n/residencyd.log"
             sleep 0.3
         done
     done
@@ -159,6 +162,6 @@ case "${1:-}" in
     up) up ;;
     down) down ;;
     status) status ;;
-    clean) down; rm -rf data; say "removed ./data" ;;
+    clean) down; rm -rf "$data"; say "removed $data" ;;
     *) say "usage: $0 up|down|status|clean"; exit 2 ;;
 esac

@@ -46,3 +46,25 @@ pub fn quantile(mut samples: Vec<Duration>, q: f64) -> Duration {
     let index = ((samples.len() - 1) as f64 * q).round() as usize;
     samples[index]
 }
+
+/// The cluster's active US locations, where the benchmarks place their users.
+pub async fn active_us_locations(
+    client: &residency_client::Client,
+) -> anyhow::Result<Vec<LocationId>> {
+    let locations: Vec<LocationId> = client
+        .list_locations(residency_types::Consistency::Linearizable)
+        .await?
+        .into_iter()
+        .filter(|location| {
+            location.jurisdiction == Jurisdiction::US
+                && location.state == residency_types::LocationState::Active
+        })
+        .map(|location| location.id)
+        .collect();
+    anyhow::ensure!(
+        !locations.is_empty(),
+        "the cluster has no active US location to place users at: start it with \
+         ./cluster/local.sh up"
+    );
+    Ok(locations)
+}

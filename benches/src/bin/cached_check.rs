@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use residency_client::{CacheOptions, CachedChecker, Client, ClientOptions, LOCAL_ENDPOINTS};
-use residency_types::{
-    AccessOperation, AssignItem, Consistency, Decision, Jurisdiction, LocationState, UserId,
-};
+use residency_types::{AccessOperation, AssignItem, Consistency, Decision, Jurisdiction, UserId};
 
 #[derive(Debug, Parser)]
 #[command(name = "cached-check")]
@@ -61,18 +59,7 @@ async fn place_users(client: Arc<Client>, users: usize) -> anyhow::Result<()> {
         println!("{users} users already placed");
         return Ok(());
     }
-    let locations: Vec<_> = client
-        .list_locations(Consistency::Linearizable)
-        .await?
-        .into_iter()
-        .filter(|location| {
-            location.jurisdiction == Jurisdiction::US && location.state == LocationState::Active
-        })
-        .map(|location| location.id)
-        .collect();
-    if locations.is_empty() {
-        bail!("the cluster has no active US location to place users at");
-    }
+    let locations = residency_benches::active_us_locations(&client).await?;
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
