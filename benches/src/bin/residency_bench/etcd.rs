@@ -83,6 +83,9 @@ pub struct StatusResponse {
     pub leader: u64,
 }
 
+/// Puts in flight while preloading.
+const PRELOAD_PUTS_IN_FLIGHT: usize = 64;
+
 const RANGE: &str = "/etcdserverpb.KV/Range";
 const PUT: &str = "/etcdserverpb.KV/Put";
 const STATUS: &str = "/etcdserverpb.Maintenance/Status";
@@ -205,7 +208,7 @@ pub async fn preload(clients: &[Arc<Etcd>], plan: &Plan) -> anyhow::Result<()> {
                 .map(|_| 1)
         })
     });
-    crate::preload_with(op, plan.users, "etcd").await
+    crate::preload_with(op, plan.users, PRELOAD_PUTS_IN_FLIGHT, "etcd").await
 }
 
 /// The operation of one workload against etcd, `None` where etcd has no counterpart.

@@ -43,6 +43,16 @@ struct Args {
 enum Command {
     /// Runs workloads against one system and prints (or writes) the results.
     Run(RunArgs),
+    /// Places users `bench-u-0..N` into an empty registry as fast as it takes them (BatchAssign
+    /// of 500, `--in-flight` at once) and reports rows/s: the bulk-import figure at scale.
+    Load {
+        #[arg(long, default_value = LOCAL_ENDPOINTS)]
+        endpoints: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        users: usize,
+        #[arg(long, default_value_t = 4)]
+        in_flight: usize,
+    },
     /// Prints the registry's results next to etcd's, with the ratio per workload.
     Compare { registry: PathBuf, etcd: PathBuf },
 }
@@ -175,18 +185,22 @@ pub fn preload_user_id(n: usize) -> String {
     format!("bench-u-{n:09}")
 }
 
-/// Operations in flight while preloading.
-const PRELOAD_IN_FLIGHT: usize = 64;
 /// The longest a preload may take.
 const PRELOAD_TIME_MAX: Duration = Duration::from_secs(3_600);
 /// The etcd value size when no registry answer gives the size of a placement.
 const ETCD_VALUE_BYTES_DEFAULT: usize = 160;
 
-/// Runs `op` for sequence numbers `0..count`, failing on the first error.
-pub async fn preload_with(op: Op, count: usize, label: &str) -> anyhow::Result<()> {
+/// Runs `op` for sequence numbers `0..count`, `in_flight` at once, failing on the first
+/// error.
+pub async fn preload_with(
+    op: Op,
+    count: usize,
+    in_flight: usize,
+    label: &str,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let spec = LoopSpec {
-        in_flight: PRELOAD_IN_FLIGHT.min(count.max(1)),
+        in_flight: in_flight.min(count).max(1),
         warmup: Duration::ZERO,
         window: PRELOAD_TIME_MAX,
         ops_max: Some(count as u64),
@@ -370,6 +384,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Run(args) => run(args).await,
+        Command::Load {
+            endpoints,
+            users,
+            in_flight,
+        } => {
+            anyhow::ensure!(
+                users > 0 && in_flight > 0,
+                "--users and --in-flight must be positive"
+            );
+            let endpoints = endpoints.split(',').map(|e| e.trim().to_string()).collect();
+            let client = Arc::new(residency_client::Client::new(
+                endpoints,
+                registry::client_options(),
+            )?);
+            let locations = residency_benches::active_us_locations(&client).await?;
+            let took = registry::place_users(client, &locations, users, in_flight).await?;
+            println!(
+                "load: {users} users in {:.1} s: {:.0} rows/s ({in_flight} batches of {} in flight)",
+                took.as_secs_f64(),
+                users as f64 / took.as_secs_f64(),
+                registry::IMPORT_BATCH_ROWS
+            );
+            Ok(())
+        }
         Command::Compare { registry, etcd } => {
             let registry = Report::read(&registry)?;
             let etcd = Report::read(&etcd)?;

@@ -36,7 +36,7 @@ pub struct Registry {
     pub token: Revision,
 }
 
-fn client_options() -> ClientOptions {
+pub fn client_options() -> ClientOptions {
     ClientOptions {
         timeout: Duration::from_secs(30),
         caller: "residency-bench".to_string(),
@@ -64,18 +64,13 @@ pub async fn prepare(plan: &Plan) -> anyhow::Result<Registry> {
     {
         println!("registry: {} users already placed", plan.users);
     } else {
-        let (client, locations) = (client.clone(), Arc::new(locations.clone()));
-        let batches = plan.users.div_ceil(IMPORT_BATCH_ROWS);
-        let users = plan.users;
-        let op: Op = Arc::new(move |_, seq| {
-            let (client, locations) = (client.clone(), locations.clone());
-            Box::pin(async move {
-                let first = seq as usize * IMPORT_BATCH_ROWS;
-                let rows = first..(first + IMPORT_BATCH_ROWS).min(users);
-                place_batch(&client, rows, &locations, preload_user_id).await
-            })
-        });
-        crate::preload_with(op, batches, "registry").await?;
+        place_users(
+            client.clone(),
+            &locations,
+            plan.users,
+            PRELOAD_BATCHES_IN_FLIGHT,
+        )
+        .await?;
     }
     let token = client.current_revision(Consistency::Linearizable).await?;
     Ok(Registry {
@@ -83,6 +78,31 @@ pub async fn prepare(plan: &Plan) -> anyhow::Result<Registry> {
         locations,
         token,
     })
+}
+
+/// Batches in flight while preloading the users of the read workloads.
+const PRELOAD_BATCHES_IN_FLIGHT: usize = 8;
+
+/// Places users `0..users` (the preloaded ones) with `in_flight` batches at once; returns
+/// how long it took.
+pub async fn place_users(
+    client: Arc<Client>,
+    locations: &[LocationId],
+    users: usize,
+    in_flight: usize,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let locations = Arc::new(locations.to_vec());
+    let op: Op = Arc::new(move |_, seq| {
+        let (client, locations) = (client.clone(), locations.clone());
+        Box::pin(async move {
+            let first = seq as usize * IMPORT_BATCH_ROWS;
+            let rows = first..(first + IMPORT_BATCH_ROWS).min(users);
+            place_batch(&client, rows, &locations, preload_user_id).await
+        })
+    });
+    crate::preload_with(op, users.div_ceil(IMPORT_BATCH_ROWS), in_flight, "registry").await?;
+    Ok(started.elapsed())
 }
 
 /// Places the users of `rows` (named by `name`) at the locations in turn, in one BatchAssign.

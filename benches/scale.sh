@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The registry at scale: a fresh three-node cluster filled with N placements (default ten
+# million), then what an operator lives with at that size.
+#
+#   ./benches/scale.sh                    10,000,000 users, release build
+#   ./benches/scale.sh --users 1000000    a smaller run
+#
+# It reports: bulk import rows/s (`residency-bench load`, BatchAssign of 500, 4 in flight, as
+# `residencyctl user import` sends); resident memory and disk per node (sled's space
+# amplification as bytes on disk per placement, measured); restart to ready of one node
+# (SIGTERM, start, until its /readyz answers 200); a new learner caught up by snapshot (a
+# fourth node added with `member add-learner`, until its /readyz answers 200); and lookups at
+# that size. Everything stays in target/bench/scale-<time>/ (logs, data; delete it after).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+script=scale.sh
+# shellcheck source=cluster/common.sh
+source "$root/cluster/common.sh"
+
+users=10000000
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --users) users="$2"; shift ;;
+        *) die "unknown argument $1 (see the head of $0)" ;;
+    esac
+    shift
+done
+
+out="target/bench/scale-$(date -u +%Y%m%dT%H%M%SZ)"
+data="$out/data"
+mkdir -p "$out"
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
+ready_timeout_s=600
+
+if (exec 3<>/dev/tcp/127.0.0.1/7101) 2>/dev/null; then
+    die "something already listens on 127.0.0.1:7101 (the local cluster?): stop it first (./cluster/local.sh down)"
+fi
+ensure_cargo
+cargo build --release --bin residencyd --bin residencyctl --bin residency-bench
+learner_pid=""
+stop_all() {
+    RESIDENCY_DATA="$data" RESIDENCY_PROFILE=release ./cluster/local.sh down >/dev/null 2>&1 || true
+    [ -n "$learner_pid" ] && kill -TERM "$learner_pid" 2>/dev/null || true
+}
+trap stop_all EXIT
+
+# Whether the node with metrics port $1 answers /readyz with 200.
+ready() {
+    local reply
+    reply="$( (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3 && cat <&3) 2>/dev/null || true)"
+    grep -q '200 OK' <<<"$reply"
+}
+
+# Seconds (with ms) until the node with metrics port $1 is ready.
+time_until_ready() {
+    local started now
+    started="$(date +%s.%N)"
+    local deadline=$((SECONDS + ready_timeout_s))
+    until ready "$1"; do
+        [ "$SECONDS" -lt "$deadline" ] || die "the node on metrics port $1 was not ready within ${ready_timeout_s}s"
+        sleep 0.05
+    done
+    now="$(date +%s.%N)"
+    printf '%.2f' "$(echo "$now - $started" | bc -l)"
+}
+
+rss_mib() { awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+pid_of() { cat "$data/node$1/residencyd.pid"; }
+report() { printf '%s\n' "$*" | tee -a "$out/scale.md"; }
+
+command -v bc >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq bc >/dev/null; }
+
+say "starting a fresh cluster (data in $data)"
+RESIDENCY_DATA="$data" RESIDENCY_PROFILE=release ./cluster/local.sh up >"$out/up.log" 2>&1 ||
+    { cat "$out/up.log"; die "the cluster did not start"; }
+
+report "# Scale run, $(date -u +%Y-%m-%d), $users users, $(nproc) CPUs"
+report ""
+"$bin/residency-bench" load --users "$users" | tee "$out/load.txt"
+report "- import: $(tail -1 "$out/load.txt")"
+
+# Let a snapshot and log purge settle so the disk figure is the steady state, then measure.
+sleep 5
+for n in 1 2 3; do
+    pid="$(pid_of "$n")"
+    bytes="$(du -sb "$data/node$n" | cut -f1)"
+    report "- node $n: resident memory $(rss_mib "$pid") MiB; disk $((bytes / 1048576)) MiB ($((bytes / users)) bytes per placement)"
+done
+du -sh "$data"/node1/* | sed 's/^/  node 1: /' | tee -a "$out/scale.md"
+
+# Restart to ready: node 2 stopped with SIGTERM and started again the way local.sh starts it.
+pid="$(pid_of 2)"
+cmdline="$(tr '\0' '\n' <"/proc/$pid/cmdline")"
+kill -TERM "$pid"
+while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+mapfile -t argv <<<"$cmdline"
+nohup "${argv[@]}" >>"$data/node2/residencyd.log" 2>&1 &
+echo $! >"$data/node2/residencyd.pid"
+report "- restart to ready, node 2: $(time_until_ready 7302) s"
+report "- node 2 resident memory after restart and catch-up: $(rss_mib "$(pid_of 2)") MiB"
+
+# A learner: a fourth node, empty, added to the cluster; the leader sends it a snapshot.
+mkdir -p "$data/node4"
+nohup "$bin/residencyd" --config cluster/local/node1.toml --node-id 4 --data-dir "$data/node4" \
+    --listen-client 127.0.0.1:7104 --listen-peer 127.0.0.1:7204 --listen-metrics 127.0.0.1:7304 \
+    >>"$data/node4/residencyd.log" 2>&1 &
+learner_pid=$!
+until (exec 3<>/dev/tcp/127.0.0.1/7204) 2>/dev/null; do sleep 0.1; done
+"$bin/residencyctl" member add-learner 127.0.0.1:7204 >/dev/null
+report "- new learner caught up (snapshot install included): $(time_until_ready 7304) s"
+report "- learner resident memory: $(rss_mib "$learner_pid") MiB"
+"$bin/residencyctl" member remove 4 >/dev/null
+kill -TERM "$learner_pid"; learner_pid=""
+
+report ""
+"$bin/residency-bench" run --users "$users" --workloads lookup-linearizable,lookup-stale,check-access \
+    --rounds 3 --pids "$(pid_of 1),$(pid_of 2),$(pid_of 3)" --json "$out/reads.json" | tee "$out/reads.txt"
+sed -n '/^| registry workload/,/^$/p' "$out/reads.txt" >>"$out/scale.md"
+say "results in $out/scale.md"
