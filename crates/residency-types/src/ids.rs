@@ -217,6 +217,27 @@ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW";
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Jurisdiction([u8; 2]);
 
+/// The assigned codes as bits, built from `ISO_3166_ALPHA2` at compile time: bit `second - 'A'`
+/// of entry `first - 'A'`. Every placement decoded from disk parses its residency, so the
+/// check is one load and a mask instead of a walk through the list.
+const ASSIGNED_CODES: [u32; 26] = assigned_codes();
+
+const fn assigned_codes() -> [u32; 26] {
+    let bytes = ISO_3166_ALPHA2.as_bytes();
+    let mut table = [0_u32; 26];
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        let (first, second) = (bytes[i], bytes[i + 1]);
+        if first.is_ascii_uppercase() && second.is_ascii_uppercase() {
+            table[(first - b'A') as usize] |= 1 << (second - b'A');
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    table
+}
+
 impl Jurisdiction {
     pub const US: Jurisdiction = Jurisdiction(*b"US");
 
@@ -233,7 +254,7 @@ impl Jurisdiction {
                 format!("{text:?} is not two upper-case letters (ISO 3166-1 alpha-2, e.g. US)"),
             ));
         }
-        if !ISO_3166_ALPHA2.split_whitespace().any(|code| code == text) {
+        if ASSIGNED_CODES[usize::from(bytes[0] - b'A')] & (1 << (bytes[1] - b'A')) == 0 {
             return Err(ValidationError::new(
                 ReasonCode::InvalidJurisdiction,
                 field,
@@ -276,8 +297,20 @@ impl Serialize for Jurisdiction {
 
 impl<'de> Deserialize<'de> for Jurisdiction {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        Jurisdiction::parse(&text).map_err(serde::de::Error::custom)
+        // A visitor, so decoding a placement allocates no String for its two letters.
+        struct Code;
+        impl serde::de::Visitor<'_> for Code {
+            type Value = Jurisdiction;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an ISO 3166-1 alpha-2 code")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Jurisdiction, E> {
+                Jurisdiction::parse(text).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Code)
     }
 }
 
@@ -366,6 +399,14 @@ mod tests {
     fn jurisdictions_are_assigned_iso_codes_in_upper_case() {
         assert_eq!(ISO_3166_ALPHA2.split_whitespace().count(), 249);
         assert_eq!(Jurisdiction::parse("US").expect("valid"), Jurisdiction::US);
+        // The bit table says exactly what the list says, for every pair of letters.
+        for first in b'A'..=b'Z' {
+            for second in b'A'..=b'Z' {
+                let text = String::from_utf8(vec![first, second]).expect("ASCII");
+                let listed = ISO_3166_ALPHA2.split_whitespace().any(|code| code == text);
+                assert_eq!(Jurisdiction::parse(&text).is_ok(), listed, "{text}");
+            }
+        }
         assert_eq!(Jurisdiction::parse("CA").expect("valid").as_str(), "CA");
         for bad in ["", "us", "USA", "U", "XX", "ZZ", "U1", "UK"] {
             let code = refused_with(Jurisdiction::parse(bad));
