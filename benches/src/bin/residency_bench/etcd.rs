@@ -83,6 +83,9 @@ pub struct StatusResponse {
     pub leader: u64,
 }
 
+/// The deadline of one etcd call, as the registry's client has one: a hung call fails the run
+/// instead of hanging it.
+const ETCD_CALL_TIMEOUT_S: u64 = 30;
 /// Puts in flight while preloading.
 const PRELOAD_PUTS_IN_FLIGHT: usize = 64;
 
@@ -131,6 +134,7 @@ impl Etcd {
             let channel = Endpoint::from_shared(format!("http://{address}"))?
                 .tcp_nodelay(true)
                 .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(ETCD_CALL_TIMEOUT_S))
                 .connect_lazy();
             let status: StatusResponse = unary(channel.clone(), STATUS, StatusRequest {})
                 .await
