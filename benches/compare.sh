@@ -10,7 +10,8 @@
 # data under target/bench/), runs `residency-bench`, stops it; then installs etcd if missing
 # (Debian's etcd-server), starts three etcd members on loopback with their default
 # durability (every commit fsynced), runs the same workloads, stops them; and prints the
-# comparison. Results (JSON, the table, both systems' logs) stay in target/bench/<time>/.
+# comparison. Results (JSON, the tables, both systems' logs) stay in target/bench/<time>/; the
+# data directories are deleted once measured (they run to gigabytes).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,6 +73,8 @@ registry_pids="$(cat "$registry_data"/node{1,2,3}/residencyd.pid | paste -sd, -)
     tee "$out/registry.txt"
 du -sh "$registry_data"/node1 | sed 's/^/registry disk, node 1: /' | tee -a "$out/registry.txt"
 RESIDENCY_DATA="$registry_data" RESIDENCY_PROFILE="$profile" ./cluster/local.sh down >/dev/null
+for n in 1 2 3; do cp "$registry_data/node$n/residencyd.log" "$out/registry-node$n.log"; done
+rm -rf "$registry_data"
 
 # --- etcd ---------------------------------------------------------------------------------
 if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
@@ -111,6 +114,7 @@ value_bytes="$(grep -o '"value_bytes": [0-9]*' "$out/registry.json" | grep -o '[
     --json "$out/etcd.json" "${bench_args[@]}" | tee "$out/etcd.txt"
 du -sh "$out/etcd-data/e0" | sed 's/^/etcd disk, member 0: /' | tee -a "$out/etcd.txt"
 stop_all
+rm -rf "$out/etcd-data"
 
 # --- side by side -------------------------------------------------------------------------
 echo

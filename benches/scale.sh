@@ -10,7 +10,8 @@
 # amplification as bytes on disk per placement, measured); restart to ready of one node
 # (SIGTERM, start, until its /readyz answers 200); a new learner caught up by snapshot (a
 # fourth node added with `member add-learner`, until its /readyz answers 200); and lookups at
-# that size. Everything stays in target/bench/scale-<time>/ (logs, data; delete it after).
+# that size. Results and node logs stay in target/bench/scale-<time>/; the data (gigabytes) is
+# deleted after a run that finished, and kept after one that failed, to look at.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -130,4 +131,10 @@ report ""
 "$bin/residency-bench" run --users "$users" --workloads lookup-linearizable,lookup-stale,check-access \
     --rounds 3 --pids "$(pid_of 1),$(pid_of 2),$(pid_of 3)" --json "$out/reads.json" | tee "$out/reads.txt"
 grep '^|' "$out/reads.txt" >>"$out/scale.md"
+stop_all
+trap - EXIT
+for n in 1 2 3 4; do
+    [ -f "$data/node$n/residencyd.log" ] && cp "$data/node$n/residencyd.log" "$out/node$n.log"
+done
+rm -rf "$data"
 say "results in $out/scale.md"
