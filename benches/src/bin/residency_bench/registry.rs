@@ -177,13 +177,16 @@ async fn check(client: &Client, user: &UserId) -> Result<u64, String> {
     }
 }
 
+/// Assigns the `seq`th new user of a run, at the locations in turn.
 async fn assign_new(
     client: &Client,
-    user: UserId,
-    location: &LocationId,
+    run: &str,
+    seq: u64,
+    locations: &[LocationId],
 ) -> Result<residency_client::Assigned, String> {
+    let location = &locations[seq as usize % locations.len()];
     client
-        .assign(&user, Jurisdiction::US, location, None)
+        .assign(&new_user(run, seq)?, Jurisdiction::US, location, None)
         .await
         .map_err(|error| error.to_string())
 }
@@ -265,7 +268,7 @@ pub fn op_for(
     let clients: Arc<Vec<Arc<Client>>> = Arc::new(registry.clients.clone());
     let locations: Arc<Vec<LocationId>> = Arc::new(registry.locations.clone());
     let users = plan.users as u64;
-    let run = scope.to_string();
+    let run: Arc<str> = Arc::from(scope);
     let token = registry.token;
     match workload {
         Workload::LookupLinearizable | Workload::LookupAtLeast | Workload::LookupStale => {
@@ -327,8 +330,7 @@ pub fn op_for(
                     run.clone(),
                 );
                 Box::pin(async move {
-                    let location = &locations[seq as usize % locations.len()];
-                    assign_new(&client, new_user(&run, seq)?, location).await?;
+                    assign_new(&client, &run, seq, &locations).await?;
                     Ok(1)
                 })
             });
@@ -345,8 +347,7 @@ pub fn op_for(
                 );
                 Box::pin(async move {
                     if scatter(seq ^ 0x5EED).is_multiple_of(MIXED_WRITE_EVERY) {
-                        let location = &locations[seq as usize % locations.len()];
-                        let assigned = assign_new(&client, new_user(&run, seq)?, location).await?;
+                        let assigned = assign_new(&client, &run, seq, &locations).await?;
                         probe.acknowledged(assigned.revision, Instant::now());
                         Ok(1)
                     } else {
