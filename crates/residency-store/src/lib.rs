@@ -10,6 +10,7 @@
 //!
 //! This crate knows openraft and sled and nothing of gRPC.
 
+pub(crate) mod capture;
 pub mod durable;
 pub mod error;
 pub mod log_store;

@@ -82,7 +82,7 @@ impl StateReader {
     /// What applying `command` next would answer, against the current state, without writing:
     /// the check before proposing. Apply checks again against the state at the entry's position.
     ///
-    /// It holds the state lock for reading (applies wait; reads and snapshot builds do not),
+    /// It holds the state lock for reading (applies wait for it; reads do not),
     /// never the optimistic path: `apply` asserts the state's invariants (a counter never goes
     /// below zero, ...) and a state torn by a concurrent apply would trip them before the
     /// seqlock could say "read again". The fault suite's crash-during-snapshot-install run found
@@ -94,7 +94,7 @@ impl StateReader {
     }
 
     /// Runs `read` against one applied state and returns its result with that state's revision.
-    /// Optimistic first (a seqlock: no lock shared with applies or snapshot builds); after
+    /// Optimistic first (a seqlock: no lock shared with applies); after
     /// `OPTIMISTIC_READ_ATTEMPTS_MAX` collisions with applies it takes the state lock instead,
     /// so a read always finishes.
     async fn read_consistent<T>(
@@ -138,18 +138,17 @@ impl StateReader {
         self.shared.open_current_snapshot()
     }
 
-    /// The state digest at the current applied revision (holds the read lock while hashing).
+    /// The state digest at the current applied revision. Like a snapshot build, it walks the
+    /// state as of its start while applies go on (see `capture.rs`).
     pub async fn digest(&self) -> Result<DigestAt, StoreError> {
-        let tree = self.shared.state.clone().read_owned().await;
-        let revision = self.applied_revision();
+        let (walking, tree, revision) = self
+            .shared
+            .start_walk(|_| Ok(self.applied_revision()))
+            .await?;
+        let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let mut digest = StateDigest::new();
-            for item in tree.iter() {
-                let (key, value) = item?;
-                digest.update(&key, &value);
-            }
-            let (sha256_hex, pairs) = digest.finish();
-            Ok(DigestAt {
+            let _walking = walking;
+            digest_as_of_start(&shared, &tree).map(|(sha256_hex, pairs)| DigestAt {
                 revision,
                 sha256_hex,
                 pairs,
@@ -158,4 +157,13 @@ impl StateReader {
         .await
         .expect("digest thread panicked")
     }
+}
+
+fn digest_as_of_start(shared: &Shared, tree: &sled::Tree) -> Result<(String, u64), StoreError> {
+    let mut digest = StateDigest::new();
+    let mut walk = crate::capture::AsOfStart::new(&shared.capture, tree);
+    while let Some((key, value)) = walk.next_pair()? {
+        digest.update(&key, &value);
+    }
+    Ok(digest.finish())
 }

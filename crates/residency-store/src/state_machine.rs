@@ -9,9 +9,10 @@
 //! Apply does not fsync: after a crash the node re-applies from its durable log. Before a
 //! snapshot is written (after which the log may be purged) the state is synced.
 //!
-//! A snapshot build holds a read lock on the state for as long as it streams the tree to a file,
-//! so it sees one revision; applies wait for it (at ten million users, seconds: the performance
-//! issue measures it). Reads do not: they use the `change_seq` seqlock, see `reader.rs`.
+//! A snapshot build holds the state lock only while it starts: it reads the applied log id and
+//! the membership, and starts a capture (`capture.rs`), so that it can then stream the state as
+//! of that revision while applies go on. An install waits for a running build (the build lock).
+//! Reads never take the state lock: they use the `change_seq` seqlock, see `reader.rs`.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -27,6 +28,7 @@ use residency_core::{KvRead, Mutation, codec, keys};
 use residency_types::{ApplyResult, Revision};
 use tokio::sync::RwLock;
 
+use crate::capture::{AsOfStart, Capture};
 use crate::error::{sm_error, snapshot_error};
 use crate::reader::StateReader;
 use crate::snapshot::{SnapshotReader, SnapshotWriter};
@@ -179,6 +181,11 @@ pub(crate) struct Shared {
     snapshot_dir: PathBuf,
     current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf)>>,
     incoming: Mutex<Vec<PathBuf>>,
+    /// What the running snapshot build must see of keys that applies change under it.
+    pub(crate) capture: Capture,
+    /// Held by a walk over the capture (a snapshot build, a digest) from its start to its end,
+    /// and by an install, which replaces the tree a walk reads.
+    build_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Clone)]
@@ -248,16 +255,24 @@ impl StateMachineStore {
             snapshot_dir,
             current_snapshot: Mutex::new(current_snapshot),
             incoming: Mutex::new(Vec::new()),
+            capture: Capture::default(),
+            build_lock: Arc::default(),
         };
         Ok(StateMachineStore {
             shared: Arc::new(shared),
         })
     }
 
-    /// The lock a snapshot build holds; tests hold it to stand in for a long build.
+    /// The lock applies and installs take; tests hold it to stand in for either.
     #[cfg(test)]
     pub(crate) fn state_lock(&self) -> Arc<RwLock<sled::Tree>> {
         self.shared.state.clone()
+    }
+
+    /// The capture a snapshot build starts; tests drive it step by step.
+    #[cfg(test)]
+    pub(crate) fn capture(&self) -> &Capture {
+        &self.shared.capture
     }
 
     pub fn reader(&self) -> StateReader {
@@ -294,6 +309,7 @@ impl StateMachineStore {
             results.push(applied.result);
             last_applied = Some(entry.log_id);
         }
+        self.shared.capture.record(&tree, overlay.pending.keys())?;
         let _change = StateChange::begin(&self.shared);
         tree.apply_batch(overlay.into_batch())?;
         if let Some(log_id) = last_applied {
@@ -478,30 +494,30 @@ impl Shared {
         }
     }
 
-    /// Streams the state tree to a new snapshot file; the caller holds the state read lock.
-    fn write_snapshot(&self, tree: &sled::Tree) -> Result<(SnapshotMeta, File), StoreError> {
+    /// Streams the state as of `start` to a new snapshot file, while applies go on.
+    fn write_snapshot(&self, start: &BuildStart) -> Result<(SnapshotMeta, File), StoreError> {
         let started = std::time::Instant::now();
         // The log may be purged up to this snapshot, so the state it covers must be durable.
+        // It is once this returns: it was applied before the build started.
         self.durable.sync_blocking();
-        let last_log_id = read_applied(tree)?;
-        let last_membership = read_membership(tree)?;
         let seq = self.next_seq()?;
-        let snapshot_id = match last_log_id {
+        let snapshot_id = match start.last_log_id {
             Some(log_id) => format!("{}-{}-{seq}", log_id.leader_id.term, log_id.index),
             None => format!("empty-{seq}"),
         };
         let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
+            last_log_id: start.last_log_id,
+            last_membership: start.last_membership.clone(),
             snapshot_id,
         };
         let partial = self.next_path("build", PARTIAL_SUFFIX)?;
         let file = File::create(&partial)?;
         let mut writer = SnapshotWriter::new(file, &meta)?;
-        for item in tree.iter() {
-            let (key, value) = item?;
+        let mut walk = AsOfStart::new(&self.capture, &start.tree);
+        while let Some((key, value)) = walk.next_pair()? {
             writer.pair(&key, &value)?;
         }
+        let captured = self.capture.recorded_keys();
         let pairs = writer.finish()?;
         let file = self.adopt_snapshot(meta.clone(), &partial)?;
         let bytes = file.metadata()?.len();
@@ -509,9 +525,11 @@ impl Shared {
             .record(started.elapsed().as_secs_f64());
         metrics::gauge!("residency_snapshot_bytes").set(bytes as f64);
         metrics::gauge!("residency_snapshot_pairs").set(pairs as f64);
+        metrics::gauge!("residency_snapshot_captured_keys").set(captured as f64);
         tracing::info!(
             pairs,
             bytes,
+            captured,
             index = meta.last_log_id.map(|log_id| log_id.index),
             "snapshot built"
         );
@@ -675,8 +693,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let file = snapshot.into_std().await;
         let shared = self.shared.clone();
         let meta = meta.clone();
+        // A running build walks the tree this install replaces.
+        let building = self.shared.build_lock.clone().lock_owned().await;
         // Syncing (and maybe copying) a large file must not hold up an async worker thread.
         tokio::task::spawn_blocking(move || {
+            let _building = building;
             let partial = shared.claim_received(file)?;
             let result = shared.install_snapshot_file(&meta, &partial);
             if result.is_err() {
@@ -715,14 +736,65 @@ impl std::fmt::Debug for SnapshotBuilder {
     }
 }
 
+/// What a build reads while applies are held off: the tree, the revision and membership it is at.
+struct BuildStart {
+    tree: sled::Tree,
+    last_log_id: Option<LogId>,
+    last_membership: StoredMembership,
+}
+
+/// A running walk of the state as of its start: ends the capture and releases the build lock
+/// when dropped, also when the walk fails or is cancelled.
+pub(crate) struct Walking {
+    shared: Arc<Shared>,
+    _building: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for Walking {
+    fn drop(&mut self) {
+        self.shared.capture.stop();
+    }
+}
+
+impl Shared {
+    /// Starts a walk of the state as it is now (see `capture.rs`): waits for any other walk or
+    /// install, and holds off applies only while `at_start` reads what the walk needs.
+    pub(crate) async fn start_walk<T>(
+        self: &Arc<Self>,
+        at_start: impl FnOnce(&sled::Tree) -> Result<T, StoreError>,
+    ) -> Result<(Walking, sled::Tree, T), StoreError> {
+        let building = self.build_lock.clone().lock_owned().await;
+        let tree = self.state.read().await;
+        let read = at_start(&tree)?;
+        self.capture.start();
+        let walking = Walking {
+            shared: self.clone(),
+            _building: building,
+        };
+        Ok((walking, tree.clone(), read))
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let tree = self.shared.state.clone().read_owned().await;
-        let shared = self.shared.clone();
-        let (meta, file) = tokio::task::spawn_blocking(move || shared.write_snapshot(&tree))
+        let (walking, tree, (last_log_id, last_membership)) = self
+            .shared
+            .start_walk(|tree| Ok((read_applied(tree)?, read_membership(tree)?)))
             .await
-            .expect("snapshot build thread panicked")
-            .map_err(snapshot_error(ErrorVerb::Write))?;
+            .map_err(snapshot_error(ErrorVerb::Read))?;
+        let start = BuildStart {
+            tree,
+            last_log_id,
+            last_membership,
+        };
+        let shared = self.shared.clone();
+        let (meta, file) = tokio::task::spawn_blocking(move || {
+            let _walking = walking;
+            shared.write_snapshot(&start)
+        })
+        .await
+        .expect("snapshot build thread panicked")
+        .map_err(snapshot_error(ErrorVerb::Write))?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),

@@ -3,6 +3,7 @@
 //! - [`restart`]: what a reopened store keeps, including after its process is killed.
 //! - [`log_corruption`]: damaged log and vote records stop the store from opening.
 //! - [`snapshot_install`]: snapshots move state between stores, and damaged ones change nothing.
+//! - [`snapshot_build`]: a build (and a digest) sees the state at its start while writes go on.
 //! - [`snapshot_file`]: the snapshot file format on its own.
 //!
 //! Every test opens its store in a temp dir and drops every handle to it (log store, state
@@ -13,6 +14,7 @@ mod log_corruption;
 mod reads;
 mod restart;
 mod restore_backup;
+mod snapshot_build;
 mod snapshot_file;
 mod snapshot_install;
 

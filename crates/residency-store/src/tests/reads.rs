@@ -1,4 +1,4 @@
-//! Reads see one applied state at a time, and are not held up by a snapshot build.
+//! Reads see one applied state at a time, and never wait for the state lock.
 
 use std::time::Duration;
 
@@ -49,10 +49,10 @@ async fn a_read_reports_the_revision_of_the_state_it_read() {
     readers.await.expect("reader task");
 }
 
-/// A snapshot build holds the state lock while it streams the whole tree; applies wait for it,
-/// reads must not.
+/// Applies, an install and the start of a snapshot build take the state lock; a read must not
+/// wait for it (an install can hold it for a while). Here a test holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_are_answered_while_a_snapshot_build_holds_the_state() {
+async fn reads_are_answered_while_the_state_lock_is_held() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut store = open_store(dir.path()).await;
     let mut entries = seeded_history(&[1]);
@@ -64,7 +64,7 @@ async fn reads_are_answered_while_a_snapshot_build_holds_the_state() {
     let results = store.state_machine.apply(entries).await.expect("applied");
     assert_accepted(&results);
 
-    let build = store.state_machine.state_lock().read_owned().await;
+    let held = store.state_machine.state_lock().read_owned().await;
     let mut applier = store.state_machine.clone();
     let apply = tokio::spawn(async move {
         applier
@@ -75,15 +75,15 @@ async fn reads_are_answered_while_a_snapshot_build_holds_the_state() {
             )])
             .await
     });
-    // Let the apply queue up behind the "build": from here on tokio's fair lock would make any
+    // Let the apply queue up behind the holder: from here on tokio's fair lock would make any
     // reader that asks for the state lock wait behind it.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!apply.is_finished(), "the apply waits for the build");
+    assert!(!apply.is_finished(), "the apply waits for the lock");
 
     let read =
         tokio::time::timeout(Duration::from_secs(5), store.reader.lookup(&user("ann"))).await;
     let (placement, revision) = read
-        .expect("a read is not held up by a snapshot build")
+        .expect("a read is not held up by the state lock")
         .expect("lookup");
     assert_eq!(revision, Revision(SEEDED));
     assert_eq!(
@@ -91,11 +91,11 @@ async fn reads_are_answered_while_a_snapshot_build_holds_the_state() {
         "us-east-1/pg-1"
     );
 
-    drop(build);
+    drop(held);
     let results = apply
         .await
         .expect("apply task")
-        .expect("applied after the build");
+        .expect("applied after the lock is released");
     assert_accepted(&results);
     let (placement, revision) = store.reader.lookup(&user("ann")).await.expect("lookup");
     assert_eq!(revision, Revision(SEEDED + 1));
