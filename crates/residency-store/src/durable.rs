@@ -3,8 +3,10 @@
 //! sled's `flush()` writes its log with `sync_file_range`, which is not an fsync (see
 //! `shared/reference/deps.md` §9.2). So a write is durable here only after `flush()` *and* an
 //! `fdatasync` on sled's `db` file. One dedicated thread does both for every pending request at
-//! once (group commit): appends that arrive while a sync runs share the next one. We never call
-//! `flush_async()`, which can hang every sled database in the process (deps.md §9.1).
+//! once (group commit): requests that arrive while a sync runs share the next one. Votes and
+//! snapshot steps wait for it; log appends do not (the log has its own files and sync thread,
+//! `log_file.rs`). We never call `flush_async()`, which can hang every sled database in the
+//! process (deps.md §9.1).
 //!
 //! A failed fsync aborts the process: after a failed fsync the page cache may have dropped the
 //! dirty pages, so carrying on could acknowledge writes that are not on disk ("fsyncgate").
@@ -49,6 +51,8 @@ pub struct Durable {
     /// The furthest purge openraft asked for and the log held back; also the lock every purge
     /// takes, so two never interleave.
     pub(crate) held_back_purge: Arc<Mutex<Option<crate::LogId>>>,
+    /// The Raft log's segment files, once `LogStore::open` has opened them.
+    log_files: Arc<std::sync::OnceLock<Arc<crate::log_file::LogFiles>>>,
 }
 
 /// The flusher thread and the queue into it, shared by every handle to the store.
@@ -139,7 +143,22 @@ impl Durable {
             snapshot_floor: Arc::default(),
             installing: Arc::default(),
             held_back_purge: Arc::default(),
+            log_files: Arc::default(),
         })
+    }
+
+    /// Called once, by `LogStore::open`.
+    pub(crate) fn attach_log_files(&self, files: Arc<crate::log_file::LogFiles>) {
+        assert!(
+            self.log_files.set(files).is_ok(),
+            "the log of a store is opened once"
+        );
+    }
+
+    /// The Raft log's files; `None` only before `LogStore::open` (a state machine opened on its
+    /// own, in tests).
+    pub(crate) fn log_files(&self) -> Option<&Arc<crate::log_file::LogFiles>> {
+        self.log_files.get()
     }
 
     /// The state machine's current snapshot is durable and covers up to `index`.
@@ -198,14 +217,20 @@ impl Durable {
 impl Durable {
     /// `sync` for code already on a blocking thread (snapshot build and install).
     pub(crate) fn sync_blocking(&self) {
-        let (done, synced) = mpsc::sync_channel(1);
-        self.after_sync(Box::new(move || {
-            let _ = done.send(());
-        }));
-        synced
-            .recv()
-            .expect("the flusher completes every waiter or aborts the process");
+        block_until_synced(|waiter| self.after_sync(waiter));
     }
+}
+
+/// Queues a waiter with `queue` and blocks the thread until it is called. Every sync thread
+/// calls each waiter or aborts the process.
+pub(crate) fn block_until_synced(queue: impl FnOnce(SyncWaiter)) {
+    let (done, synced) = mpsc::sync_channel(1);
+    queue(Box::new(move || {
+        let _ = done.send(());
+    }));
+    synced
+        .recv()
+        .expect("a sync thread calls every waiter or aborts the process");
 }
 
 fn run_flusher(db: sled::Db, db_file: File, pending: mpsc::Receiver<SyncWaiter>) {

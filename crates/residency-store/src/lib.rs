@@ -1,7 +1,8 @@
-//! The node's storage: the Raft log and vote, and the state machine, in one sled database per
-//! node, plus snapshot files streamed from and to disk.
+//! The node's storage: the Raft log's entries in segment files, the vote and the state machine
+//! in one sled database per node, plus snapshot files streamed from and to disk.
 //!
 //! - [`durable`]: the database handle and its group-commit flusher (`flush` + `fdatasync`).
+//! - `log_file`: the log's segment files and their own group commit (`fdatasync`).
 //! - [`log_store`]: openraft's `RaftLogStorage`: checksummed records, verified on open.
 //! - [`state_machine`]: openraft's `RaftStateMachine`: applies entries through
 //!   `residency_core::apply` in one atomic sled batch that also records the applied log id.
@@ -13,6 +14,7 @@
 pub(crate) mod capture;
 pub mod durable;
 pub mod error;
+pub(crate) mod log_file;
 pub mod log_store;
 pub mod reader;
 pub mod record;

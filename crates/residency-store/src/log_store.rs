@@ -1,32 +1,41 @@
 //! The Raft log and vote on disk: append, fsync, truncate, purge. No residency rules here.
 //!
-//! Two sled trees: `raft_log` maps a big-endian u64 index to a checksummed entry record, and
-//! `raft_meta` holds the vote, the committed log id and the last purged log id. `append` inserts
-//! the batch and hands openraft's callback to the group-commit flusher, so the callback fires
-//! only once the entries are fsynced; `save_vote` returns only once the vote is.
+//! The entries live in append-only segment files (`log_file.rs`) with their own group commit;
+//! `append` writes the batch and hands openraft's callback to that sync thread, so the callback
+//! fires only once the entries are fsynced. The sled tree `raft_meta` holds the vote, the
+//! committed log id and the last purged log id; `save_vote` returns only once the vote is
+//! durable. A store written before the log moved out of sled has its entries in the sled tree
+//! `raft_log`: they are moved into segment files when it opens.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorVerb, RaftLogReader};
 
 use crate::error::log_error;
+use crate::log_file::LogFiles;
 use crate::record::{seal, unseal};
 use crate::{Durable, Entry, LogId, StorageError, StoreError, TypeConfig, Vote};
 
-const LOG_TREE: &str = "raft_log";
+/// Where entries lived before they moved to segment files; read once, to move them.
+const LEGACY_LOG_TREE: &str = "raft_log";
+/// The directory of segment files, beside sled's.
+const LOG_DIR: &str = "raft-log";
 const META_TREE: &str = "raft_meta";
 const VOTE_KEY: &str = "vote";
 const COMMITTED_KEY: &str = "committed";
 const LAST_PURGED_KEY: &str = "last_purged";
+/// Entries per append while moving a legacy log out of sled.
+const LEGACY_MOVE_BATCH_ENTRIES: usize = 1_000;
 
 #[derive(Debug, Clone)]
 pub struct LogStore {
     durable: Durable,
-    log: sled::Tree,
+    files: Arc<LogFiles>,
     meta: sled::Tree,
     committed: CommittedIndex,
 }
@@ -50,10 +59,6 @@ impl CommittedIndex {
     }
 }
 
-fn index_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
-
 fn key_index(key: &[u8]) -> Result<u64, StoreError> {
     let bytes: [u8; 8] = key
         .try_into()
@@ -65,72 +70,86 @@ impl LogStore {
     /// Opens the log and verifies every record: checksum, index, and no gaps after the last
     /// purged entry. A node with a corrupt log refuses to start rather than serve from it.
     pub fn open(durable: Durable) -> Result<LogStore, StoreError> {
-        let log = durable.db().open_tree(LOG_TREE)?;
         let meta = durable.db().open_tree(META_TREE)?;
+        read_sealed::<Vote>(&meta, VOTE_KEY)?;
+        read_sealed::<LogId>(&meta, COMMITTED_KEY)?;
+        let last_purged: Option<LogId> = read_sealed(&meta, LAST_PURGED_KEY)?;
+        let files = LogFiles::open(&durable.dir().join(LOG_DIR), last_purged)?;
+        durable.attach_log_files(files.clone());
         let store = LogStore {
             durable,
-            log,
+            files,
             meta,
             committed: CommittedIndex::default(),
         };
-        store.verify()?;
+        store.move_legacy_entries(last_purged)?;
         store.committed.set(store.read_meta(COMMITTED_KEY)?);
         Ok(store)
+    }
+
+    /// Moves the entries of a store written before the log left sled into segment files,
+    /// checking each record and that none is missing, then drops the old tree.
+    fn move_legacy_entries(&self, last_purged: Option<LogId>) -> Result<(), StoreError> {
+        let db = self.durable.db();
+        if !db
+            .tree_names()
+            .iter()
+            .any(|name| name == LEGACY_LOG_TREE.as_bytes())
+        {
+            return Ok(());
+        }
+        let legacy = db.open_tree(LEGACY_LOG_TREE)?;
+        if !legacy.is_empty() {
+            if !self.files.is_empty() {
+                return Err(StoreError::corrupt(
+                    "log entries both in sled and in segment files",
+                ));
+            }
+            let mut moved = 0_u64;
+            let mut batch = Vec::new();
+            for item in legacy.iter() {
+                let (key, value) = item?;
+                let index = key_index(&key)?;
+                if last_purged.is_some_and(|purged| index <= purged.index) {
+                    continue;
+                }
+                batch.push(unseal::<Entry>(&value, &format!("log entry {index}"))?);
+                if batch.len() == LEGACY_MOVE_BATCH_ENTRIES {
+                    moved += self.files.append(std::mem::take(&mut batch))?;
+                }
+            }
+            moved += self.files.append(batch)?;
+            self.files.sync_blocking();
+            tracing::info!(
+                entries = moved,
+                "moved the Raft log out of sled into segment files"
+            );
+        }
+        drop(legacy);
+        db.drop_tree(LEGACY_LOG_TREE)?;
+        self.durable.sync_blocking();
+        Ok(())
     }
 
     /// Starts an empty log just after a restored state: purged and committed up to `applied`,
     /// with `vote` saved (see `restore.rs`).
     pub(crate) fn mark_restored(&self, applied: LogId, vote: Vote) -> Result<(), StoreError> {
-        assert!(self.log.is_empty(), "a restore starts from an empty log");
+        assert!(self.files.is_empty(), "a restore starts from an empty log");
         self.write_meta(LAST_PURGED_KEY, &applied)?;
         self.write_meta(COMMITTED_KEY, &applied)?;
         self.write_meta(VOTE_KEY, &vote)?;
-        Ok(())
+        self.files.purge(applied.index)
     }
 
     pub fn committed_index(&self) -> CommittedIndex {
         self.committed.clone()
     }
 
-    fn verify(&self) -> Result<(), StoreError> {
-        self.read_meta::<Vote>(VOTE_KEY)?;
-        self.read_meta::<LogId>(COMMITTED_KEY)?;
-        let last_purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
-        let mut expected_index = last_purged.map(|log_id| log_id.index + 1);
-        for item in self.log.iter() {
-            let (key, value) = item?;
-            let index = key_index(&key)?;
-            if last_purged.is_some_and(|purged| index <= purged.index) {
-                // Left behind by a crash inside `purge`; never read, removed by the next purge.
-                continue;
-            }
-            let entry: Entry = unseal(&value, &format!("log entry {index}"))?;
-            if entry.log_id.index != index {
-                return Err(StoreError::corrupt(format!(
-                    "log entry stored at {index} says it is {}",
-                    entry.log_id.index
-                )));
-            }
-            if let Some(expected) = expected_index
-                && index != expected
-            {
-                return Err(StoreError::corrupt(format!(
-                    "log gap: expected {expected}, found {index}"
-                )));
-            }
-            expected_index = Some(index + 1);
-        }
-        Ok(())
-    }
-
     fn read_meta<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        match self.meta.get(key)? {
-            Some(bytes) => Ok(Some(unseal(&bytes, key)?)),
-            None => Ok(None),
-        }
+        read_sealed(&self.meta, key)
     }
 
     fn write_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
@@ -138,42 +157,8 @@ impl LogStore {
         Ok(())
     }
 
-    fn last_entry_log_id(&self) -> Result<Option<LogId>, StoreError> {
-        let Some((key, value)) = self.log.last()? else {
-            return Ok(None);
-        };
-        let index = key_index(&key)?;
-        let entry: Entry = unseal(&value, &format!("log entry {index}"))?;
-        Ok(Some(entry.log_id))
-    }
-
     fn entries_in(&self, start: u64, end_exclusive: Option<u64>) -> Result<Vec<Entry>, StoreError> {
-        let start_key = index_key(start);
-        let iter = match end_exclusive {
-            Some(end) => self.log.range(start_key..index_key(end)),
-            None => self.log.range(start_key..),
-        };
-        let mut entries = Vec::new();
-        let mut expected: Option<u64> = None;
-        for item in iter {
-            let (key, value) = item?;
-            let index = key_index(&key)?;
-            let entry: Entry = unseal(&value, &format!("log entry {index}"))?;
-            assert_eq!(
-                entry.log_id.index, index,
-                "log entry stored under another index"
-            );
-            if let Some(expected) = expected
-                && index != expected
-            {
-                return Err(StoreError::corrupt(format!(
-                    "log gap: expected {expected}, found {index}"
-                )));
-            }
-            expected = Some(index + 1);
-            entries.push(entry);
-        }
-        Ok(entries)
+        self.files.read(start, end_exclusive)
     }
 
     /// How far a purge asked up to `log_id` may go: to `log_id` if the durable snapshot covers
@@ -196,17 +181,6 @@ impl LogStore {
             .entries_in(floor, Some(floor + 1))?
             .first()
             .map(|entry| entry.log_id))
-    }
-
-    fn remove_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), StoreError> {
-        let range = (start.map(index_key), end.map(index_key));
-        let mut batch = sled::Batch::default();
-        for item in self.log.range::<[u8; 8], _>(range) {
-            let (key, _) = item?;
-            batch.remove(key);
-        }
-        self.log.apply_batch(batch)?;
-        Ok(())
     }
 }
 
@@ -243,9 +217,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged_log_id: Option<LogId> = self
             .read_meta(LAST_PURGED_KEY)
             .map_err(log_error(ErrorVerb::Read))?;
-        let last_log_id = self
-            .last_entry_log_id()
-            .map_err(log_error(ErrorVerb::Read))?;
+        let last_log_id = self.files.last_log_id();
         Ok(LogState {
             last_purged_log_id,
             last_log_id: last_log_id.or(last_purged_log_id),
@@ -297,30 +269,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = sled::Batch::default();
-        let mut appended = 0_u64;
-        for entry in entries {
-            let record = seal(&entry);
-            assert!(
-                record.len() <= crate::durable::SLED_INLINE_VALUE_BYTES_MAX,
-                "a log record of {} bytes would go to sled's unsynced blob files",
-                record.len()
-            );
-            batch.insert(&index_key(entry.log_id.index), record);
-            appended += 1;
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|error| log_error(ErrorVerb::Write)(error.into()))?;
+        let appended = self
+            .files
+            .append(entries)
+            .map_err(log_error(ErrorVerb::Write))?;
         metrics::counter!("residency_log_entries_appended_total").increment(appended);
-        self.durable
+        self.files
             .after_sync(Box::new(move || callback.log_io_completed(Ok(()))));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(index = log_id.index, "truncating the log");
-        self.remove_range(Bound::Included(log_id.index), Bound::Unbounded)
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || files.truncate(log_id.index))
+            .await
+            .expect("log truncate thread panicked")
             .map_err(log_error(ErrorVerb::Delete))
     }
 
@@ -332,14 +296,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// held back is purged when the install is durable (`finish_held_back_purge`), before
     /// openraft appends past the snapshot: the log never has a gap.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // It syncs the purge point before deleting files: off the async workers.
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.purge_blocking(log_id))
+            .await
+            .expect("log purge thread panicked")
+            .map_err(log_error(ErrorVerb::Delete))
+    }
+}
+
+impl LogStore {
+    fn purge_blocking(&self, log_id: LogId) -> Result<(), StoreError> {
         let mut held_back = self
             .durable
             .held_back_purge
             .lock()
             .expect("purge lock poisoned");
-        let purge_to = self
-            .purge_point(log_id)
-            .map_err(log_error(ErrorVerb::Read))?;
+        let purge_to = self.purge_point(log_id)?;
         if purge_to != Some(log_id) {
             tracing::info!(
                 asked = log_id.index,
@@ -349,9 +322,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             *held_back = held_back.max(Some(log_id));
         }
         match purge_to {
-            Some(purge_to) => {
-                purge_trees(&self.log, &self.meta, purge_to).map_err(log_error(ErrorVerb::Delete))
-            }
+            Some(purge_to) => purge_log(&self.durable, &self.files, &self.meta, purge_to),
             None => Ok(()),
         }
     }
@@ -359,24 +330,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 /// Deletes the log up to and including `log_id` and records it as purged, unless the log is
 /// purged that far already. Callers hold `Durable::held_back_purge`.
-fn purge_trees(log: &sled::Tree, meta: &sled::Tree, log_id: LogId) -> Result<(), StoreError> {
-    let purged: Option<LogId> = match meta.get(LAST_PURGED_KEY)? {
-        Some(bytes) => Some(unseal(&bytes, LAST_PURGED_KEY)?),
-        None => None,
-    };
+fn purge_log(
+    durable: &Durable,
+    files: &LogFiles,
+    meta: &sled::Tree,
+    log_id: LogId,
+) -> Result<(), StoreError> {
+    let purged: Option<LogId> = read_sealed(meta, LAST_PURGED_KEY)?;
     if purged.is_some_and(|purged| purged.index >= log_id.index) {
         return Ok(());
     }
-    // Record the purge point first: a crash between the two steps leaves extra entries, which
-    // are harmless, never a purge point below entries that are gone.
+    // The purge point is durable before any file goes: a crash between the two steps leaves
+    // extra entries, which are harmless, never a purge point below entries that are gone.
     meta.insert(LAST_PURGED_KEY, seal(&log_id))?;
-    let mut batch = sled::Batch::default();
-    for item in log.range(..=index_key(log_id.index)) {
-        let (key, _) = item?;
-        batch.remove(key);
+    durable.sync_blocking();
+    files.purge(log_id.index)
+}
+
+fn read_sealed<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    match tree.get(key)? {
+        Some(bytes) => Ok(Some(unseal(&bytes, key)?)),
+        None => Ok(None),
     }
-    log.apply_batch(batch)?;
-    Ok(())
 }
 
 /// Called by the state machine once an installed snapshot is durable (and the snapshot floor
@@ -392,9 +370,11 @@ pub(crate) fn finish_held_back_purge(durable: &Durable) -> Result<(), StoreError
     {
         return Ok(());
     }
-    let log = durable.db().open_tree(LOG_TREE)?;
+    let files = durable
+        .log_files()
+        .expect("an install runs on a store whose log is open");
     let meta = durable.db().open_tree(META_TREE)?;
-    purge_trees(&log, &meta, log_id)?;
+    purge_log(durable, files, &meta, log_id)?;
     *held_back = None;
     tracing::info!(index = log_id.index, "held-back log purge done");
     Ok(())

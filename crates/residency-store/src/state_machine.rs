@@ -280,6 +280,11 @@ impl StateMachineStore {
     }
 
     async fn apply_entries(&self, entries: Vec<Entry>) -> Result<Vec<ApplyResult>, StoreError> {
+        // The state is synced on its own schedule, apart from the log: it must never hold an
+        // entry the log could lose in a crash.
+        if let (Some(files), Some(last)) = (self.shared.durable.log_files(), entries.last()) {
+            files.wait_durable(last.log_id.index).await;
+        }
         let tree = self.shared.state.write().await;
         let mut overlay = Overlay {
             tree: &tree,
