@@ -48,6 +48,11 @@ use crate::node::Node;
 
 /// How long in-flight requests get to finish once shutdown starts.
 const SHUTDOWN_GRACE_MS: u64 = 5_000;
+/// How often the node looks whether Raft stopped on a fatal error. Polled, not awaited on
+/// openraft's metrics channel: that channel changes with every append, commit and apply, and
+/// waking a waiter (here, the process's main thread) thousands of times a second cost the
+/// leader about half a core in futex wake-ups (docs/performance.md).
+const RAFT_STATE_CHECK_MS: u64 = 200;
 
 /// The node's three listeners, bound before `run` so tests can use port 0.
 #[derive(Debug)]
@@ -214,11 +219,16 @@ pub async fn run(
     let peer_task = tokio::spawn(peer_server);
     let metrics_task = tokio::spawn(async move { metrics_server.await });
 
-    let mut raft_metrics = raft.metrics();
+    let raft_metrics = raft.metrics();
     let raft_failed = async move {
-        let _ = raft_metrics
-            .wait_for(|metrics| metrics.running_state.is_err())
-            .await;
+        let mut tick = tokio::time::interval(Duration::from_millis(RAFT_STATE_CHECK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if raft_metrics.borrow().running_state.is_err() {
+                return;
+            }
+        }
     };
     let fatal = tokio::select! {
         () = shutdown => false,

@@ -166,14 +166,13 @@ impl Node {
         if self.reader.applied_revision().0 >= index {
             return Ok(());
         }
-        let waited = self
-            .raft
-            .wait(Some(timeout))
-            .applied_index_at_least(Some(index), "read barrier")
-            .await;
+        // The store's own applied watch, which changes once per apply; openraft's `wait()`
+        // follows its metrics channel, which changes with every append and commit as well.
+        let mut applied = self.reader.subscribe_applied();
+        let waited = tokio::time::timeout(timeout, applied.wait_for(|&at| at >= index)).await;
         match waited {
-            Ok(_) => Ok(()),
-            Err(_) => Err(ApiError::RevisionNotReached {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(ApiError::RevisionNotReached {
                 wanted: Revision(index),
                 applied: self.reader.applied_revision(),
             }),
