@@ -11,6 +11,12 @@ use residency_server::config::{Config, LogFormat, ValidConfig};
 use residency_server::{Listeners, observability};
 use residency_store::{NodeInfo, StoreOptions, restore};
 
+/// mimalloc instead of glibc's malloc: under a bulk import glibc's `_int_malloc`,
+/// `malloc_consolidate` and `unlink_chunk` took about a third of the leader's CPU samples, most
+/// of it for sled's short-lived page views (docs/performance.md, "What bounds the writes").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "residencyd", version, about = "A Residency Registry node")]
 struct Args {
