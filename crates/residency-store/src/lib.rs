@@ -83,10 +83,20 @@ pub async fn open(
     dir: &Path,
     options: StoreOptions,
 ) -> Result<(LogStore, StateMachineStore, StateReader), StoreError> {
+    let started = std::time::Instant::now();
     let durable = Durable::open(dir, options)?;
+    let sled_opened = started.elapsed();
     let log_store = LogStore::open(durable.clone())?;
+    let log_opened = started.elapsed();
     let state_machine = StateMachineStore::open(durable).await?;
     let reader = state_machine.reader();
+    // Where a slow start goes: sled's recovery, or reading back and checking the whole log.
+    tracing::info!(
+        sled_seconds = sled_opened.as_secs_f64(),
+        log_seconds = (log_opened - sled_opened).as_secs_f64(),
+        state_seconds = (started.elapsed() - log_opened).as_secs_f64(),
+        "store opened"
+    );
     Ok((log_store, state_machine, reader))
 }
 

@@ -285,6 +285,8 @@ impl StateMachineStore {
         if let (Some(files), Some(last)) = (self.shared.durable.log_files(), entries.last()) {
             files.wait_durable(last.log_id.index).await;
         }
+        // A capture at its bound holds applies off until its walk ends (see `capture.rs`).
+        self.shared.capture.wait_for_room().await;
         let tree = self.shared.state.write().await;
         let mut overlay = Overlay {
             tree: &tree,
@@ -522,7 +524,7 @@ impl Shared {
         while let Some((key, value)) = walk.next_pair()? {
             writer.pair(&key, &value)?;
         }
-        let captured = self.capture.recorded_keys();
+        let captured = self.capture.counts();
         let pairs = writer.finish()?;
         let file = self.adopt_snapshot(meta.clone(), &partial)?;
         let bytes = file.metadata()?.len();
@@ -530,11 +532,13 @@ impl Shared {
             .record(started.elapsed().as_secs_f64());
         metrics::gauge!("residency_snapshot_bytes").set(bytes as f64);
         metrics::gauge!("residency_snapshot_pairs").set(pairs as f64);
-        metrics::gauge!("residency_snapshot_captured_keys").set(captured as f64);
+        metrics::gauge!("residency_snapshot_captured_keys").set(captured.peak as f64);
         tracing::info!(
             pairs,
             bytes,
-            captured,
+            captured = captured.total,
+            captured_peak = captured.peak,
+            seconds = started.elapsed().as_secs_f64(),
             index = meta.last_log_id.map(|log_id| log_id.index),
             "snapshot built"
         );

@@ -113,7 +113,14 @@ async fn a_walk_sees_the_state_at_its_start_while_writes_land_around_it() {
         }
     }
     let captured = store.state_machine.capture().stop();
-    assert!(captured > 0, "the writes changed keys during the walk");
+    assert!(
+        captured.total > 0,
+        "the writes changed keys ahead of the walk"
+    );
+    assert!(
+        captured.peak < captured.total,
+        "entries the walk passed were dropped: {captured:?}"
+    );
     assert_ne!(
         all_pairs(&store).await,
         at_start,
