@@ -207,7 +207,9 @@ async fn run(node: Arc<Node>, mut next: u64, filter: Filter, mut outbox: Outbox,
                 sent_events = true;
             }
             if !full {
-                next = at.0 + 1;
+                // Never back: a watch may start past what this node has applied (a token from
+                // a node further ahead), and must not deliver the events before its start.
+                next = next.max(at.0 + 1);
                 after = None;
                 break;
             }
