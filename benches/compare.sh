@@ -81,7 +81,7 @@ if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; th
     say "installing Debian's etcd-server and etcd-client"
     apt-get update -qq && apt-get install -y -qq --no-install-recommends etcd-server etcd-client >/dev/null
 fi
-etcd --version | head -1 | sed 's/^/etcd: /' | tee "$out/etcd-version.txt"
+etcd --version | sed -n 1p | sed 's/^/etcd: /' | tee "$out/etcd-version.txt"
 initial=""
 for i in 0 1 2; do
     initial+="${initial:+,}e$i=http://127.0.0.1:${etcd_peer_ports[$i]}"

@@ -104,7 +104,7 @@ report "- node 2 resident memory after restart and catch-up: $(rss_mib "$(pid_of
 
 # A backup from the leader: it builds a fresh snapshot (and purges its log behind it, so the
 # learner below must be sent a snapshot) and streams it whole.
-leader="$("$bin/residencyctl" status -o json | grep -o '"leader_id": [0-9]*' | head -1 | grep -o '[0-9]*$')"
+leader="$("$bin/residencyctl" status -o json | grep -o '"leader_id": [0-9]*' | sed -n 1p | grep -o '[0-9]*$')"
 started="$(date +%s.%N)"
 "$bin/residencyctl" --endpoints "127.0.0.1:710$leader" backup create "$out/backup.rrb" >/dev/null
 took="$(echo "$(date +%s.%N) - $started" | bc -l)"

@@ -129,11 +129,11 @@ up() {
         fresh=1
     fi
     deadline=$((SECONDS + up_timeout_s))
-    until ctl status -o json 2>/dev/null | grep -q '"leader_id": [0-9]'; do
+    until ctl status -o json 2>/dev/null | grep '"leader_id": [0-9]' >/dev/null; do
         [ "$SECONDS" -lt "$deadline" ] || die "no leader elected within ${up_timeout_s}s; see: $0 logs"
         sleep 0.3
     done
-    if [ "$fresh" -eq 1 ] || ! ctl location list -o json | grep -q '"location_id"'; then
+    if [ "$fresh" -eq 1 ] || ! ctl location list -o json | grep '"location_id"' >/dev/null; then
         seed_demo_catalog
     fi
     for n in 1 2 3; do

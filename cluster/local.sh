@@ -49,7 +49,7 @@ running_pid() {
     [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
     exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
     [ "$(basename "${exe% (deleted)}")" = "residencyd" ] || return 1
-    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q -- "cluster/local/node$1.toml" || return 1
+    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -- "cluster/local/node$1.toml" >/dev/null || return 1
     printf '%s' "$pid"
 }
 
@@ -101,13 +101,13 @@ up() {
         die "cluster init failed: $init_output"
     fi
     local deadline=$((SECONDS + up_timeout_s))
-    until ctl status -o json 2>/dev/null | grep -q '"leader_id": [0-9]'; do
+    until ctl status -o json 2>/dev/null | grep '"leader_id": [0-9]' >/dev/null; do
         [ "$SECONDS" -lt "$deadline" ] || die "no leader elected within ${up_timeout_s}s; see $data/node*/residencyd.log"
         sleep 0.3
     done
     # Seed a new cluster, and one whose first `up` stopped before seeding finished (the catalog
     # is then still empty; the fixed request ids apply what did land only once).
-    if [ "$fresh" -eq 1 ] || ! ctl location list -o json | grep -q '"location_id"'; then
+    if [ "$fresh" -eq 1 ] || ! ctl location list -o json | grep '"location_id"' >/dev/null; then
         seed_demo_catalog
     fi
     for n in "${nodes[@]}"; do
