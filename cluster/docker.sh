@@ -13,7 +13,8 @@
 #   ./cluster/docker.sh ctl ARGS...       residencyctl against this deployment
 #
 # The image holds residencyd and residencyctl built static and nothing else (FROM scratch);
-# nothing is pulled. Clients reach the nodes on 127.0.0.1:17101-17103, metrics and health on
+# nothing is pulled. Every node speaks mutual TLS: `up` makes a development CA and certificates in
+# cluster/docker/certs once, and `ctl` presents its operator certificate. Clients reach the nodes on 127.0.0.1:17101-17103, metrics and health on
 # 127.0.0.1:17301-17303. RESIDENCY_PROFILE=debug builds unoptimised binaries (quicker).
 set -euo pipefail
 
@@ -29,6 +30,8 @@ target_triple="x86_64-unknown-linux-gnu"
 build_dir="$root/target/static"
 services=(us-east us-central us-west)
 up_timeout_s=120
+# The deployment's CA and certificates (made by `up` once; see certs below).
+certs_dir="${RESIDENCY_DOCKER_CERTS_DIR:-$root/cluster/docker/certs}"
 
 script=docker.sh
 # shellcheck source=cluster/common.sh
@@ -43,9 +46,9 @@ ensure_tools() {
 # `docker compose` (v2) where present, else `docker-compose` (v1, Debian's package).
 compose() {
     if docker compose version >/dev/null 2>&1; then
-        docker compose -p "$project" -f "$root/cluster/docker-compose.yml" "$@"
+        RESIDENCY_CERTS_DIR="$certs_dir" docker compose -p "$project" -f "$root/cluster/docker-compose.yml" "$@"
     elif command -v docker-compose >/dev/null 2>&1; then
-        docker-compose -p "$project" -f "$root/cluster/docker-compose.yml" "$@"
+        RESIDENCY_CERTS_DIR="$certs_dir" docker-compose -p "$project" -f "$root/cluster/docker-compose.yml" "$@"
     else
         die "neither 'docker compose' nor 'docker-compose' is installed"
     fi
@@ -66,7 +69,7 @@ ctl_bin() {
 }
 
 ctl() {
-    "$(ctl_bin)" --endpoints "${RESIDENCY_ENDPOINTS:-127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103}" "$@"
+    "$(ctl_bin)" --certs-dir "$certs_dir" --endpoints "${RESIDENCY_ENDPOINTS:-127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103}" "$@"
 }
 
 build() {
@@ -109,8 +112,20 @@ wait_ready() {
 # shellcheck source=cluster/demo-catalog.sh
 source "$root/cluster/demo-catalog.sh"
 
+# The CA and the nodes', an operator's and a service's certificates, made once. The nodes run as
+# uid 65532 in their containers, so their keys are handed to that user (the files stay 0600).
+certs() {
+    "$(ctl_bin)" certs init --dir "$certs_dir" --service payments --service onboarding >/dev/null \
+        || die "cannot create the certificates in $certs_dir"
+    if ! chown 65532:65532 "$certs_dir"/node*.key 2>/dev/null; then
+        say "not root: making the node keys readable by every user so the containers can read them"
+        chmod 0644 "$certs_dir"/node*.key
+    fi
+}
+
 up() {
     build
+    certs
     compose up -d --no-build
     # The published ports accept connections before the nodes do (docker's proxy holds them),
     # so init is tried until a node answers it.

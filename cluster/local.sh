@@ -7,6 +7,8 @@
 #   ./cluster/local.sh status   which nodes run, and the cluster's status
 #   ./cluster/local.sh clean    down, then delete ./data
 #
+# Every node speaks mutual TLS: `up` makes a development CA and certificates in ./data/certs
+# once (residencyctl finds them there by itself when run from the repository root).
 # Data lives in ./data/node{1,2,3} (logs in ./data/nodeN/residencyd.log); `up` after `down`
 # restarts the nodes on their existing data. Ports: clients 7101-7103, peers 7201-7203,
 # metrics and health 7301-7303. RESIDENCY_PROFILE=release builds optimised binaries;
@@ -61,7 +63,7 @@ wait_port() {
     done
 }
 
-ctl() { "$(bin_dir)/residencyctl" "$@"; }
+ctl() { RESIDENCY_CERTS_DIR="$data/certs" "$(bin_dir)/residencyctl" "$@"; }
 
 # Whether node $1's /readyz answers 200 (leader known, caught up to the leader's commit index).
 ready() {
@@ -73,8 +75,16 @@ ready() {
 # shellcheck source=cluster/demo-catalog.sh
 source "$root/cluster/demo-catalog.sh"
 
+# The development CA and the nodes', an operator's and two services' certificates, made once
+# per data directory (residencyctl certs init keeps an existing CA).
+certs() {
+    ctl certs init --dir "$data/certs" --service payments --service onboarding >/dev/null \
+        || die "cannot create the certificates in $data/certs"
+}
+
 up() {
     build
+    certs
     local bin
     bin="$(bin_dir)/residencyd"
     for n in "${nodes[@]}"; do
@@ -83,7 +93,7 @@ up() {
             say "node $n already running (pid $pid)"
             continue
         fi
-        nohup "$bin" --config "cluster/local/node$n.toml" --data-dir "$data/node$n" \
+        nohup "$bin" --config "cluster/local/node$n.toml" --data-dir "$data/node$n" --tls-dir "$data/certs" \
             >>"$data/node$n/residencyd.log" 2>&1 &
         echo $! >"$(pid_file "$n")"
         say "node $n started (pid $!), log: $data/node$n/residencyd.log"

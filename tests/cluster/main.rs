@@ -1,8 +1,9 @@
 //! Three-node clusters of real `residencyd` processes on loopback: replication, forwarding,
 //! leader loss, restart from disk, catch-up by snapshot, idempotent retries, and refusal of
-//! malformed input; the client library and its cache; membership, backup, the CLI, watch. One
+//! malformed input; the client library and its cache; membership, backup, the CLI, watch; mutual TLS, roles and the audit file. One
 //! binary, one cluster at a time.
 
+mod t100_security;
 mod t10_replication;
 mod t20_leader_loss;
 mod t30_restart;

@@ -117,9 +117,10 @@ fn status_import_and_export_through_the_cli() {
 }
 
 #[test]
+/// Plaintext, so that a node can state a foreign jurisdiction and be refused by the rule.
 fn membership_through_the_cli() {
     serially(|| async {
-        let mut cluster = Cluster::start(3, DEFAULT_RAFT).await;
+        let mut cluster = Cluster::start_plaintext(3, DEFAULT_RAFT).await;
         let newcomer = cluster.add_node("US", DEFAULT_RAFT).await;
         let outsider = cluster.add_node("CA", DEFAULT_RAFT).await;
         let peer = |id: u64| cluster.nodes[&id].peer_addr();

@@ -74,7 +74,13 @@ fn watch_delivers_every_change_once_in_order_across_failures() {
             .chain((1..=3).filter(|id| *id != follower))
             .map(|id| cluster.nodes[&id].client_addr())
             .collect();
-        let watch_client = Client::new(endpoints, Default::default()).expect("client");
+        let watch_client = Client::new(
+            endpoints,
+            cluster
+                .security
+                .options("operator", std::time::Duration::from_secs(10)),
+        )
+        .expect("client");
         let mut watcher = watch_client.watch(Revision(start), "w-", None);
 
         // Two writers at once.
@@ -156,12 +162,8 @@ fn a_watcher_that_stops_reading_is_cut_off_with_a_reason() {
         let cluster = Cluster::start(3, DEFAULT_RAFT).await;
         let client = cluster.client();
         // A raw stream, so that nothing reads it until the test says so.
-        let mut watch = residency_client::pb::watch_client::WatchClient::connect(format!(
-            "http://{}",
-            cluster.nodes[&1].client_addr()
-        ))
-        .await
-        .expect("connect");
+        let mut watch =
+            residency_client::pb::watch_client::WatchClient::new(cluster.raw_channel(1).await);
         let mut stream = watch
             .watch(residency_client::pb::WatchRequest::default())
             .await

@@ -91,6 +91,8 @@ pub struct Deployment {
     pub client_ports: [u16; 3],
     pub metrics_ports: [u16; 3],
     compose: Vec<String>,
+    /// The suite's own CA and certificates, in `dir`.
+    security: crate::Security,
 }
 
 impl Deployment {
@@ -105,6 +107,14 @@ impl Deployment {
             .keep();
         // A subnet of its own: 172.30.N.0/24 with N from the pid, so runs in parallel differ.
         let subnet = format!("172.30.{}", 16 + std::process::id() % 200);
+        // Mutual TLS, as deployed: the suite's own CA and certificates. The nodes run as uid
+        // 65532 in their containers: their keys are handed to that user.
+        let security = crate::Security::tls(&dir, 3);
+        let certs = security.certs().expect("tls").to_path_buf();
+        for id in 1..=3 {
+            let key = certs.join(format!("node{id}.key"));
+            run(Command::new("chown").arg("65532:65532").arg(&key));
+        }
         let client_ports = [crate::free_port(), crate::free_port(), crate::free_port()];
         let metrics_ports = [crate::free_port(), crate::free_port(), crate::free_port()];
         for (index, service) in SERVICES.iter().enumerate() {
@@ -115,8 +125,11 @@ impl Deployment {
                  metrics = \"0.0.0.0:7301\"\n\n[advertise]\nclient = \"127.0.0.1:{}\"\n\
                  peer = \"{subnet}.1{id}:7201\"\n\n[raft]\n{raft_toml}\n\n[storage]\n\
                  cache_capacity_bytes = 16777216\n\n[log]\nformat = \"text\"\n\
-                 filter = \"info,openraft=info\"\n",
-                client_ports[index]
+                 filter = \"info,openraft=info\"\n\n[tls]\nenabled = true\n\
+                 ca_file = \"/etc/residency/tls/ca.pem\"\ncert_file = \"/etc/residency/tls/node.pem\"\n\
+                 key_file = \"/etc/residency/tls/node.key\"\n\n{}",
+                client_ports[index],
+                crate::TEST_ROLES
             );
             std::fs::write(dir.join(format!("node{id}.toml")), config).expect("node config");
         }
@@ -127,6 +140,7 @@ impl Deployment {
             client_ports,
             metrics_ports,
             compose: compose_program(),
+            security,
         };
         deployment.compose_run(&["up", "-d", "--no-build"]);
         let peers: Vec<String> = (1..=3)
@@ -162,6 +176,10 @@ impl Deployment {
             .arg(repo_root().join("cluster/docker-compose.yml"))
             .env("RESIDENCY_IMAGE", TEST_IMAGE)
             .env("RESIDENCY_CONFIG_DIR", &self.dir)
+            .env(
+                "RESIDENCY_CERTS_DIR",
+                self.security.certs().expect("the deployment runs with TLS"),
+            )
             .env("RESIDENCY_SUBNET", &self.subnet)
             .env("RESIDENCY_RESTART", "no");
         for (index, port) in self.client_ports.iter().enumerate() {
@@ -259,21 +277,21 @@ impl Deployment {
             .collect()
     }
 
+    /// The operator's client options.
+    fn options(&self, timeout: Duration) -> ClientOptions {
+        let mut options = self.security.options("operator", timeout);
+        options.caller = "fault-suite".to_string();
+        options
+    }
+
     /// A client of every node with a `timeout` per call.
     pub fn client(&self, timeout: Duration) -> Client {
-        let options = ClientOptions {
-            timeout,
-            caller: "fault-suite".to_string(),
-        };
-        Client::new(self.endpoints(), options).expect("client")
+        Client::new(self.endpoints(), self.options(timeout)).expect("client")
     }
 
     /// A client of node `id` only.
     pub fn client_for(&self, id: u64, timeout: Duration) -> Client {
-        let options = ClientOptions {
-            timeout,
-            caller: "fault-suite".to_string(),
-        };
+        let options = self.options(timeout);
         let endpoint = format!(
             "127.0.0.1:{}",
             self.client_ports[usize::try_from(id - 1).expect("id")]

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use residency_client::{Client, ClientOptions, pb};
+use residency_client::{Client, ClientOptions, TlsOptions, pb};
 use residency_types::{Jurisdiction, Labels, LocationId};
 
 pub mod docker;
@@ -125,8 +125,15 @@ impl NodeHandle {
         self.child.is_some()
     }
 
-    /// Writes the config of node `id` under `dir` on fresh ports.
-    fn configure(dir: &Path, id: u64, jurisdiction: &str, raft_toml: &str) -> NodeHandle {
+    /// Writes the config of node `id` under `dir` on fresh ports, with mutual TLS from the
+    /// certificates in `certs` (see [`Security`]) or plaintext.
+    fn configure(
+        dir: &Path,
+        id: u64,
+        jurisdiction: &str,
+        raft_toml: &str,
+        security: &Security,
+    ) -> NodeHandle {
         let data_dir = dir.join(format!("node{id}"));
         fs::create_dir_all(&data_dir).expect("node dir");
         let (client_port, peer_port, metrics_port) = (free_port(), free_port(), free_port());
@@ -135,8 +142,9 @@ impl NodeHandle {
             "node_id = {id}\njurisdiction = \"{jurisdiction}\"\ndata_dir = \"{}\"\n\n[listen]\n\
              client = \"127.0.0.1:{client_port}\"\npeer = \"127.0.0.1:{peer_port}\"\n\
              metrics = \"127.0.0.1:{metrics_port}\"\n\n[raft]\n{raft_toml}\n\n\
-             [storage]\ncache_capacity_bytes = 16777216\n",
-            data_dir.display()
+             [storage]\ncache_capacity_bytes = 16777216\n\n{}",
+            data_dir.display(),
+            security.node_toml(id)
         );
         fs::write(&config_path, config).expect("node config");
         let log_path = dir.join(format!("node{id}.log"));
@@ -235,10 +243,106 @@ fn send_signal(pid: i32, signal: i32) -> bool {
     unsafe { libc::kill(pid, signal) == 0 }
 }
 
+/// How a test cluster's nodes talk: mutual TLS with certificates `residencyctl certs init`
+/// made (the default, as deployed), or plaintext.
+#[derive(Debug, Clone)]
+pub enum Security {
+    /// The directory with `ca.pem`, `node<N>.pem/.key`, `operator.pem/.key` (an admin) and
+    /// `service-reader`, `service-writer` and `service-stranger` (no role).
+    Tls(PathBuf),
+    Plaintext,
+}
+
+/// The role table of every TLS test cluster.
+pub const TEST_ROLES: &str = "[auth.roles]\n\
+    \"spiffe://residency.local/operator/*\" = \"admin\"\n\
+    \"spiffe://residency.local/service/writer\" = \"writer\"\n\
+    \"spiffe://residency.local/service/reader\" = \"reader\"\n";
+
+impl Security {
+    /// Makes a CA and the certificates of nodes 1..=`nodes` and the test identities in `dir`.
+    pub fn tls(dir: &Path, nodes: u64) -> Security {
+        let certs = dir.join("certs");
+        let output = Command::new(binary_path("residencyctl"))
+            .args(["certs", "init", "--dir"])
+            .arg(&certs)
+            .args(["--nodes", &nodes.to_string()])
+            .args([
+                "--service",
+                "reader",
+                "--service",
+                "writer",
+                "--service",
+                "stranger",
+            ])
+            .output()
+            .expect("residencyctl certs init runs");
+        assert!(
+            output.status.success(),
+            "certs init failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Security::Tls(certs)
+    }
+
+    /// Issues node `id`'s certificate for `jurisdiction`, unless it exists.
+    pub fn issue_node(&self, id: u64, jurisdiction: &str) {
+        let Security::Tls(certs) = self else { return };
+        if certs.join(format!("node{id}.pem")).exists() {
+            return;
+        }
+        let output = Command::new(binary_path("residencyctl"))
+            .args(["certs", "issue", "--kind", "node", "--dir"])
+            .arg(certs)
+            .args(["--name", &id.to_string(), "--jurisdiction", jurisdiction])
+            .output()
+            .expect("residencyctl certs issue runs");
+        assert!(
+            output.status.success(),
+            "certs issue failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The `[tls]` and `[auth]` sections of node `id`'s config.
+    fn node_toml(&self, id: u64) -> String {
+        match self {
+            Security::Tls(certs) => format!(
+                "[tls]\nenabled = true\nca_file = \"{0}/ca.pem\"\ncert_file = \"{0}/node{id}.pem\"\n\
+                 key_file = \"{0}/node{id}.key\"\n\n{TEST_ROLES}",
+                certs.display()
+            ),
+            Security::Plaintext => "[tls]\nenabled = false\n".to_string(),
+        }
+    }
+
+    /// Client options presenting the certificate `<name>.pem` (e.g. `operator`,
+    /// `service-reader`).
+    pub fn options(&self, name: &str, timeout: Duration) -> ClientOptions {
+        ClientOptions {
+            timeout,
+            caller: "cluster-test".to_string(),
+            tls: match self {
+                Security::Tls(certs) => Some(TlsOptions::from_dir(certs, name).expect("certs")),
+                Security::Plaintext => None,
+            },
+        }
+    }
+
+    /// The certificates' directory, if TLS is on.
+    pub fn certs(&self) -> Option<&Path> {
+        match self {
+            Security::Tls(certs) => Some(certs),
+            Security::Plaintext => None,
+        }
+    }
+}
+
 /// A cluster of real processes, its directory removed when the test passes.
 #[derive(Debug)]
 pub struct Cluster {
     pub nodes: BTreeMap<u64, NodeHandle>,
+    pub security: Security,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -246,16 +350,35 @@ impl Cluster {
     /// Starts `size` nodes with `raft_toml` as their `[raft]` section, forms the cluster and
     /// waits for a leader.
     pub async fn start(size: u64, raft_toml: &str) -> Cluster {
+        Cluster::start_secured(size, raft_toml, true).await
+    }
+
+    /// As `start`, with TLS off: for the rules that only a cluster without certificates can
+    /// reach (a node that states a foreign jurisdiction in its config).
+    pub async fn start_plaintext(size: u64, raft_toml: &str) -> Cluster {
+        Cluster::start_secured(size, raft_toml, false).await
+    }
+
+    async fn start_secured(size: u64, raft_toml: &str, tls: bool) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("residency-cluster-")
             .tempdir()
             .expect("cluster dir");
+        let security = if tls {
+            Security::tls(dir.path(), size)
+        } else {
+            Security::Plaintext
+        };
         let mut nodes = BTreeMap::new();
         for id in 1..=size {
-            nodes.insert(id, NodeHandle::configure(dir.path(), id, "US", raft_toml));
+            nodes.insert(
+                id,
+                NodeHandle::configure(dir.path(), id, "US", raft_toml, &security),
+            );
         }
         let mut cluster = Cluster {
             nodes,
+            security,
             dir: Some(dir),
         };
         cluster.start_all().await;
@@ -274,9 +397,13 @@ impl Cluster {
             .prefix("residency-restored-")
             .tempdir()
             .expect("cluster dir");
+        let security = Security::tls(dir.path(), size);
         let mut nodes = BTreeMap::new();
         for id in 1..=size {
-            nodes.insert(id, NodeHandle::configure(dir.path(), id, "US", raft_toml));
+            nodes.insert(
+                id,
+                NodeHandle::configure(dir.path(), id, "US", raft_toml, &security),
+            );
         }
         let members: Vec<String> = nodes
             .values()
@@ -307,6 +434,7 @@ impl Cluster {
         }
         let mut cluster = Cluster {
             nodes,
+            security,
             dir: Some(dir),
         };
         cluster.start_all().await;
@@ -320,18 +448,55 @@ impl Cluster {
         seed_test_catalog(&self.client()).await;
     }
 
-    /// Starts one more node, not yet a member, declaring `jurisdiction`; returns its id.
+    /// Starts one more node, not yet a member, declaring `jurisdiction` (and, with TLS, with
+    /// a certificate for it); returns its id.
     pub async fn add_node(&mut self, jurisdiction: &str, raft_toml: &str) -> u64 {
+        let id = self.configure_node(jurisdiction, jurisdiction, raft_toml);
+        let node = self.node(id);
+        node.start();
+        wait_listening(node).await;
+        id
+    }
+
+    /// Writes the config of one more node declaring `jurisdiction`, with a certificate for
+    /// `cert_jurisdiction` (TLS only); returns its id. Nothing is started.
+    pub fn configure_node(
+        &mut self,
+        jurisdiction: &str,
+        cert_jurisdiction: &str,
+        raft_toml: &str,
+    ) -> u64 {
         let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
+        self.security.issue_node(id, cert_jurisdiction);
         let dir = self
             .dir
             .as_ref()
             .expect("the cluster directory lives as long as the cluster");
-        let mut node = NodeHandle::configure(dir.path(), id, jurisdiction, raft_toml);
-        node.start();
-        wait_listening(&mut node).await;
+        let node = NodeHandle::configure(dir.path(), id, jurisdiction, raft_toml, &self.security);
         self.nodes.insert(id, node);
         id
+    }
+
+    /// Starts node `id` and waits for it to exit on its own (a node that must refuse to
+    /// start); returns its log.
+    pub async fn start_expecting_exit(&mut self, id: u64) -> String {
+        let node = self.node(id);
+        node.start();
+        let deadline = Instant::now() + PORT_WAIT;
+        loop {
+            let child = node.child.as_mut().expect("started");
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(!status.success(), "node {id} exited successfully");
+                node.child = None;
+                return fs::read_to_string(&node.log_path).unwrap_or_default();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} kept running; its log ends:\n{}",
+                node.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Starts every node and waits for their client ports.
@@ -348,44 +513,72 @@ impl Cluster {
         self.nodes.get_mut(&id).expect("no such node")
     }
 
-    fn options() -> ClientOptions {
-        ClientOptions {
-            timeout: Duration::from_secs(20),
-            caller: "cluster-test".to_string(),
-        }
+    /// The operator's (an admin's) client options.
+    fn options(&self) -> ClientOptions {
+        self.security.options("operator", Duration::from_secs(20))
     }
 
-    /// A client that knows every node.
+    /// A client that knows every node, as the operator.
     pub fn client(&self) -> Client {
         let endpoints = self.nodes.values().map(NodeHandle::client_addr).collect();
-        Client::new(endpoints, Self::options()).expect("client")
+        Client::new(endpoints, self.options()).expect("client")
+    }
+
+    /// A client of every node presenting the certificate `<name>.pem` of the cluster's certs.
+    pub fn client_as(&self, name: &str) -> Client {
+        let endpoints = self.nodes.values().map(NodeHandle::client_addr).collect();
+        Client::new(
+            endpoints,
+            self.security.options(name, Duration::from_secs(10)),
+        )
+        .expect("client")
     }
 
     /// A client that talks to node `id` only.
     pub fn client_for(&self, id: u64) -> Client {
-        Client::new(vec![self.nodes[&id].client_addr()], Self::options()).expect("client")
+        Client::new(vec![self.nodes[&id].client_addr()], self.options()).expect("client")
     }
 
     /// A client for node `id` with a short deadline, for calls expected to fail.
     pub fn impatient_client_for(&self, id: u64, timeout: Duration) -> Client {
-        let options = ClientOptions {
-            timeout,
-            caller: "cluster-test".to_string(),
-        };
+        let mut options = self.options();
+        options.timeout = timeout;
         Client::new(vec![self.nodes[&id].client_addr()], options).expect("client")
     }
 
-    /// A raw gRPC client for node `id`, to send what the typed client would refuse to build.
+    /// A raw gRPC channel to node `id`'s client port as the operator, to send what the typed
+    /// client would refuse to build.
+    pub async fn raw_channel(&self, id: u64) -> tonic::transport::Channel {
+        let address = self.nodes[&id].client_addr();
+        let endpoint = match &self.security {
+            Security::Tls(certs) => {
+                let read = |name: &str| fs::read(certs.join(name)).expect("certificate file");
+                tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+                    .expect("endpoint")
+                    .tls_config(
+                        tonic::transport::ClientTlsConfig::new()
+                            .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+                            .identity(tonic::transport::Identity::from_pem(
+                                read("operator.pem"),
+                                read("operator.key"),
+                            )),
+                    )
+                    .expect("tls config")
+            }
+            Security::Plaintext => {
+                tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                    .expect("endpoint")
+            }
+        };
+        endpoint.connect().await.expect("connect")
+    }
+
+    /// A raw registry client for node `id` (see `raw_channel`).
     pub async fn raw_registry(
         &self,
         id: u64,
     ) -> pb::registry_client::RegistryClient<tonic::transport::Channel> {
-        pb::registry_client::RegistryClient::connect(format!(
-            "http://{}",
-            self.nodes[&id].client_addr()
-        ))
-        .await
-        .expect("connect")
+        pb::registry_client::RegistryClient::new(self.raw_channel(id).await)
     }
 
     /// Node `id`'s own view of itself.
@@ -461,12 +654,13 @@ impl Cluster {
             .filter(|node| node.is_running())
             .map(NodeHandle::client_addr)
             .collect();
-        let output = Command::new(binary_path("residencyctl"))
-            .arg("--endpoints")
-            .arg(endpoints.join(","))
-            .args(args)
-            .output()
-            .expect("residencyctl runs");
+        let mut command = Command::new(binary_path("residencyctl"));
+        command.arg("--endpoints").arg(endpoints.join(","));
+        match &self.security {
+            Security::Tls(certs) => command.arg("--certs-dir").arg(certs),
+            Security::Plaintext => command.arg("--plaintext"),
+        };
+        let output = command.args(args).output().expect("residencyctl runs");
         (
             output.status.code(),
             String::from_utf8_lossy(&output.stdout).to_string(),

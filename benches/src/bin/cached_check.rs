@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use residency_client::{CacheOptions, CachedChecker, Client, ClientOptions, LOCAL_ENDPOINTS};
+use residency_client::{
+    CacheOptions, CachedChecker, Client, ClientOptions, LOCAL_ENDPOINTS, TlsOptions,
+};
 use residency_types::{AccessOperation, AssignItem, Consistency, Decision, Jurisdiction, UserId};
 
 #[derive(Debug, Parser)]
@@ -230,6 +232,9 @@ async fn main() -> anyhow::Result<()> {
     let options = ClientOptions {
         timeout: Duration::from_secs(30),
         caller: "cached-check-bench".to_string(),
+        // It places its users first: the operator's certificate (RESIDENCY_CERTS_DIR or the
+        // local cluster's data/certs).
+        tls: TlsOptions::discover("operator")?,
     };
     let client = Arc::new(Client::new(endpoints, options.clone())?);
     place_users(client.clone(), args.users).await?;

@@ -23,7 +23,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use residency_client::{CacheOptions, CachedChecker, Client, ClientOptions, LOCAL_ENDPOINTS};
+use residency_client::{
+    CacheOptions, CachedChecker, Client, ClientOptions, LOCAL_ENDPOINTS, TlsOptions,
+};
 use residency_types::{AccessOperation, Decision, Jurisdiction, LocationId, UserId};
 
 /// A stand-in for the storage: documents per location, and the newest epoch each user's data
@@ -154,6 +156,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let options = ClientOptions {
         timeout: Duration::from_secs(10),
         caller: "example-guarded-store".to_string(),
+        // A service with the writer role in the local cluster (RESIDENCY_CERTS_DIR, or the
+        // local cluster's data/certs).
+        tls: TlsOptions::discover("service-onboarding")?,
     };
     // The registry client this service uses for its own (rare) registry writes.
     let client = Client::new(endpoints.clone(), options.clone())?;

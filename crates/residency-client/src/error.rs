@@ -108,13 +108,17 @@ impl ClientError {
     /// safe to resend: they keep their request id.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Status { code, .. } => {
+            ClientError::Status { code, reason, .. } => {
                 matches!(
                     code,
                     tonic::Code::Unavailable
                         | tonic::Code::DeadlineExceeded
                         | tonic::Code::Unknown
                         | tonic::Code::Cancelled
+                ) || matches!(
+                    // Load shed: retried after a pause, within the call's deadline.
+                    reason,
+                    Some(ReasonCode::Overloaded | ReasonCode::RateLimited)
                 )
             }
             ClientError::Deadline => true,

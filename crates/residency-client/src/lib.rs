@@ -48,6 +48,8 @@ use tonic::transport::{Channel, Endpoint};
 
 /// The endpoints a client is given when none are: the local three-node cluster.
 pub const LOCAL_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
+/// Where the local cluster keeps its certificates, relative to the repository root.
+pub const LOCAL_CERTS_DIR: &str = "data/certs";
 /// Largest message the client accepts, in bytes (the server's default limit).
 pub(crate) const MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// First pause between retries, doubled after each pause up to the maximum, in milliseconds.
@@ -67,8 +69,11 @@ const ENDPOINT_REST_MS: u64 = 2_000;
 pub struct ClientOptions {
     /// The deadline of one call, retries included.
     pub timeout: Duration,
-    /// The identity recorded with writes (until mutual TLS sets it).
+    /// The name recorded with writes when the cluster runs without TLS. With TLS, the registry
+    /// records the identity of the client's certificate instead.
     pub caller: String,
+    /// Mutual TLS towards the nodes; `None` speaks plaintext (a cluster with TLS off).
+    pub tls: Option<TlsOptions>,
 }
 
 impl Default for ClientOptions {
@@ -76,6 +81,88 @@ impl Default for ClientOptions {
         ClientOptions {
             timeout: Duration::from_secs(10),
             caller: String::new(),
+            tls: None,
+        }
+    }
+}
+
+/// The CA that signed the nodes' certificates, and the client's own certificate and key (PEM).
+/// The nodes' certificates are checked against the CA and against the host of the endpoint
+/// (an IP address or a DNS name in their SANs).
+#[derive(Clone)]
+pub struct TlsOptions {
+    pub ca_pem: Vec<u8>,
+    /// The client's certificate and key; without them, only what the cluster grants anonymous
+    /// callers is allowed (usually nothing).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+fn read_pem(path: &std::path::Path, what: &str) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|error| {
+        ClientError::Config(format!(
+            "cannot read the {what} {}: {error}",
+            path.display()
+        ))
+    })
+}
+
+impl TlsOptions {
+    /// From files: the CA, and the client's certificate and key if given.
+    pub fn from_files(
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<TlsOptions, ClientError> {
+        let ca_pem = read_pem(ca, "CA certificate")?;
+        let identity = match identity {
+            Some((cert, key)) => Some((read_pem(cert, "certificate")?, read_pem(key, "key")?)),
+            None => None,
+        };
+        Ok(TlsOptions { ca_pem, identity })
+    }
+
+    /// From a directory `residencyctl certs init` wrote: `ca.pem`, `<name>.pem`, `<name>.key`.
+    pub fn from_dir(dir: &std::path::Path, name: &str) -> Result<TlsOptions, ClientError> {
+        TlsOptions::from_files(
+            &dir.join("ca.pem"),
+            Some((
+                &dir.join(format!("{name}.pem")),
+                &dir.join(format!("{name}.key")),
+            )),
+        )
+    }
+
+    /// The certificates a tool on a developer's machine uses: the directory in
+    /// `RESIDENCY_CERTS_DIR`, or else `data/certs` (the local cluster's) if it holds a `ca.pem`,
+    /// presenting `<name>.pem`; `None` (plaintext) if neither exists.
+    pub fn discover(name: &str) -> Result<Option<TlsOptions>, ClientError> {
+        let dir = match std::env::var_os("RESIDENCY_CERTS_DIR") {
+            Some(dir) if !dir.is_empty() => std::path::PathBuf::from(dir),
+            _ => {
+                let local = std::path::PathBuf::from(LOCAL_CERTS_DIR);
+                if !local.join("ca.pem").exists() {
+                    return Ok(None);
+                }
+                local
+            }
+        };
+        TlsOptions::from_dir(&dir, name).map(Some)
+    }
+
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        let config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
+        match &self.identity {
+            Some((cert, key)) => config.identity(tonic::transport::Identity::from_pem(cert, key)),
+            None => config,
         }
     }
 }
@@ -220,14 +307,25 @@ impl Client {
         if let Some(channel) = channels.get(endpoint) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{endpoint}"))
-            .map_err(|error| ClientError::Config(format!("endpoint {endpoint:?}: {error}")))?
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let config_error = |error: tonic::transport::Error| {
+            ClientError::Config(format!("endpoint {endpoint:?}: {error}"))
+        };
+        let mut builder = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
+            .map_err(config_error)?
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
             .http2_keep_alive_interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS))
             .keep_alive_timeout(Duration::from_millis(KEEPALIVE_TIMEOUT_MS))
             .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.options.tls {
+            builder = builder.tls_config(tls.config()).map_err(config_error)?;
+        }
+        let channel = builder.connect_lazy();
         channels.insert(endpoint.to_string(), channel.clone());
         Ok(channel)
     }

@@ -11,7 +11,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use residency_client::{Client, ClientOptions, LOCAL_ENDPOINTS};
+use std::path::PathBuf;
+
+use residency_client::{Client, ClientOptions, LOCAL_ENDPOINTS, TlsOptions};
 
 use crate::output::OutputFormat;
 
@@ -31,9 +33,34 @@ struct Cli {
     /// Deadline of each request, retries included, in milliseconds.
     #[arg(long, global = true, default_value_t = 10_000)]
     timeout_ms: u64,
-    /// The identity recorded with writes (unauthenticated until mutual TLS is on).
+    /// The name recorded with writes on a cluster without TLS (with TLS, the certificate's
+    /// identity is recorded instead).
     #[arg(long, global = true, env = "RESIDENCY_CALLER", default_value = "")]
     caller: String,
+    /// Mutual TLS with the files `certs init` wrote in DIR: ca.pem and <CERT_NAME>.pem/.key.
+    /// Without this or --ca, ./data/certs is used if it holds a ca.pem (the local cluster's).
+    #[arg(long, global = true, env = "RESIDENCY_CERTS_DIR")]
+    certs_dir: Option<PathBuf>,
+    /// Which certificate of the certs dir to present.
+    #[arg(
+        long,
+        global = true,
+        env = "RESIDENCY_CERT_NAME",
+        default_value = "operator"
+    )]
+    cert_name: String,
+    /// Mutual TLS with these files: the CA that signed the nodes' certificates...
+    /// Takes precedence over --certs-dir.
+    #[arg(long, global = true, env = "RESIDENCY_CA")]
+    ca: Option<PathBuf>,
+    /// ...and the client's certificate and key (both, or neither for an anonymous caller).
+    #[arg(long, global = true, env = "RESIDENCY_CERT", requires = "ca")]
+    cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "RESIDENCY_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Speak plaintext to a cluster running with TLS off (whatever the other TLS flags say).
+    #[arg(long, global = true)]
+    plaintext: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,6 +93,12 @@ enum Command {
     /// Residency policies: set, get, list, dry-run.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),
+    /// Development certificates: init (a CA and a cluster's certificates), issue, show. Offline.
+    #[command(subcommand)]
+    Certs(cmd::certs::CertsCommand),
+    /// The audit file of a node: verify its hash chain, show its last records. Offline.
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCommand),
     /// May this service, running in this jurisdiction, touch this user's data? Exit code 4 on a deny.
     ///
     /// Example: residencyctl check alice --service payments --jurisdiction US --operation write
@@ -108,32 +141,63 @@ async fn main() -> ExitCode {
     {
         timeout = timeout.max(cmd::member::promote_timeout(*catch_up_timeout_ms));
     }
-    let options = ClientOptions {
-        timeout,
-        caller: cli.caller.clone(),
-    };
-    let client = match Client::new(cli.endpoints.clone(), options) {
-        Ok(client) => client,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(2);
+    // The offline commands need no client.
+    let offline = match cli.command {
+        Command::Certs(command) => Some(cmd::certs::run(command)),
+        Command::Audit(command) => Some(cmd::audit::run(command, cli.output)),
+        command => {
+            return online(
+                cli.endpoints,
+                cli.output,
+                timeout,
+                cli.caller,
+                tls_choice(
+                    cli.plaintext,
+                    cli.certs_dir,
+                    &cli.cert_name,
+                    cli.ca,
+                    cli.cert.zip(cli.key),
+                ),
+                command,
+            )
+            .await;
         }
     };
-    let result = match cli.command {
-        Command::Status => cmd::cluster::status(&client, cli.output).await,
-        Command::Cluster(command) => cmd::cluster::run(&client, cli.output, command).await,
-        // An import shares its client among the batches it keeps in flight.
-        Command::User(cmd::user::UserCommand::Import(args)) => {
-            cmd::transfer::import(client, cli.output, args).await
-        }
-        Command::User(command) => cmd::user::run(&client, cli.output, command).await,
-        Command::Watch(args) => cmd::watch::run(&client, cli.output, args).await,
-        Command::Backup(command) => cmd::backup::run(&client, cli.output, command).await,
-        Command::Member(command) => cmd::member::run(&client, cli.output, command).await,
-        Command::Location(command) => cmd::location::run(&client, cli.output, command).await,
-        Command::Policy(command) => cmd::policy::run(&client, cli.output, command).await,
-        Command::Check(args) => cmd::check::run(&client, cli.output, args).await,
-    };
+    finish(offline.expect("an offline command ran"))
+}
+
+/// Where the local cluster's certificates are, relative to the repository root.
+const LOCAL_CERTS_DIR: &str = "data/certs";
+
+/// TLS as the flags ask: explicit files, a certs dir, the local cluster's certs if present,
+/// or plaintext.
+fn tls_choice(
+    plaintext: bool,
+    certs_dir: Option<PathBuf>,
+    cert_name: &str,
+    ca: Option<PathBuf>,
+    identity: Option<(PathBuf, PathBuf)>,
+) -> Result<Option<TlsOptions>, residency_client::ClientError> {
+    if plaintext {
+        return Ok(None);
+    }
+    if let Some(ca) = ca {
+        let identity = identity
+            .as_ref()
+            .map(|(cert, key)| (cert.as_path(), key.as_path()));
+        return TlsOptions::from_files(&ca, identity).map(Some);
+    }
+    let dir = certs_dir.or_else(|| {
+        let local = PathBuf::from(LOCAL_CERTS_DIR);
+        local.join("ca.pem").exists().then_some(local)
+    });
+    match dir {
+        Some(dir) => TlsOptions::from_dir(&dir, cert_name).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn finish(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -141,4 +205,52 @@ async fn main() -> ExitCode {
             ExitCode::from(failure.exit_code)
         }
     }
+}
+
+async fn online(
+    endpoints: Vec<String>,
+    output: crate::output::OutputFormat,
+    timeout: Duration,
+    caller: String,
+    tls: Result<Option<TlsOptions>, residency_client::ClientError>,
+    command: Command,
+) -> ExitCode {
+    let tls = match tls {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let options = ClientOptions {
+        timeout,
+        caller,
+        tls,
+    };
+    let client = match Client::new(endpoints, options) {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match command {
+        Command::Status => cmd::cluster::status(&client, output).await,
+        Command::Cluster(command) => cmd::cluster::run(&client, output, command).await,
+        // An import shares its client among the batches it keeps in flight.
+        Command::User(cmd::user::UserCommand::Import(args)) => {
+            cmd::transfer::import(client, output, args).await
+        }
+        Command::User(command) => cmd::user::run(&client, output, command).await,
+        Command::Watch(args) => cmd::watch::run(&client, output, args).await,
+        Command::Backup(command) => cmd::backup::run(&client, output, command).await,
+        Command::Member(command) => cmd::member::run(&client, output, command).await,
+        Command::Location(command) => cmd::location::run(&client, output, command).await,
+        Command::Policy(command) => cmd::policy::run(&client, output, command).await,
+        Command::Check(args) => cmd::check::run(&client, output, args).await,
+        Command::Certs(_) | Command::Audit(_) => {
+            unreachable!("offline commands run without a client")
+        }
+    };
+    finish(result)
 }

@@ -17,6 +17,7 @@ use residency_types::limits::CATALOG_PAGE_MAX;
 use residency_types::{Jurisdiction, LocationId, Outcome, ReasonCode, Revision, WriteBody};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{audit_note, caller_of};
 use crate::error::ApiError;
 use crate::grpc::{observe, wait_budget};
 use crate::node::Node;
@@ -53,6 +54,9 @@ impl Catalog for CatalogService {
         request: Request<PutLocationRequest>,
     ) -> Result<Response<LocationResponse>, Status> {
         let timeout = timeout_of(&self.node, &request);
+        let note = audit_note(&request);
+        note.subject(request.get_ref().location_id.clone());
+        let caller = caller_of(&request);
         let request = request.into_inner();
         observe("PutLocation", timeout, async {
             let body = WriteBody::PutLocation {
@@ -60,7 +64,9 @@ impl Catalog for CatalogService {
                 jurisdiction: Jurisdiction::parse(&request.jurisdiction)?,
                 labels: labels_from_pb(request.labels)?,
             };
-            location_written(write(&self.node, request.context, body).await?)
+            let (outcome, revision) = write(&self.node, &caller, request.context, body).await?;
+            note.revision(revision.0);
+            location_written((outcome, revision))
         })
         .await
     }
@@ -140,13 +146,18 @@ impl Catalog for CatalogService {
         request: Request<SetLocationStateRequest>,
     ) -> Result<Response<LocationResponse>, Status> {
         let timeout = timeout_of(&self.node, &request);
+        let note = audit_note(&request);
+        note.subject(request.get_ref().location_id.clone());
+        let caller = caller_of(&request);
         let request = request.into_inner();
         observe("SetLocationState", timeout, async {
             let body = WriteBody::SetLocationState {
                 location_id: LocationId::parse(request.location_id)?,
                 state: location_state_from_pb(request.state)?,
             };
-            location_written(write(&self.node, request.context, body).await?)
+            let (outcome, revision) = write(&self.node, &caller, request.context, body).await?;
+            note.revision(revision.0);
+            location_written((outcome, revision))
         })
         .await
     }
@@ -156,6 +167,9 @@ impl Catalog for CatalogService {
         request: Request<PutPolicyRequest>,
     ) -> Result<Response<PolicyResponse>, Status> {
         let timeout = timeout_of(&self.node, &request);
+        let note = audit_note(&request);
+        note.subject(request.get_ref().residency.clone());
+        let caller = caller_of(&request);
         let request = request.into_inner();
         observe("PutPolicy", timeout, async {
             let body = WriteBody::PutPolicy {
@@ -163,7 +177,9 @@ impl Catalog for CatalogService {
                 storage: jurisdictions_from_pb("storage", &request.storage)?,
                 access: jurisdictions_from_pb("access", &request.access)?,
             };
-            match write(&self.node, request.context, body).await? {
+            let written = write(&self.node, &caller, request.context, body).await?;
+            note.revision(written.1.0);
+            match written {
                 (Outcome::PolicyWritten { policy, created }, revision) => Ok(PolicyResponse {
                     policy: Some((&policy).into()),
                     created,

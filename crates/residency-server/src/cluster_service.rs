@@ -15,6 +15,7 @@ use residency_store::{NodeId, NodeInfo};
 use residency_types::{Jurisdiction, ReasonCode};
 use tonic::{Request, Response, Status};
 
+use crate::auth::audit_note;
 use crate::error::ApiError;
 use crate::grpc::{observe, request_timeout};
 use crate::membership;
@@ -166,6 +167,7 @@ impl Cluster for ClusterService {
         request: Request<AddLearnerRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
         let timeout = crate::registry_service::timeout_of(&self.node, &request);
+        audit_note(&request).subject(format!("peer {}", request.get_ref().peer_addr));
         let request = request.into_inner();
         observe("AddLearner", timeout, async {
             if request.peer_addr.is_empty() {
@@ -189,6 +191,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<PromoteRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
+        audit_note(&request).subject(format!("node {}", request.get_ref().node_id));
         let request = request.into_inner();
         let catch_up_ms = match request.catch_up_timeout_ms {
             0 => membership::CATCH_UP_TIMEOUT_MS_DEFAULT,
@@ -218,6 +221,7 @@ impl Cluster for ClusterService {
         request: Request<RemoveMemberRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
         let timeout = crate::registry_service::timeout_of(&self.node, &request);
+        audit_note(&request).subject(format!("node {}", request.get_ref().node_id));
         let request = request.into_inner();
         observe("RemoveMember", timeout, async {
             self.node.remove_member(request.node_id).await?;
@@ -258,6 +262,7 @@ impl Cluster for ClusterService {
             request.metadata(),
             Duration::from_millis(self.node.config.limits.request_timeout_ms_max),
         );
+        audit_note(&request).subject(format!("peers {}", request.get_ref().peer_addrs.join(",")));
         let request = request.into_inner();
         observe("Initialize", timeout, async {
             if self

@@ -4,8 +4,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use residency_types::Jurisdiction;
+use std::collections::BTreeMap;
+
+use residency_types::identity::check_trust_domain;
 use residency_types::limits::COMMAND_BYTES_MAX;
+use residency_types::{Jurisdiction, Role, RoleTable};
 use serde::Deserialize;
 
 /// Raft timing and snapshot settings, in milliseconds, entries and bytes.
@@ -64,6 +67,20 @@ pub struct LimitsConfig {
     pub status_member_timeout_ms: u64,
     /// Reads waiting for a shared read-index round; more are refused with RESOURCE_EXHAUSTED.
     pub read_index_waiters_max: usize,
+    /// Requests being served on the client listener at once; more are refused at once with
+    /// RESOURCE_EXHAUSTED (`OVERLOADED`), never queued. Streams count until they start.
+    pub requests_in_flight_max: usize,
+    /// Requests per second one caller (one identity; without a certificate, one address) may
+    /// send, and how many it may send at once after a quiet spell. More are refused with
+    /// RESOURCE_EXHAUSTED (`RATE_LIMITED`); other callers are not affected.
+    pub caller_requests_per_second: u32,
+    pub caller_requests_burst: u32,
+    /// HTTP/2 streams one connection may have open at once on the client listener.
+    pub connection_streams_max: u32,
+    /// HTTP/2 pings on every connection, and how long one may stay unanswered before the
+    /// connection is closed: half-open connections do not linger.
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -75,6 +92,12 @@ impl Default for LimitsConfig {
             peer_rpc_timeout_ms: 5_000,
             status_member_timeout_ms: 1_000,
             read_index_waiters_max: 10_000,
+            requests_in_flight_max: 4_096,
+            caller_requests_per_second: 50_000,
+            caller_requests_burst: 100_000,
+            connection_streams_max: 1_024,
+            keepalive_interval_ms: 30_000,
+            keepalive_timeout_ms: 10_000,
         }
     }
 }
@@ -118,6 +141,74 @@ impl Default for LogConfig {
     }
 }
 
+/// Whether the client listener asks callers for a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertificates {
+    /// A caller without a certificate from the cluster's CA cannot connect.
+    Required,
+    /// A caller without a certificate connects and gets `auth.anonymous_role`, if any.
+    Optional,
+}
+
+/// TLS on the client and peer listeners (rustls). The section is required: a node runs without
+/// TLS only when it says so (`enabled = false`), for development.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub enabled: bool,
+    /// The CA that signs every node's, service's and operator's certificate (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// This node's certificate (PEM): URI SAN `spiffe://<trust_domain>/node/<node_id>`, subject
+    /// country = `jurisdiction`.
+    pub cert_file: Option<PathBuf>,
+    /// This node's private key (PEM, PKCS#8).
+    pub key_file: Option<PathBuf>,
+    #[serde(default = "client_certificates_default")]
+    pub client_certificates: ClientCertificates,
+    #[serde(default = "trust_domain_default")]
+    pub trust_domain: String,
+    /// How long a connection may take to finish its TLS handshake.
+    #[serde(default = "handshake_timeout_ms_default")]
+    pub handshake_timeout_ms: u64,
+}
+
+fn client_certificates_default() -> ClientCertificates {
+    ClientCertificates::Required
+}
+
+fn trust_domain_default() -> String {
+    residency_types::identity::TRUST_DOMAIN_DEFAULT.to_string()
+}
+
+fn handshake_timeout_ms_default() -> u64 {
+    5_000
+}
+
+/// Who may call what on the client listener (with TLS on).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Identity or `.../*` pattern to role (`reader`, `writer`, `admin`).
+    #[serde(default)]
+    pub roles: BTreeMap<String, String>,
+    /// The role of a caller without a certificate (`client_certificates = "optional"` only).
+    pub anonymous_role: Option<String>,
+}
+
+/// TLS as validated: the files, and the role table.
+#[derive(Debug, Clone)]
+pub struct ValidTls {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_certificates: ClientCertificates,
+    pub trust_domain: String,
+    pub handshake_timeout_ms: u64,
+    pub roles: RoleTable,
+    pub anonymous_role: Option<Role>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Addresses {
@@ -156,6 +247,9 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub log: LogConfig,
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +295,8 @@ pub struct ValidConfig {
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    /// `None`: TLS is off (development only), every caller is anonymous and may do anything.
+    pub tls: Option<ValidTls>,
 }
 
 fn socket_addr(field: &'static str, text: Option<&String>) -> Result<SocketAddr, ConfigError> {
@@ -299,11 +395,14 @@ impl Config {
             || limits.peer_rpc_timeout_ms == 0
             || limits.status_member_timeout_ms == 0
             || limits.read_index_waiters_max == 0
+            || limits.requests_in_flight_max == 0
+            || limits.caller_requests_per_second == 0
+            || limits.caller_requests_burst == 0
+            || limits.connection_streams_max == 0
+            || limits.keepalive_interval_ms == 0
+            || limits.keepalive_timeout_ms == 0
         {
-            return Err(invalid(
-                "limits",
-                "timeouts and read_index_waiters_max must be positive",
-            ));
+            return Err(invalid("limits", "every limit must be positive"));
         }
         if raft.install_snapshot_timeout_ms == 0 {
             return Err(invalid(
@@ -317,22 +416,81 @@ impl Config {
                 "must be at least 1 MiB",
             ));
         }
+        let listen_client = socket_addr("listen.client", self.listen.client.as_ref())?;
+        let listen_peer = socket_addr("listen.peer", self.listen.peer.as_ref())?;
+        let listen_metrics = socket_addr("listen.metrics", self.listen.metrics.as_ref())?;
+        let tls = validate_tls(self.tls, &self.auth)?;
         Ok(ValidConfig {
             node_id,
             jurisdiction,
             required_jurisdiction,
             data_dir,
-            listen_client: socket_addr("listen.client", self.listen.client.as_ref())?,
-            listen_peer: socket_addr("listen.peer", self.listen.peer.as_ref())?,
-            listen_metrics: socket_addr("listen.metrics", self.listen.metrics.as_ref())?,
+            listen_client,
+            listen_peer,
+            listen_metrics,
             advertise_client: self.advertise.client,
             advertise_peer: self.advertise.peer,
             raft: self.raft,
             limits: self.limits,
             storage: self.storage,
             log: self.log,
+            tls,
         })
     }
+}
+
+fn validate_tls(
+    tls: Option<TlsConfig>,
+    auth: &AuthConfig,
+) -> Result<Option<ValidTls>, ConfigError> {
+    let tls = tls.ok_or_else(|| {
+        invalid(
+            "tls",
+            "is required: give ca_file, cert_file and key_file (residencyctl certs init makes them), \
+             or say enabled = false to run without TLS (development only)",
+        )
+    })?;
+    if !tls.enabled {
+        return Ok(None);
+    }
+    let file = |field: &'static str, value: Option<PathBuf>| {
+        value.ok_or_else(|| invalid(field, "is required when tls.enabled = true"))
+    };
+    check_trust_domain(&tls.trust_domain)
+        .map_err(|error| invalid("tls.trust_domain", error.to_string()))?;
+    if tls.handshake_timeout_ms == 0 {
+        return Err(invalid("tls.handshake_timeout_ms", "must be positive"));
+    }
+    let mut entries = Vec::with_capacity(auth.roles.len());
+    for (pattern, role) in &auth.roles {
+        let role = Role::parse(role).map_err(|error| invalid("auth.roles", error.to_string()))?;
+        entries.push((pattern.as_str(), role));
+    }
+    let roles =
+        RoleTable::new(entries).map_err(|error| invalid("auth.roles", error.to_string()))?;
+    let anonymous_role = match &auth.anonymous_role {
+        None => None,
+        Some(text) if text == "none" => None,
+        Some(text) => Some(
+            Role::parse(text).map_err(|error| invalid("auth.anonymous_role", error.to_string()))?,
+        ),
+    };
+    if anonymous_role.is_some() && tls.client_certificates == ClientCertificates::Required {
+        return Err(invalid(
+            "auth.anonymous_role",
+            "needs tls.client_certificates = \"optional\": with certificates required, nobody is anonymous",
+        ));
+    }
+    Ok(Some(ValidTls {
+        ca_file: file("tls.ca_file", tls.ca_file)?,
+        cert_file: file("tls.cert_file", tls.cert_file)?,
+        key_file: file("tls.key_file", tls.key_file)?,
+        client_certificates: tls.client_certificates,
+        trust_domain: tls.trust_domain,
+        handshake_timeout_ms: tls.handshake_timeout_ms,
+        roles,
+        anonymous_role,
+    }))
 }
 
 #[cfg(test)]
@@ -355,6 +513,8 @@ data_dir = "data/node1"
 client = "127.0.0.1:7101"
 peer = "127.0.0.1:7201"
 metrics = "127.0.0.1:7301"
+[tls]
+enabled = false
 "#;
 
     #[test]
@@ -402,6 +562,55 @@ metrics = "127.0.0.1:7301"
             parse(&format!("{MINIMAL}unknown = 1\n")),
             Err(ConfigError::Parse { .. })
         ));
+        let tls_on = MINIMAL.replace(
+            "enabled = false",
+            "enabled = true\nca_file = \"ca.pem\"\ncert_file = \"n.pem\"\nkey_file = \"n.key\"",
+        );
+        assert!(parse(&tls_on).expect("valid").tls.is_some());
+        let tls_cases = [
+            (MINIMAL.replace("[tls]\nenabled = false\n", ""), "tls"),
+            (
+                MINIMAL.replace("enabled = false", "enabled = true"),
+                "tls.ca_file",
+            ),
+            (
+                format!("{tls_on}trust_domain = \"Bad Domain\"\n"),
+                "tls.trust_domain",
+            ),
+            (
+                format!(
+                    "{tls_on}[auth.roles]\n\"spiffe://residency.local/service/*\" = \"root\"\n"
+                ),
+                "auth.roles",
+            ),
+            (
+                format!("{tls_on}[auth.roles]\n\"spiffe://residency.local/serv*\" = \"reader\"\n"),
+                "auth.roles",
+            ),
+            (
+                format!("{tls_on}[auth]\nanonymous_role = \"reader\"\n"),
+                "auth.anonymous_role",
+            ),
+        ];
+        for (text, field) in tls_cases {
+            match parse(&text) {
+                Err(ConfigError::Invalid { field: found, .. }) => {
+                    assert_eq!(found, field, "{text}")
+                }
+                other => panic!("expected an error on {field}, got {other:?}"),
+            }
+        }
+        let optional = format!(
+            "{tls_on}client_certificates = \"optional\"\n[auth]\nanonymous_role = \"reader\"\n"
+        );
+        assert_eq!(
+            parse(&optional)
+                .expect("valid")
+                .tls
+                .expect("tls")
+                .anonymous_role,
+            Some(Role::Reader)
+        );
         let metrics_advertised = format!("{MINIMAL}[advertise]\nmetrics = \"127.0.0.1:1\"\n");
         assert!(matches!(
             parse(&metrics_advertised),

@@ -20,6 +20,10 @@
 //! | `Internal` | INTERNAL | `INTERNAL` |
 //! | `WatchCompacted` | OUT_OF_RANGE + the compaction revision in `residency-revision` | `WATCH_COMPACTED` |
 //! | `WatcherTooSlow` | RESOURCE_EXHAUSTED | `WATCHER_TOO_SLOW` |
+//! | `Unauthenticated` (no certificate where the call needs one) | UNAUTHENTICATED | `UNAUTHENTICATED` |
+//! | `PermissionDenied` (the caller's role does not cover the call, or it has none) | PERMISSION_DENIED | `PERMISSION_DENIED` |
+//! | `PeerNotAllowed` (not a node of this cluster's trust domain and jurisdiction, on the peer port) | PERMISSION_DENIED | `PEER_NOT_ALLOWED` |
+//! | `RateLimited` (one caller over its rate) | RESOURCE_EXHAUSTED | `RATE_LIMITED` |
 //! | `Membership` | FAILED_PRECONDITION | `MEMBER_JURISDICTION_NOT_ALLOWED`, `MEMBER_EXISTS`, `MEMBER_NOT_FOUND`, `LEARNER_NOT_CAUGHT_UP`, `LAST_VOTER`, `ADMIN_OPERATION_IN_PROGRESS`, `MEMBERSHIP_CHANGE_IN_PROGRESS` |
 
 use residency_proto::metadata::{LEADER_ADDR_KEY, LEADER_ID_KEY, REASON_KEY, REVISION_KEY};
@@ -86,6 +90,18 @@ pub enum ApiError {
     /// A membership change refused by a rule; `code` says which, `message` the values involved.
     #[error("{message}")]
     Membership { code: ReasonCode, message: String },
+    /// No certificate where the call needs one.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A known caller whose role does not cover the call.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A certificate that may not talk on the peer port (not a node, or not of this cluster).
+    #[error("{0}")]
+    PeerNotAllowed(String),
+    /// One caller sent more than its share; the others are served.
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 impl From<ValidationError> for ApiError {
@@ -132,6 +148,10 @@ impl ApiError {
             ApiError::Membership { code, .. } => *code,
             ApiError::WatchCompacted { .. } => ReasonCode::WatchCompacted,
             ApiError::WatcherTooSlow => ReasonCode::WatcherTooSlow,
+            ApiError::Unauthenticated(_) => ReasonCode::Unauthenticated,
+            ApiError::PermissionDenied(_) => ReasonCode::PermissionDenied,
+            ApiError::PeerNotAllowed(_) => ReasonCode::PeerNotAllowed,
+            ApiError::RateLimited(_) => ReasonCode::RateLimited,
         }
     }
 
@@ -156,7 +176,9 @@ impl ApiError {
             ApiError::Internal(_) => Code::Internal,
             ApiError::Membership { .. } => Code::FailedPrecondition,
             ApiError::WatchCompacted { .. } => Code::OutOfRange,
-            ApiError::WatcherTooSlow => Code::ResourceExhausted,
+            ApiError::WatcherTooSlow | ApiError::RateLimited(_) => Code::ResourceExhausted,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::PermissionDenied(_) | ApiError::PeerNotAllowed(_) => Code::PermissionDenied,
         }
     }
 }

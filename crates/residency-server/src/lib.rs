@@ -8,9 +8,13 @@
 //! - [`network`] / [`peer_service`]: Raft and node-to-node traffic on the peer listener.
 //! - [`registry_service`], [`catalog_service`], [`cluster_service`]: the public gRPC API on the
 //!   client listener.
+//! - [`tls`], [`auth`], [`audit_log`]: mutual TLS, who may call what and load shedding, the
+//!   audit file.
 //! - [`error`]: the one table from errors to gRPC statuses and reason codes.
 //! - [`observability`]: metrics, health, readiness and logging; [`watchdog`]: the election guard.
 
+pub mod audit_log;
+pub mod auth;
 pub mod backup;
 pub mod catalog_service;
 pub mod cluster_service;
@@ -24,6 +28,7 @@ pub mod observability;
 pub mod peer_service;
 pub mod read_index;
 pub mod registry_service;
+pub mod tls;
 pub mod watch_service;
 pub mod watchdog;
 
@@ -113,6 +118,17 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let committed = log_store.committed_index();
+    let audit = audit_log::AuditLog::open(&config.data_dir, config.node_id)?;
+    let node_tls = match &config.tls {
+        Some(settings) => Some(tls::NodeTls::load(&config, settings)?),
+        None => {
+            tracing::warn!(
+                "TLS is off (tls.enabled = false): every caller may do anything and peers are not \
+                 authenticated; for development only"
+            );
+            None
+        }
+    };
     let info = NodeInfo {
         client_addr: match &config.advertise_client {
             Some(addr) => addr.clone(),
@@ -124,7 +140,12 @@ pub async fn run(
         },
         jurisdiction: config.jurisdiction.to_string(),
     };
-    let peers = PeerChannels::new(config.limits.peer_message_bytes_max);
+    let peers = PeerChannels::new(
+        config.limits.peer_message_bytes_max,
+        node_tls
+            .as_ref()
+            .map(|tls| tls.peer_connector(Duration::from_millis(network::PEER_CONNECT_TIMEOUT_MS))),
+    );
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config(&config)?),
@@ -141,6 +162,7 @@ pub async fn run(
         committed,
         info.clone(),
         peers,
+        audit.clone(),
     ));
     tracing::info!(node_id = config.node_id, client = %info.client_addr, peer = %info.peer_addr, "node started");
 
@@ -171,8 +193,42 @@ pub async fn run(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let client_server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let limits = &config.limits;
+    let tls_policy = config.tls.as_ref().map(|settings| auth::TlsPolicy {
+        trust_domain: settings.trust_domain.clone(),
+        roles: settings.roles.clone(),
+        anonymous_role: settings.anonymous_role,
+        jurisdiction: config.required_jurisdiction,
+    });
+    let shedding = auth::Shedding {
+        requests_in_flight_max: limits.requests_in_flight_max,
+        caller_requests_per_second: limits.caller_requests_per_second,
+        caller_requests_burst: limits.caller_requests_burst,
+    };
+    let keepalive = |builder: tonic::transport::Server| {
+        builder
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_millis(limits.keepalive_interval_ms)))
+            .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
+    };
+    let mut client_builder = keepalive(tonic::transport::Server::builder())
+        .max_concurrent_streams(limits.connection_streams_max);
+    let mut peer_builder = keepalive(tonic::transport::Server::builder());
+    if let Some(node_tls) = &node_tls {
+        client_builder = client_builder
+            .tls_config(node_tls.client_listener())
+            .context("the client listener's TLS")?;
+        peer_builder = peer_builder
+            .tls_config(node_tls.peer_listener())
+            .context("the peer listener's TLS")?;
+    }
+    let client_server = client_builder
+        .layer(auth::AuthLayer::new(auth::Authorizer::new(
+            auth::Listener::Client,
+            tls_policy.clone(),
+            shedding,
+            audit.clone(),
+        )))
         .add_service(
             RegistryServer::new(registry_service::RegistryService::new(node.clone()))
                 .max_decoding_message_size(message_bytes_max)
@@ -202,8 +258,13 @@ pub async fn run(
             TcpListenerStream::new(listeners.client),
             stopped(stop_flag.clone()),
         );
-    let peer_server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let peer_server = peer_builder
+        .layer(auth::AuthLayer::new(auth::Authorizer::new(
+            auth::Listener::Peer,
+            tls_policy,
+            shedding,
+            audit.clone(),
+        )))
         .add_service(
             PeerServer::new(peer_service::PeerService::new(node.clone()))
                 .max_decoding_message_size(config.limits.peer_message_bytes_max)

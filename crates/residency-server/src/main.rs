@@ -41,6 +41,10 @@ struct Args {
     /// Overrides `listen.metrics`.
     #[arg(long)]
     listen_metrics: Option<String>,
+    /// Turns TLS on with the files `residencyctl certs init --dir DIR` wrote: `DIR/ca.pem`,
+    /// `DIR/node<ID>.pem` and `DIR/node<ID>.key` (other `[tls]` settings kept).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
     /// Overrides `log.format`.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -202,6 +206,19 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     config.listen.client = args.listen_client.clone().or(config.listen.client);
     config.listen.peer = args.listen_peer.clone().or(config.listen.peer);
     config.listen.metrics = args.listen_metrics.clone().or(config.listen.metrics);
+    if let Some(dir) = &args.tls_dir {
+        let id = config
+            .node_id
+            .context("--tls-dir needs the node id (node_id or --node-id)")?;
+        let mut tls = config.tls.take().unwrap_or_else(|| {
+            toml::from_str("enabled = true").expect("a minimal [tls] section parses")
+        });
+        tls.enabled = true;
+        tls.ca_file = Some(dir.join("ca.pem"));
+        tls.cert_file = Some(dir.join(format!("node{id}.pem")));
+        tls.key_file = Some(dir.join(format!("node{id}.key")));
+        config.tls = Some(tls);
+    }
     if let Some(format) = args.log_format {
         config.log.format = format;
     }

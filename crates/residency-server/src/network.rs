@@ -21,8 +21,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
-/// How long to wait for a TCP connection to a peer.
-const PEER_CONNECT_TIMEOUT_MS: u64 = 1_000;
+use crate::tls::PeerConnector;
+
+/// How long to wait for a TCP connection to a peer (and, with TLS, for its handshake).
+pub const PEER_CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// HTTP/2 keepalive towards peers, so a dead connection is noticed between heartbeats.
 const PEER_KEEPALIVE_INTERVAL_MS: u64 = 5_000;
 
@@ -39,13 +41,16 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     message_bytes_max: usize,
+    /// Mutual TLS towards peers; `None` when TLS is off.
+    connector: Option<PeerConnector>,
 }
 
 impl PeerChannels {
-    pub fn new(message_bytes_max: usize) -> PeerChannels {
+    pub fn new(message_bytes_max: usize, connector: Option<PeerConnector>) -> PeerChannels {
         PeerChannels {
             channels: Arc::default(),
             message_bytes_max,
+            connector,
         }
     }
 
@@ -55,12 +60,15 @@ impl PeerChannels {
         let channel = match channels.get(peer_addr) {
             Some(channel) => channel.clone(),
             None => {
-                let channel = Endpoint::from_shared(format!("http://{peer_addr}"))?
+                let endpoint = Endpoint::from_shared(format!("http://{peer_addr}"))?
                     .connect_timeout(Duration::from_millis(PEER_CONNECT_TIMEOUT_MS))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_millis(PEER_KEEPALIVE_INTERVAL_MS))
-                    .keep_alive_while_idle(true)
-                    .connect_lazy();
+                    .keep_alive_while_idle(true);
+                let channel = match &self.connector {
+                    Some(connector) => endpoint.connect_with_connector_lazy(connector.clone()),
+                    None => endpoint.connect_lazy(),
+                };
                 channels.insert(peer_addr.to_string(), channel.clone());
                 channel
             }

@@ -27,6 +27,8 @@ use crate::read_index::{ReadIndexBatcher, not_leader};
 pub struct ForwardedWrite {
     pub request_id: residency_types::RequestId,
     pub caller: residency_types::CallerId,
+    /// Whether `caller` is the identity of a verified certificate, not a stated name.
+    pub caller_authenticated: bool,
     pub reason: residency_types::ReasonText,
     pub body: WriteBody,
 }
@@ -49,6 +51,8 @@ pub struct Node {
     pub ready_index: OnceLock<u64>,
     pub info: NodeInfo,
     pub peers: PeerChannels,
+    /// The node's audit file: admin changes, refusals, denied checks.
+    pub audit: crate::audit_log::AuditLog,
     read_index: ReadIndexBatcher,
     /// Held by a membership change for its whole run (see `membership.rs`).
     pub(crate) admin_lock: tokio::sync::Mutex<()>,
@@ -82,6 +86,7 @@ impl Node {
         committed: CommittedIndex,
         info: NodeInfo,
         peers: PeerChannels,
+        audit: crate::audit_log::AuditLog,
     ) -> Node {
         let read_index = ReadIndexBatcher::start(
             raft.clone(),
@@ -96,6 +101,7 @@ impl Node {
             ready_index: OnceLock::new(),
             info,
             peers,
+            audit,
             read_index,
             admin_lock: tokio::sync::Mutex::new(()),
             last_leader_contact: Mutex::new(None),
@@ -251,11 +257,13 @@ impl Node {
     pub async fn write(
         &self,
         context: WriteContext,
+        caller_authenticated: bool,
         body: WriteBody,
     ) -> Result<ApplyResult, ApiError> {
         let forwarded = ForwardedWrite {
             request_id: context.request_id,
             caller: context.caller,
+            caller_authenticated,
             reason: context.reason,
             body,
         };
@@ -279,8 +287,9 @@ impl Node {
         let command = Command {
             request_id: write.request_id,
             caller: write.caller,
-            // Until mutual TLS, every caller only states who it is.
-            caller_authenticated: false,
+            // Set by the node that took the request; forwarded writes come from peers, which
+            // are authenticated nodes whenever TLS is on.
+            caller_authenticated: write.caller_authenticated,
             reason: write.reason,
             stamped_at_ms: now_ms(),
             body: write.body,

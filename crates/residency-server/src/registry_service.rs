@@ -24,6 +24,7 @@ use residency_types::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Caller, caller_of};
 use crate::error::ApiError;
 use crate::grpc::{observe, request_timeout, wait_budget};
 use crate::node::{Node, ReadBarrier};
@@ -67,11 +68,20 @@ pub fn unexpected(outcome: Outcome) -> ApiError {
 /// outcome and revision, or the rule that refused it.
 pub async fn write(
     node: &Node,
+    caller: &Caller,
     context: Option<pb::WriteContext>,
     body: WriteBody,
 ) -> Result<(Outcome, Revision), ApiError> {
-    let context = write_context_from_pb(context)?;
-    let result = node.write(context, body).await?;
+    let mut context = write_context_from_pb(context)?;
+    // With TLS, the identity recorded is the certificate's, whatever the request states.
+    let authenticated = match &caller.identity {
+        Some(identity) => {
+            context.caller = identity.caller_id();
+            true
+        }
+        None => false,
+    };
+    let result = node.write(context, authenticated, body).await?;
     match result.outcome {
         Some(Outcome::Rejected(rejection)) => Err(ApiError::Rejected(rejection)),
         Some(outcome) => Ok((outcome, result.revision)),
@@ -182,6 +192,7 @@ impl Registry for RegistryService {
         request: Request<AssignRequest>,
     ) -> Result<Response<AssignResponse>, Status> {
         let timeout = timeout_of(&self.node, &request);
+        let caller = caller_of(&request);
         let request = request.into_inner();
         observe("Assign", timeout, async {
             let body = WriteBody::Assign(AssignItem {
@@ -190,7 +201,7 @@ impl Registry for RegistryService {
                 location_id: LocationId::parse(request.location_id)?,
                 expected_mod_revision: expected(request.expected_mod_revision),
             });
-            match write(&self.node, request.context, body).await? {
+            match write(&self.node, &caller, request.context, body).await? {
                 (Outcome::Assigned { placement, created }, revision) => Ok(AssignResponse {
                     placement: Some((&placement).into()),
                     created,
@@ -207,13 +218,14 @@ impl Registry for RegistryService {
         request: Request<ForgetRequest>,
     ) -> Result<Response<ForgetResponse>, Status> {
         let timeout = timeout_of(&self.node, &request);
+        let caller = caller_of(&request);
         let request = request.into_inner();
         observe("Forget", timeout, async {
             let body = WriteBody::Forget {
                 user_id: UserId::parse(request.user_id)?,
                 expected_mod_revision: expected(request.expected_mod_revision),
             };
-            match write(&self.node, request.context, body).await? {
+            match write(&self.node, &caller, request.context, body).await? {
                 (Outcome::Forgotten { .. }, revision) => Ok(ForgetResponse {
                     revision: revision.0,
                 }),
@@ -228,6 +240,7 @@ impl Registry for RegistryService {
         request: Request<BatchAssignRequest>,
     ) -> Result<Response<BatchAssignResponse>, Status> {
         let timeout = timeout_of(&self.node, &request);
+        let caller = caller_of(&request);
         let request = request.into_inner();
         observe("BatchAssign", timeout, async {
             let count = request.items.len();
@@ -263,6 +276,7 @@ impl Registry for RegistryService {
             }
             match write(
                 &self.node,
+                &caller,
                 request.context,
                 WriteBody::BatchAssign { items },
             )
@@ -289,6 +303,7 @@ impl Registry for RegistryService {
         request: Request<BeginMoveRequest>,
     ) -> Result<Response<MoveResponse>, Status> {
         let timeout = timeout_of(&self.node, &request);
+        let caller = caller_of(&request);
         let request = request.into_inner();
         observe("BeginMove", timeout, async {
             let body = WriteBody::BeginMove {
@@ -296,7 +311,7 @@ impl Registry for RegistryService {
                 target: LocationId::parse(request.target_location_id)?,
                 expected_mod_revision: expected(request.expected_mod_revision),
             };
-            moved(write(&self.node, request.context, body).await?)
+            moved(write(&self.node, &caller, request.context, body).await?)
         })
         .await
     }
@@ -306,13 +321,14 @@ impl Registry for RegistryService {
         request: Request<MoveStepRequest>,
     ) -> Result<Response<MoveResponse>, Status> {
         let timeout = timeout_of(&self.node, &request);
+        let caller = caller_of(&request);
         let request = request.into_inner();
         observe("CompleteMove", timeout, async {
             let body = WriteBody::CompleteMove {
                 user_id: UserId::parse(request.user_id)?,
                 expected_mod_revision: expected(request.expected_mod_revision),
             };
-            moved(write(&self.node, request.context, body).await?)
+            moved(write(&self.node, &caller, request.context, body).await?)
         })
         .await
     }
@@ -322,13 +338,14 @@ impl Registry for RegistryService {
         request: Request<MoveStepRequest>,
     ) -> Result<Response<MoveResponse>, Status> {
         let timeout = timeout_of(&self.node, &request);
+        let caller = caller_of(&request);
         let request = request.into_inner();
         observe("AbortMove", timeout, async {
             let body = WriteBody::AbortMove {
                 user_id: UserId::parse(request.user_id)?,
                 expected_mod_revision: expected(request.expected_mod_revision),
             };
-            moved(write(&self.node, request.context, body).await?)
+            moved(write(&self.node, &caller, request.context, body).await?)
         })
         .await
     }
@@ -338,6 +355,7 @@ impl Registry for RegistryService {
         request: Request<CheckAccessRequest>,
     ) -> Result<Response<CheckAccessResponse>, Status> {
         let timeout = timeout_of(&self.node, &request);
+        let caller = caller_of(&request);
         let request = request.into_inner();
         observe("CheckAccess", timeout, async {
             let user_id = UserId::parse(request.user_id)?;
@@ -353,7 +371,8 @@ impl Registry for RegistryService {
                     ApiError::invalid(ReasonCode::InvalidAccessor, field, error.message)
                 }
             };
-            CallerId::parse(accessor.service).map_err(invalid_accessor("accessor.service"))?;
+            let service = CallerId::parse(accessor.service)
+                .map_err(invalid_accessor("accessor.service"))?;
             let accessor_jurisdiction = Jurisdiction::parse(&accessor.jurisdiction)
                 .map_err(invalid_accessor("accessor.jurisdiction"))?;
             let operation = access_operation_from_pb(request.operation)?;
@@ -380,6 +399,19 @@ impl Registry for RegistryService {
                 Decision::Deny { reason } => reason.as_str(),
             };
             metrics::counter!("residency_access_checks_total", "decision" => outcome).increment(1);
+            if let Decision::Deny { reason } = &decision {
+                // The audit file is where a denied check's user id goes, never the logs.
+                self.node.audit.queue(
+                    "/residency.v1.Registry/CheckAccess",
+                    caller.name(),
+                    &caller.remote,
+                    format!(
+                        "user {user_id} accessor {service} in {accessor_jurisdiction} operation {operation:?}"
+                    ),
+                    &format!("DENY:{}", reason.as_str()),
+                    revision.0,
+                );
+            }
             let mut response = decision_to_pb(&decision);
             response.header = Some(read_header(&self.node, barrier, revision));
             Ok(response)

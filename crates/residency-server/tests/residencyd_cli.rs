@@ -16,7 +16,7 @@ fn residencyd(args: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
-const VALID: [&str; 10] = [
+const VALID: [&str; 12] = [
     "--node-id",
     "1",
     "--jurisdiction",
@@ -27,6 +27,8 @@ const VALID: [&str; 10] = [
     "127.0.0.1:1",
     "--listen-peer",
     "127.0.0.1:2",
+    "--tls-dir",
+    "/tmp/residency-unused/certs",
 ];
 
 #[test]
@@ -36,6 +38,19 @@ fn a_valid_configuration_passes_the_check() {
     let (ok, text) = residencyd(&args);
     assert!(ok, "{text}");
     assert!(text.contains("node_id: 1"), "{text}");
+    assert!(text.contains("node1.pem"), "{text}");
+}
+
+#[test]
+fn a_node_without_a_word_on_tls_is_refused() {
+    let args: Vec<&str> = VALID[..10]
+        .iter()
+        .copied()
+        .chain(["--listen-metrics", "127.0.0.1:3", "--check-config"])
+        .collect();
+    let (ok, text) = residencyd(&args);
+    assert!(!ok);
+    assert!(text.contains("tls: is required"), "{text}");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! - [`catalog`]: storage locations and residency policies.
 //! - [`access`]: the access check's operation and decision.
 //! - [`command`]: what the leader proposes (`Command`) and what apply answers (`Outcome`).
+//! - [`identity`]: SPIFFE-style identities from certificates, roles and the role table.
 //! - [`consistency`]: how fresh a read must be.
 //! - [`reason`]: the stable machine-readable reason codes and the validation error.
 //! - [`limits`]: every size limit of the domain, named.
@@ -18,6 +19,7 @@ pub mod catalog;
 pub mod command;
 pub mod consistency;
 pub mod event;
+pub mod identity;
 pub mod ids;
 pub mod limits;
 pub mod placement;
@@ -28,6 +30,7 @@ pub use catalog::{Labels, Location, LocationState, Policy};
 pub use command::{ApplyResult, AssignItem, Command, Outcome, Rejection, WriteBody};
 pub use consistency::Consistency;
 pub use event::{Change, Event};
+pub use identity::{Identity, Principal, Role, RoleTable};
 pub use ids::{CallerId, Jurisdiction, LocationId, ReasonText, RequestId, UserId};
 pub use placement::{Placement, PlacementState, Revision};
 pub use reason::{ReasonCode, ValidationError};

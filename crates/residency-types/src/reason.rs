@@ -59,11 +59,15 @@ pub enum ReasonCode {
     MemberIdReused,
     WatchCompacted,
     WatcherTooSlow,
+    Unauthenticated,
+    PermissionDenied,
+    PeerNotAllowed,
+    RateLimited,
 }
 
 impl ReasonCode {
     /// Every code, for tables and round-trip tests.
-    pub const ALL: [ReasonCode; 49] = [
+    pub const ALL: [ReasonCode; 53] = [
         ReasonCode::InvalidUserId,
         ReasonCode::InvalidJurisdiction,
         ReasonCode::InvalidLocationId,
@@ -113,6 +117,10 @@ impl ReasonCode {
         ReasonCode::MemberIdReused,
         ReasonCode::WatchCompacted,
         ReasonCode::WatcherTooSlow,
+        ReasonCode::Unauthenticated,
+        ReasonCode::PermissionDenied,
+        ReasonCode::PeerNotAllowed,
+        ReasonCode::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -166,6 +174,10 @@ impl ReasonCode {
             ReasonCode::MemberIdReused => "MEMBER_ID_REUSED",
             ReasonCode::WatchCompacted => "WATCH_COMPACTED",
             ReasonCode::WatcherTooSlow => "WATCHER_TOO_SLOW",
+            ReasonCode::Unauthenticated => "UNAUTHENTICATED",
+            ReasonCode::PermissionDenied => "PERMISSION_DENIED",
+            ReasonCode::PeerNotAllowed => "PEER_NOT_ALLOWED",
+            ReasonCode::RateLimited => "RATE_LIMITED",
         }
     }
 

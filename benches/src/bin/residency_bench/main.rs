@@ -396,7 +396,7 @@ async fn main() -> anyhow::Result<()> {
             let endpoints = endpoints.split(',').map(|e| e.trim().to_string()).collect();
             let client = Arc::new(residency_client::Client::new(
                 endpoints,
-                registry::client_options(),
+                registry::client_options().map_err(anyhow::Error::msg)?,
             )?);
             let locations = residency_benches::active_us_locations(&client).await?;
             let took = registry::place_users(client, &locations, users, in_flight).await?;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use prost::Message;
-use residency_client::{Client, ClientOptions, WatchItem};
+use residency_client::{Client, ClientOptions, TlsOptions, WatchItem};
 use residency_proto::pb;
 use residency_types::{
     AccessOperation, AssignItem, Change, Consistency, Decision, Jurisdiction, LocationId, Revision,
@@ -36,11 +36,14 @@ pub struct Registry {
     pub token: Revision,
 }
 
-pub fn client_options() -> ClientOptions {
-    ClientOptions {
+/// The bench writes and reads as the operator: RESIDENCY_CERTS_DIR, or the local cluster's
+/// data/certs; plaintext if there are none.
+pub fn client_options() -> Result<ClientOptions, String> {
+    Ok(ClientOptions {
         timeout: Duration::from_secs(30),
         caller: "residency-bench".to_string(),
-    }
+        tls: TlsOptions::discover("operator").map_err(|error| error.to_string())?,
+    })
 }
 
 fn user_id(text: &str) -> Result<UserId, String> {
@@ -50,8 +53,9 @@ fn user_id(text: &str) -> Result<UserId, String> {
 /// `plan.clients` clients (each with its own connections), the active US locations, and
 /// `plan.users` users placed, unless the last of them is placed already.
 pub async fn prepare(plan: &Plan) -> anyhow::Result<Registry> {
+    let options = client_options().map_err(anyhow::Error::msg)?;
     let clients: Vec<Arc<Client>> = (0..plan.clients)
-        .map(|_| Client::new(plan.endpoints.clone(), client_options()).map(Arc::new))
+        .map(|_| Client::new(plan.endpoints.clone(), options.clone()).map(Arc::new))
         .collect::<Result<_, _>>()?;
     let client = clients[0].clone();
     let locations = residency_benches::active_us_locations(&client).await?;
@@ -240,7 +244,8 @@ pub fn start_lag_watch(
     scope: &str,
     probe: Arc<LagProbe>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let client = Client::new(plan.endpoints.clone(), client_options())?;
+    let options = client_options().map_err(anyhow::Error::msg)?;
+    let client = Client::new(plan.endpoints.clone(), options)?;
     let prefix = format!("bench-w-{scope}-");
     Ok(tokio::spawn(async move {
         let mut watcher = client

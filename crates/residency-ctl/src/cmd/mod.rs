@@ -1,6 +1,8 @@
 //! One module per command group.
 
+pub mod audit;
 pub mod backup;
+pub mod certs;
 pub mod check;
 pub mod cluster;
 pub mod location;
