@@ -51,6 +51,8 @@ say "building residencyd, residencyctl and residency-bench ($profile)..."
 cargo build "${flags[@]}" --bin residencyd --bin residencyctl --bin residency-bench
 
 registry_data="$out/registry-data"
+# local.sh makes the cluster's certificates there; the bench presents the operator's.
+export RESIDENCY_CERTS_DIR="$registry_data/certs"
 etcd_pids=()
 stop_all() {
     RESIDENCY_DATA="$registry_data" RESIDENCY_PROFILE="$profile" ./cluster/local.sh down >/dev/null 2>&1 || true

@@ -31,6 +31,9 @@ done
 
 out="target/bench/scale-$(date -u +%Y%m%dT%H%M%SZ)"
 data="$out/data"
+# local.sh makes the cluster's certificates there; the bench and residencyctl present the
+# operator's.
+export RESIDENCY_CERTS_DIR="$data/certs"
 mkdir -p "$out"
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 ready_timeout_s=600
@@ -113,7 +116,9 @@ rm -f "$out/backup.rrb"
 
 # A learner: a fourth node, empty, added to the cluster; the leader sends it a snapshot.
 mkdir -p "$data/node4"
+"$bin/residencyctl" certs issue --dir "$data/certs" --kind node --name 4 >/dev/null
 nohup "$bin/residencyd" --config cluster/local/node1.toml --node-id 4 --data-dir "$data/node4" \
+    --tls-dir "$data/certs" \
     --listen-client 127.0.0.1:7104 --listen-peer 127.0.0.1:7204 --listen-metrics 127.0.0.1:7304 \
     >>"$data/node4/residencyd.log" 2>&1 &
 learner_pid=$!
