@@ -10,6 +10,7 @@ mod t30_restart;
 mod t40_snapshot_catch_up;
 mod t50_idempotence;
 mod t60_bad_input;
+mod t61_hostile_input;
 mod t70_consistency;
 mod t72_client;
 mod t80_residency_rules;

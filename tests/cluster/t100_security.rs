@@ -446,3 +446,101 @@ fn the_audit_file_shows_an_edit_a_deletion_and_a_swap() {
         assert_eq!(out.lines().count(), 2, "{out}");
     });
 }
+
+#[test]
+fn no_user_id_or_location_reaches_a_log_line_or_a_metric_label() {
+    serially(|| async {
+        let mut cluster = Cluster::start(3, DEFAULT_RAFT).await;
+        let admin = cluster.client();
+        let secret_location = LocationId::parse("us-west-2/secret-loc-9b2c").expect("location");
+        admin
+            .put_location(&secret_location, Jurisdiction::US, &Labels::default(), None)
+            .await
+            .expect("location");
+        let secret_user = user("secret-user-7f3a");
+        admin
+            .assign(&secret_user, Jurisdiction::US, &secret_location, None)
+            .await
+            .expect("assign");
+        // Reads, an allowed and a denied check, a refused write, a move, a failover, a forget.
+        admin
+            .lookup(&secret_user, Consistency::Linearizable)
+            .await
+            .expect("lookup");
+        for jurisdiction in [Jurisdiction::US, Jurisdiction::parse("CN").expect("CN")] {
+            admin
+                .check_access(
+                    &secret_user,
+                    "payments",
+                    jurisdiction,
+                    AccessOperation::Read,
+                    Consistency::Linearizable,
+                )
+                .await
+                .expect("check");
+        }
+        let refused = admin
+            .assign(
+                &user("secret-user-8e4d"),
+                Jurisdiction::US,
+                &LocationId::parse("eu-central-1/pg-9").expect("location"),
+                None,
+            )
+            .await;
+        assert!(refused.is_err());
+        let _ = cluster
+            .client_as("service-stranger")
+            .lookup(&user("secret-user-9c5e"), Consistency::Stale)
+            .await;
+        admin
+            .begin_move(
+                &secret_user,
+                &LocationId::parse("us-east-1/pg-1").expect("location"),
+                None,
+            )
+            .await
+            .expect("begin move");
+        let leader = cluster.wait_for_leader(None).await;
+        cluster.node(leader).kill();
+        cluster.wait_for_leader(Some(leader)).await;
+        cluster.restart(leader);
+        cluster.wait_serving(leader).await;
+        admin
+            .complete_move(&secret_user, None)
+            .await
+            .expect("complete move");
+        admin.forget(&secret_user, None).await.expect("forget");
+
+        let secrets = ["secret-user", "secret-loc"];
+        let logs = cluster.logs();
+        for line in logs.lines() {
+            for secret in secrets {
+                assert!(!line.contains(secret), "a log line holds {secret}: {line}");
+            }
+        }
+        for node in cluster.nodes.values().filter(|node| node.is_running()) {
+            let (_, metrics) = cluster.http_get(node.id, "/metrics");
+            assert!(
+                metrics.contains("residency_rpc_requests_total"),
+                "{metrics}"
+            );
+            for secret in secrets {
+                assert!(
+                    !metrics.contains(secret),
+                    "/metrics of node {} holds {secret}",
+                    node.id
+                );
+            }
+        }
+        // The scan could have seen them: the audit files hold the denied check and the
+        // catalog change, by name.
+        let audit: String = cluster
+            .nodes
+            .values()
+            .map(|node| {
+                std::fs::read_to_string(node.data_dir.join("audit.jsonl")).unwrap_or_default()
+            })
+            .collect();
+        assert!(audit.contains("secret-user-7f3a") && audit.contains("secret-loc-9b2c"));
+    });
+}

@@ -549,6 +549,11 @@ impl Cluster {
     /// A raw gRPC channel to node `id`'s client port as the operator, to send what the typed
     /// client would refuse to build.
     pub async fn raw_channel(&self, id: u64) -> tonic::transport::Channel {
+        self.raw_channel_as(id, "operator").await
+    }
+
+    /// A raw gRPC channel to node `id`'s client port presenting `<name>.pem`.
+    pub async fn raw_channel_as(&self, id: u64, name: &str) -> tonic::transport::Channel {
         let address = self.nodes[&id].client_addr();
         let endpoint = match &self.security {
             Security::Tls(certs) => {
@@ -559,8 +564,8 @@ impl Cluster {
                         tonic::transport::ClientTlsConfig::new()
                             .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
                             .identity(tonic::transport::Identity::from_pem(
-                                read("operator.pem"),
-                                read("operator.key"),
+                                read(&format!("{name}.pem")),
+                                read(&format!("{name}.key")),
                             )),
                     )
                     .expect("tls config")
