@@ -15,6 +15,11 @@ pub(crate) mod capture;
 pub mod durable;
 pub mod error;
 pub(crate) mod log_file;
+
+/// Decoders of what the store reads from disk, for the fuzz targets.
+pub mod decode {
+    pub use crate::log_file::decode_segment;
+}
 pub mod log_store;
 pub mod reader;
 pub mod record;

@@ -149,10 +149,21 @@ fn read_segment(
     path: &Path,
     first_index: u64,
     skip_through: Option<u64>,
-    mut found: impl FnMut(u64, u64, &[u8], bool) -> Result<(), StoreError>,
+    found: impl FnMut(u64, u64, &[u8], bool) -> Result<(), StoreError>,
 ) -> Result<Tail, StoreError> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
+    scan_segment(&bytes, path, first_index, skip_through, found)
+}
+
+/// The frames of one segment's bytes (see `read_segment`).
+fn scan_segment(
+    bytes: &[u8],
+    path: &Path,
+    first_index: u64,
+    skip_through: Option<u64>,
+    mut found: impl FnMut(u64, u64, &[u8], bool) -> Result<(), StoreError>,
+) -> Result<Tail, StoreError> {
     let mut offset = 0_u64;
     let mut index = first_index;
     while (offset as usize) < bytes.len() {
@@ -185,6 +196,18 @@ fn read_segment(
         index += 1;
     }
     Ok(Tail::Clean)
+}
+
+/// Decodes a whole segment from its bytes as opening the log would: every frame checked, every
+/// record unsealed as an entry. Returns the entries and whether the segment ends in a torn
+/// record. For the fuzz targets (`tests/fuzz`): damaged bytes must give an error, not a panic.
+pub fn decode_segment(bytes: &[u8]) -> Result<(Vec<Entry>, bool), StoreError> {
+    let mut entries = Vec::new();
+    let tail = scan_segment(bytes, Path::new("fuzzed"), 1, None, |_, _, record, _| {
+        entries.push(crate::record::unseal::<Entry>(record, "log entry")?);
+        Ok(())
+    })?;
+    Ok((entries, matches!(tail, Tail::Torn(_))))
 }
 
 impl LogFiles {

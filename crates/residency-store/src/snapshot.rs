@@ -136,13 +136,15 @@ fn truncated(error: io::Error) -> StoreError {
     }
 }
 
-pub struct SnapshotReader {
-    input: ChecksummedReader<BufReader<File>>,
+/// Reads a snapshot file as a stream: the header, then pairs, then a trailer whose count and
+/// CRC are checked. Any damage is a `StoreError`, never a panic (fuzzed: `tests/fuzz`).
+pub struct SnapshotReader<R: Read = BufReader<File>> {
+    input: ChecksummedReader<R>,
     pairs: u64,
     finished: bool,
 }
 
-impl std::fmt::Debug for SnapshotReader {
+impl<R: Read> std::fmt::Debug for SnapshotReader<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SnapshotReader")
             .field("pairs", &self.pairs)
@@ -153,7 +155,13 @@ impl std::fmt::Debug for SnapshotReader {
 impl SnapshotReader {
     /// Reads the header; pairs follow through `next_pair`.
     pub fn open(file: File) -> Result<(SnapshotReader, SnapshotMeta), StoreError> {
-        let inner = BufReader::with_capacity(IO_BUFFER_BYTES, file);
+        SnapshotReader::from_reader(BufReader::with_capacity(IO_BUFFER_BYTES, file))
+    }
+}
+
+impl<R: Read> SnapshotReader<R> {
+    /// As `open`, from any reader.
+    pub fn from_reader(inner: R) -> Result<(SnapshotReader<R>, SnapshotMeta), StoreError> {
         let mut input = ChecksummedReader {
             inner,
             hasher: crc32fast::Hasher::new(),
