@@ -63,7 +63,15 @@ wait_port() {
     done
 }
 
-ctl() { RESIDENCY_CERTS_DIR="$data/certs" "$(bin_dir)/residencyctl" "$@"; }
+# RESIDENCY_TLS=off runs the nodes in plaintext (residencyd --insecure-no-tls): for measuring
+# what TLS costs, never otherwise.
+if [ "${RESIDENCY_TLS:-on}" = "off" ]; then
+    tls_flags=(--insecure-no-tls)
+    ctl() { "$(bin_dir)/residencyctl" --plaintext "$@"; }
+else
+    tls_flags=(--tls-dir "$data/certs")
+    ctl() { RESIDENCY_CERTS_DIR="$data/certs" "$(bin_dir)/residencyctl" "$@"; }
+fi
 
 # Whether node $1's /readyz answers 200 (leader known, caught up to the leader's commit index).
 ready() {
@@ -93,7 +101,7 @@ up() {
             say "node $n already running (pid $pid)"
             continue
         fi
-        nohup "$bin" --config "cluster/local/node$n.toml" --data-dir "$data/node$n" --tls-dir "$data/certs" \
+        nohup "$bin" --config "cluster/local/node$n.toml" --data-dir "$data/node$n" "${tls_flags[@]}" \
             >>"$data/node$n/residencyd.log" 2>&1 &
         echo $! >"$(pid_file "$n")"
         say "node $n started (pid $!), log: $data/node$n/residencyd.log"

@@ -204,9 +204,9 @@ fn each_identity_gets_exactly_what_its_role_allows_and_refusals_change_nothing()
     });
 }
 
-/// A certificate from the CA, for `uri`, valid from `not_before` to `not_after` (seconds
+/// A certificate from the CA, for `uris`, valid from `not_before` to `not_after` (seconds
 /// relative to now).
-fn issue(certs: &Path, uri: &str, not_before: i64, not_after: i64) -> (Vec<u8>, Vec<u8>) {
+fn issue(certs: &Path, uris: &[&str], not_before: i64, not_after: i64) -> (Vec<u8>, Vec<u8>) {
     let ca_key =
         rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).expect("ca key"))
             .expect("ca key");
@@ -216,9 +216,11 @@ fn issue(certs: &Path, uri: &str, not_before: i64, not_after: i64) -> (Vec<u8>, 
     )
     .expect("issuer");
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.subject_alt_names.push(rcgen::SanType::URI(
-        rcgen::string::Ia5String::try_from(uri).expect("uri"),
-    ));
+    for uri in uris {
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(*uri).expect("uri"),
+        ));
+    }
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now + time::Duration::seconds(not_before);
@@ -261,7 +263,7 @@ fn certificates_the_cluster_must_not_accept_get_no_connection() {
             &cluster,
             Some(issue(
                 &certs,
-                "spiffe://residency.local/operator/expired",
+                &["spiffe://residency.local/operator/expired"],
                 -7_200,
                 -3_600,
             )),
@@ -275,7 +277,7 @@ fn certificates_the_cluster_must_not_accept_get_no_connection() {
             &cluster,
             Some(issue(
                 &certs,
-                "spiffe://residency.local/operator/expired",
+                &["spiffe://residency.local/operator/expired"],
                 -60,
                 3_600,
             )),
@@ -286,7 +288,7 @@ fn certificates_the_cluster_must_not_accept_get_no_connection() {
             &cluster,
             Some(issue(
                 &certs,
-                "spiffe://residency.local/robot/r2",
+                &["spiffe://residency.local/robot/r2"],
                 -60,
                 3_600,
             )),

@@ -357,3 +357,64 @@ fn a_flood_from_one_identity_is_shed_and_others_are_served() {
         );
     });
 }
+
+#[test]
+fn overload_is_answered_resource_exhausted_and_causes_no_election() {
+    serially(|| async {
+        // Two requests in flight per node at most, so 64 concurrent reads overload it.
+        let raft = format!("{DEFAULT_RAFT}\n\n[limits]\nrequests_in_flight_max = 2");
+        let cluster = Cluster::start(3, &raft).await;
+        let leader = cluster.wait_for_leader(None).await;
+        let before = vitals(&cluster).await;
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let mut raw =
+                pb::registry_client::RegistryClient::new(cluster.raw_channel(leader).await);
+            tasks.push(tokio::spawn(async move {
+                let (mut served, mut shed) = (0u64, 0u64);
+                for _ in 0..20 {
+                    let request = pb::LookupRequest {
+                        user_id: "overload".to_string(),
+                        consistency: None,
+                    };
+                    match raw.lookup(request).await {
+                        Ok(_) => served += 1,
+                        Err(status) => match metadata::reason(&status) {
+                            Some(ReasonCode::UserNotFound) => served += 1,
+                            Some(ReasonCode::Overloaded) => {
+                                assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+                                shed += 1;
+                            }
+                            other => panic!("unexpected {other:?}: {status:?}"),
+                        },
+                    }
+                }
+                (served, shed)
+            }));
+        }
+        let (mut served, mut shed) = (0, 0);
+        for task in tasks {
+            let (s, l) = task.await.expect("task");
+            served += s;
+            shed += l;
+        }
+        assert!(shed > 0, "nothing was shed ({served} served)");
+        assert!(served > 0, "nothing was served ({shed} shed)");
+        // The typed client retries OVERLOADED after a pause, so a patient caller gets through.
+        cluster
+            .client_for(leader)
+            .status()
+            .await
+            .expect("served after the overload");
+        let (_, body) = cluster.http_get(leader, "/metrics");
+        assert!(
+            body.contains("residency_requests_refused_total{reason=\"OVERLOADED\"}"),
+            "{body}"
+        );
+        assert_eq!(
+            vitals(&cluster).await,
+            before,
+            "the overload moved the log or the term"
+        );
+    });
+}

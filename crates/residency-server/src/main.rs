@@ -43,8 +43,13 @@ struct Args {
     listen_metrics: Option<String>,
     /// Turns TLS on with the files `residencyctl certs init --dir DIR` wrote: `DIR/ca.pem`,
     /// `DIR/node<ID>.pem` and `DIR/node<ID>.key` (other `[tls]` settings kept).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "insecure_no_tls")]
     tls_dir: Option<PathBuf>,
+    /// Turns TLS off whatever the file says (`tls.enabled = false`): plaintext, every caller
+    /// may do anything, peers are not authenticated. For development and for measuring what
+    /// TLS costs, never for a deployment.
+    #[arg(long)]
+    insecure_no_tls: bool,
     /// Overrides `log.format`.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -217,6 +222,13 @@ fn load(args: &Args) -> anyhow::Result<Config> {
         tls.ca_file = Some(dir.join("ca.pem"));
         tls.cert_file = Some(dir.join(format!("node{id}.pem")));
         tls.key_file = Some(dir.join(format!("node{id}.key")));
+        config.tls = Some(tls);
+    }
+    if args.insecure_no_tls {
+        let mut tls = config.tls.take().unwrap_or_else(|| {
+            toml::from_str("enabled = false").expect("a minimal [tls] section parses")
+        });
+        tls.enabled = false;
         config.tls = Some(tls);
     }
     if let Some(format) = args.log_format {
