@@ -546,3 +546,46 @@ fn no_user_id_or_location_reaches_a_log_line_or_a_metric_label() {
         assert!(audit.contains("secret-user-7f3a") && audit.contains("secret-loc-9b2c"));
     });
 }
+
+#[test]
+fn with_client_certificates_optional_a_caller_without_one_gets_the_anonymous_role_or_nothing() {
+    serially(|| async {
+        use Outcome::{Denied, Served, Unauthenticated};
+        {
+            let cluster = Cluster::start_with(
+                3,
+                DEFAULT_RAFT,
+                "client_certificates = \"optional\"",
+                "anonymous_role = \"reader\"",
+            )
+            .await;
+            let before = fingerprint(&cluster).await;
+            let anonymous = client_with(&cluster, None);
+            assert_eq!(
+                every_class(&anonymous, "anonymous-reader").await,
+                vec![Served, Served, Denied, Denied, Denied]
+            );
+            // A certificate without a role does not fall back to the anonymous role.
+            let stranger = cluster.client_as("service-stranger");
+            assert_eq!(every_class(&stranger, "stranger").await, vec![Denied; 5]);
+            assert_eq!(fingerprint(&cluster).await, before);
+        }
+        let cluster =
+            Cluster::start_with(3, DEFAULT_RAFT, "client_certificates = \"optional\"", "").await;
+        let before = fingerprint(&cluster).await;
+        let anonymous = client_with(&cluster, None);
+        assert_eq!(
+            every_class(&anonymous, "anonymous").await,
+            vec![Unauthenticated; 5]
+        );
+        // Health answers anyone who connects.
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            cluster.raw_channel_as(1, "service-stranger").await,
+        );
+        health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .expect("health is open");
+        assert_eq!(fingerprint(&cluster).await, before);
+    });
+}

@@ -250,6 +250,12 @@ pub enum Security {
     /// The directory with `ca.pem`, `node<N>.pem/.key`, `operator.pem/.key` (an admin) and
     /// `service-reader`, `service-writer` and `service-stranger` (no role).
     Tls(PathBuf),
+    /// TLS as above, with more lines for the nodes' `[tls]` section and an `[auth]` section.
+    TlsWith {
+        certs: PathBuf,
+        tls_toml: String,
+        auth_toml: String,
+    },
     Plaintext,
 }
 
@@ -285,9 +291,23 @@ impl Security {
         Security::Tls(certs)
     }
 
+    /// This security with `tls_toml` added to the nodes' `[tls]` section and `auth_toml` as
+    /// their `[auth]` section (before the role table).
+    pub fn with(self, tls_toml: &str, auth_toml: &str) -> Security {
+        let certs = self
+            .certs()
+            .expect("only TLS has more to say")
+            .to_path_buf();
+        Security::TlsWith {
+            certs,
+            tls_toml: tls_toml.to_string(),
+            auth_toml: auth_toml.to_string(),
+        }
+    }
+
     /// Issues node `id`'s certificate for `jurisdiction`, unless it exists.
     pub fn issue_node(&self, id: u64, jurisdiction: &str) {
-        let Security::Tls(certs) = self else { return };
+        let Some(certs) = self.certs() else { return };
         if certs.join(format!("node{id}.pem")).exists() {
             return;
         }
@@ -306,13 +326,21 @@ impl Security {
 
     /// The `[tls]` and `[auth]` sections of node `id`'s config.
     fn node_toml(&self, id: u64) -> String {
-        match self {
-            Security::Tls(certs) => format!(
+        let (tls_toml, auth_toml) = match self {
+            Security::TlsWith {
+                tls_toml,
+                auth_toml,
+                ..
+            } => (tls_toml.as_str(), auth_toml.as_str()),
+            _ => ("", ""),
+        };
+        match self.certs() {
+            Some(certs) => format!(
                 "[tls]\nenabled = true\nca_file = \"{0}/ca.pem\"\ncert_file = \"{0}/node{id}.pem\"\n\
-                 key_file = \"{0}/node{id}.key\"\n\n{TEST_ROLES}",
+                 key_file = \"{0}/node{id}.key\"\n{tls_toml}\n\n[auth]\n{auth_toml}\n\n{TEST_ROLES}",
                 certs.display()
             ),
-            Security::Plaintext => "[tls]\nenabled = false\n".to_string(),
+            None => "[tls]\nenabled = false\n".to_string(),
         }
     }
 
@@ -322,17 +350,16 @@ impl Security {
         ClientOptions {
             timeout,
             caller: "cluster-test".to_string(),
-            tls: match self {
-                Security::Tls(certs) => Some(TlsOptions::from_dir(certs, name).expect("certs")),
-                Security::Plaintext => None,
-            },
+            tls: self
+                .certs()
+                .map(|certs| TlsOptions::from_dir(certs, name).expect("certs")),
         }
     }
 
     /// The certificates' directory, if TLS is on.
     pub fn certs(&self) -> Option<&Path> {
         match self {
-            Security::Tls(certs) => Some(certs),
+            Security::Tls(certs) | Security::TlsWith { certs, .. } => Some(certs),
             Security::Plaintext => None,
         }
     }
@@ -359,16 +386,41 @@ impl Cluster {
         Cluster::start_secured(size, raft_toml, false).await
     }
 
+    /// As `start`, with more TLS and authorization settings for every node (see
+    /// `Security::with`).
+    pub async fn start_with(
+        size: u64,
+        raft_toml: &str,
+        tls_toml: &str,
+        auth_toml: &str,
+    ) -> Cluster {
+        Cluster::start_configured(size, raft_toml, |dir| {
+            Security::tls(dir, size).with(tls_toml, auth_toml)
+        })
+        .await
+    }
+
     async fn start_secured(size: u64, raft_toml: &str, tls: bool) -> Cluster {
+        Cluster::start_configured(size, raft_toml, |dir| {
+            if tls {
+                Security::tls(dir, size)
+            } else {
+                Security::Plaintext
+            }
+        })
+        .await
+    }
+
+    async fn start_configured(
+        size: u64,
+        raft_toml: &str,
+        security: impl FnOnce(&Path) -> Security,
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("residency-cluster-")
             .tempdir()
             .expect("cluster dir");
-        let security = if tls {
-            Security::tls(dir.path(), size)
-        } else {
-            Security::Plaintext
-        };
+        let security = security(dir.path());
         let mut nodes = BTreeMap::new();
         for id in 1..=size {
             nodes.insert(
@@ -555,8 +607,8 @@ impl Cluster {
     /// A raw gRPC channel to node `id`'s client port presenting `<name>.pem`.
     pub async fn raw_channel_as(&self, id: u64, name: &str) -> tonic::transport::Channel {
         let address = self.nodes[&id].client_addr();
-        let endpoint = match &self.security {
-            Security::Tls(certs) => {
+        let endpoint = match self.security.certs() {
+            Some(certs) => {
                 let read = |name: &str| fs::read(certs.join(name)).expect("certificate file");
                 tonic::transport::Endpoint::from_shared(format!("https://{address}"))
                     .expect("endpoint")
@@ -570,10 +622,8 @@ impl Cluster {
                     )
                     .expect("tls config")
             }
-            Security::Plaintext => {
-                tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-                    .expect("endpoint")
-            }
+            None => tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                .expect("endpoint"),
         };
         endpoint.connect().await.expect("connect")
     }
@@ -661,9 +711,9 @@ impl Cluster {
             .collect();
         let mut command = Command::new(binary_path("residencyctl"));
         command.arg("--endpoints").arg(endpoints.join(","));
-        match &self.security {
-            Security::Tls(certs) => command.arg("--certs-dir").arg(certs),
-            Security::Plaintext => command.arg("--plaintext"),
+        match self.security.certs() {
+            Some(certs) => command.arg("--certs-dir").arg(certs),
+            None => command.arg("--plaintext"),
         };
         let output = command.args(args).output().expect("residencyctl runs");
         (

@@ -78,7 +78,7 @@ pub fn client_method_access(path: &str) -> Access {
 /// Whether the audit file records every call of this method, not only its refusals: the admin
 /// changes.
 pub fn is_audited_change(path: &str) -> bool {
-    client_method_access(path) == Access::Needs(Role::Admin) && !path.ends_with("/Status")
+    client_method_access(path) == Access::Needs(Role::Admin)
 }
 
 /// The caller as admitted: handlers read it from the request's extensions.
@@ -185,7 +185,7 @@ pub struct Authorizer {
 #[derive(Debug)]
 struct Admitted {
     caller: Caller,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 fn remote_of<B>(request: &http::Request<B>) -> String {
@@ -316,7 +316,7 @@ impl Authorizer {
             return match peer_node(&holder, &tls.trust_domain, tls.jurisdiction) {
                 Ok(_) => Ok(Admitted {
                     caller,
-                    _permit: None,
+                    permit: None,
                 }),
                 Err(message) => Err(Box::new((ApiError::PeerNotAllowed(message), caller))),
             };
@@ -365,7 +365,7 @@ impl Authorizer {
         if self.listener == Listener::Peer || client_method_access(path) == Access::Open {
             return Ok(Admitted {
                 caller,
-                _permit: None,
+                permit: None,
             });
         }
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
@@ -397,7 +397,7 @@ impl Authorizer {
         }
         Ok(Admitted {
             caller,
-            _permit: Some(permit),
+            permit: Some(permit),
         })
     }
 }
@@ -501,7 +501,7 @@ where
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 let future = inner.call(request);
-                let permit = admitted._permit;
+                let permit = admitted.permit;
                 Box::pin(async move {
                     let response = future.await;
                     drop(permit);

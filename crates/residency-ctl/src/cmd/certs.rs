@@ -326,6 +326,13 @@ fn show(file: &Path) -> Result<(), Failure> {
         for name in &san.value.general_names {
             match name {
                 GeneralName::URI(uri) => uris.push((*uri).to_string()),
+                GeneralName::DNSName(name) => names.push((*name).to_string()),
+                GeneralName::IPAddress(bytes) => names.push(match *bytes {
+                    [a, b, c, d] => std::net::IpAddr::from([*a, *b, *c, *d]).to_string(),
+                    _ => <[u8; 16]>::try_from(*bytes)
+                        .map(|octets| std::net::IpAddr::from(octets).to_string())
+                        .unwrap_or_else(|_| format!("{bytes:?}")),
+                }),
                 other => names.push(other.to_string()),
             }
         }
