@@ -105,7 +105,7 @@ impl Chain {
     /// The chain after `record`.
     pub fn after(record: &AuditRecord) -> Chain {
         Chain {
-            next_seq: record.seq + 1,
+            next_seq: record.seq.saturating_add(1),
             prev: record.hash.clone(),
         }
     }
@@ -120,7 +120,7 @@ impl Chain {
             prev: std::mem::replace(&mut self.prev, hash.clone()),
             hash,
         };
-        self.next_seq += 1;
+        self.next_seq = self.next_seq.saturating_add(1);
         record
     }
 }
@@ -201,7 +201,7 @@ pub fn verify(mut input: impl BufRead) -> std::io::Result<Report> {
                     .problems
                     .push(problem(format!("not an audit record: {error}")));
                 // The next record cannot link to this line; expect what it would have set.
-                expected.next_seq += 1;
+                expected.next_seq = expected.next_seq.saturating_add(1);
                 continue;
             }
         };

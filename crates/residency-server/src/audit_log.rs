@@ -23,6 +23,10 @@ pub const AUDIT_QUEUE_RECORDS_MAX: usize = 65_536;
 const AUDIT_BATCH_RECORDS_MAX: usize = 4_096;
 /// How much of the file's end is read at start to find where its chain stands, in bytes.
 const AUDIT_TAIL_READ_BYTES: u64 = 2 * residency_audit::RECORD_LINE_BYTES_MAX as u64;
+/// The longest subject, action, identity or address a record keeps, in bytes; longer ones are
+/// cut (at a character boundary) and marked. Keeps every line far below
+/// `residency_audit::RECORD_LINE_BYTES_MAX`, whatever a client sends.
+pub const AUDIT_FIELD_BYTES_MAX: usize = 1_024;
 /// The file's name in the data directory.
 pub const AUDIT_FILE_NAME: &str = "audit.jsonl";
 
@@ -66,14 +70,19 @@ fn recover(file: &mut File, path: &Path) -> anyhow::Result<(Chain, u64)> {
     file.seek(SeekFrom::Start(start))?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
-    // Reading from the middle of the file: skip to the first whole line.
+    // Reading from the middle of the file: skip to the first whole line. Records are far
+    // shorter than the window, so a window without a line end is not a file we wrote.
     let skip = if start == 0 {
         0
     } else {
-        bytes
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(bytes.len(), |at| at + 1)
+        match bytes.iter().position(|&b| b == b'\n') {
+            Some(at) => at + 1,
+            None => anyhow::bail!(
+                "{}: its last {AUDIT_TAIL_READ_BYTES} bytes hold no line end; verify it with \
+                 `residencyctl audit verify`, move it aside, and restart",
+                path.display()
+            ),
+        }
     };
     let tail = residency_audit::tail(&bytes[skip..]).map_err(|message| {
         anyhow::anyhow!(
@@ -87,6 +96,18 @@ fn recover(file: &mut File, path: &Path) -> anyhow::Result<(Chain, u64)> {
     }
     let chain = tail.last.as_ref().map_or_else(Chain::default, Chain::after);
     Ok((chain, tail.torn_bytes))
+}
+
+/// `text`, or its first `AUDIT_FIELD_BYTES_MAX` bytes (to a character boundary) and a mark.
+fn bounded(text: &str) -> String {
+    if text.len() <= AUDIT_FIELD_BYTES_MAX {
+        return text.to_string();
+    }
+    let mut end = AUDIT_FIELD_BYTES_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
 }
 
 impl AuditLog {
@@ -157,11 +178,11 @@ impl AuditLog {
         AuditEntry {
             at_ms: now_ms(),
             node: self.node_id,
-            identity: identity.to_string(),
-            remote: remote.to_string(),
-            action: action.to_string(),
-            subject,
-            outcome: outcome.to_string(),
+            identity: bounded(identity),
+            remote: bounded(remote),
+            action: bounded(action),
+            subject: bounded(&subject),
+            outcome: bounded(outcome),
             revision,
         }
     }
@@ -224,8 +245,7 @@ impl AuditLog {
     }
 }
 
-fn write_loop(file: File, mut chain: Chain, jobs: Receiver<Job>, written: Arc<AtomicU64>) {
-    let mut out = std::io::BufWriter::new(file);
+fn write_loop(mut file: File, mut chain: Chain, jobs: Receiver<Job>, written: Arc<AtomicU64>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < AUDIT_BATCH_RECORDS_MAX {
@@ -234,28 +254,35 @@ fn write_loop(file: File, mut chain: Chain, jobs: Receiver<Job>, written: Arc<At
                 Err(_) => break,
             }
         }
+        // The batch is sealed on a copy of the chain and written at once; if the write or the
+        // sync fails, the file is cut back and the chain stays where the file ends.
+        let mut sealed = chain.clone();
+        let mut bytes = Vec::new();
         let mut acks = Vec::new();
-        let mut lines = 0u64;
-        let mut result = Ok(());
+        let lines = batch.len() as u64;
         for job in batch {
-            let record: AuditRecord = chain.append(job.entry);
-            if result.is_ok() {
-                result = out.write_all(record.to_line().as_bytes());
-                lines += 1;
-            }
+            let record: AuditRecord = sealed.append(job.entry);
+            bytes.extend_from_slice(record.to_line().as_bytes());
             acks.extend(job.ack);
         }
-        let result = result
-            .and_then(|()| out.flush())
-            .and_then(|()| out.get_ref().sync_data());
+        let result = file.metadata().map(|meta| meta.len()).and_then(|length| {
+            let written = file.write_all(&bytes).and_then(|()| file.sync_data());
+            if written.is_err() {
+                // Best effort: a failing disk may refuse this too; the next start cuts a torn
+                // line in any case.
+                let _ = file.set_len(length);
+            }
+            written
+        });
         match &result {
             Ok(()) => {
+                chain = sealed;
                 let total = written.fetch_add(lines, Ordering::Relaxed) + lines;
                 metrics::gauge!("residency_audit_records").set(total as f64);
             }
             Err(error) => {
                 metrics::counter!("residency_audit_write_errors_total").increment(1);
-                tracing::error!(%error, "cannot write the audit file");
+                tracing::error!(%error, records = lines, "cannot write the audit file");
             }
         }
         for ack in acks {
@@ -294,6 +321,33 @@ mod tests {
         assert_eq!(report.records, 5);
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(text.contains("audit.repaired"));
+    }
+
+    #[tokio::test]
+    async fn fields_are_bounded_whatever_a_client_sends() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = AuditLog::open(dir.path(), 1).expect("open");
+        let huge = "é".repeat(100_000);
+        log.record(&huge, &huge, &huge, huge.clone(), &huge, 1)
+            .await;
+        let text = std::fs::read_to_string(dir.path().join(AUDIT_FILE_NAME)).expect("read");
+        assert!(
+            text.len() < 6 * AUDIT_FIELD_BYTES_MAX,
+            "{} bytes",
+            text.len()
+        );
+        assert!(text.contains("(200000 bytes)"));
+        let report = residency_audit::verify(text.as_bytes()).expect("verify");
+        assert!(report.is_intact(), "{:?}", report.problems);
+    }
+
+    #[test]
+    fn a_file_whose_tail_holds_no_line_end_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let long = "x".repeat(3 * residency_audit::RECORD_LINE_BYTES_MAX);
+        std::fs::write(dir.path().join(AUDIT_FILE_NAME), long).expect("write");
+        let error = AuditLog::open(dir.path(), 1).expect_err("refused");
+        assert!(error.to_string().contains("no line end"), "{error}");
     }
 
     #[test]

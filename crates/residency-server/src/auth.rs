@@ -241,19 +241,22 @@ impl Authorizer {
         parsed
     }
 
-    /// Takes one token from `key`'s bucket; false when it has none left.
+    /// Takes one token from `key`'s bucket; false when it has none left. Past
+    /// `RATE_BUCKETS_MAX` tracked callers (after dropping the full buckets), new callers share
+    /// one overflow bucket: spraying new identities or addresses buys no extra rate.
     fn take_token(&self, key: &str) -> bool {
         let rate = f64::from(self.shedding.caller_requests_per_second);
         let burst = f64::from(self.shedding.caller_requests_burst);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().expect("rate buckets lock");
+        let mut key = key;
         if buckets.len() >= RATE_BUCKETS_MAX && !buckets.contains_key(key) {
             // Drop the buckets that have refilled: their callers lose nothing.
             buckets.retain(|_, bucket| {
                 bucket.tokens + now.duration_since(bucket.refreshed).as_secs_f64() * rate < burst
             });
             if buckets.len() >= RATE_BUCKETS_MAX {
-                buckets.clear();
+                key = OVERFLOW_BUCKET;
             }
         }
         let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
@@ -271,134 +274,167 @@ impl Authorizer {
         }
     }
 
-    fn admit<B>(&self, request: &http::Request<B>) -> Result<Admitted, Box<(ApiError, Caller)>> {
-        let remote = remote_of(request);
-        let path = request.uri().path();
+    /// The caller's share of the rate: one token, or `RATE_LIMITED`.
+    fn rate(&self, caller: &Caller) -> Result<(), ApiError> {
+        if self.take_token(&rate_key(caller)) {
+            return Ok(());
+        }
+        Err(ApiError::RateLimited(format!(
+            "{} sent more than {} requests per second to this node (burst {}); retry with backoff",
+            caller.name(),
+            self.shedding.caller_requests_per_second,
+            self.shedding.caller_requests_burst
+        )))
+    }
+
+    /// Who calls, and why they may not (if so): the certificate's identity, the peer port's
+    /// rule, the role table.
+    fn identify<B>(
+        &self,
+        request: &http::Request<B>,
+        tls: &TlsPolicy,
+        path: &str,
+    ) -> (Caller, Option<ApiError>) {
         let anonymous = Caller {
             identity: None,
             role: None,
-            remote: remote.clone(),
+            remote: remote_of(request),
         };
-        let Some(tls) = &self.tls else {
-            // TLS off (development): nobody can be told apart, so nobody is refused.
-            return self.shed(
-                path,
-                Caller {
-                    role: Some(Role::Admin),
-                    ..anonymous
-                },
-            );
+        let refuse = |message: String| match self.listener {
+            Listener::Peer => ApiError::PeerNotAllowed(message),
+            Listener::Client => ApiError::PermissionDenied(message),
         };
         let holder = match peer_certificate(request).map(|cert| self.holder(&cert)) {
             None => None,
             Some(Ok(holder)) => Some(holder),
             Some(Err(message)) => {
-                return Err(Box::new((
-                    ApiError::PermissionDenied(format!(
-                        "the client certificate names no identity we accept: {message}"
-                    )),
-                    anonymous,
-                )));
+                let message = format!("the certificate names no identity we accept: {message}");
+                return (anonymous, Some(refuse(message)));
             }
         };
         if self.listener == Listener::Peer {
             let Some(holder) = holder else {
-                return Err(Box::new((
-                    ApiError::PeerNotAllowed("the peer port needs a node certificate".into()),
-                    anonymous,
-                )));
+                let message = "the peer port needs a node certificate".to_string();
+                return (anonymous, Some(refuse(message)));
             };
+            let refusal = peer_node(&holder, &tls.trust_domain, tls.jurisdiction)
+                .err()
+                .map(refuse);
             let caller = Caller {
-                identity: Some(holder.identity.clone()),
-                role: None,
-                remote,
+                identity: Some(holder.identity),
+                ..anonymous
             };
-            return match peer_node(&holder, &tls.trust_domain, tls.jurisdiction) {
-                Ok(_) => Ok(Admitted {
-                    caller,
-                    permit: None,
-                }),
-                Err(message) => Err(Box::new((ApiError::PeerNotAllowed(message), caller))),
-            };
+            return (caller, refusal);
         }
         let caller = match holder {
             Some(holder) => Caller {
                 role: tls.roles.role_of(&holder.identity),
                 identity: Some(holder.identity),
-                remote,
+                ..anonymous
             },
             None => Caller {
                 role: tls.anonymous_role,
                 ..anonymous
             },
         };
-        match client_method_access(path) {
-            Access::Open => {}
+        let refusal = match client_method_access(path) {
+            Access::Open => None,
             Access::Needs(needed) => match (&caller.identity, caller.role) {
-                (_, Some(role)) if role >= needed => {}
-                (None, None) => {
-                    return Err(Box::new((
-                        ApiError::Unauthenticated(format!(
-                            "{path} needs a client certificate with the {needed} role"
-                        )),
-                        caller,
-                    )));
-                }
-                (_, None) => {
-                    let message = format!("{} has no role on this cluster", caller.name());
-                    return Err(Box::new((ApiError::PermissionDenied(message), caller)));
-                }
-                (_, Some(role)) => {
-                    let message = format!(
-                        "{} has the {role} role; {path} needs {needed}",
-                        caller.name()
-                    );
-                    return Err(Box::new((ApiError::PermissionDenied(message), caller)));
-                }
+                (_, Some(role)) if role >= needed => None,
+                (None, None) => Some(ApiError::Unauthenticated(format!(
+                    "{path} needs a client certificate with the {needed} role"
+                ))),
+                (_, None) => Some(refuse(format!(
+                    "{} has no role on this cluster",
+                    caller.name()
+                ))),
+                (_, Some(role)) => Some(refuse(format!(
+                    "{} has the {role} role; {path} needs {needed}",
+                    caller.name()
+                ))),
             },
-        }
-        self.shed(path, caller)
+        };
+        (caller, refusal)
     }
 
-    /// The load limits, after identity: the cap on requests in flight, then the caller's rate.
-    fn shed(&self, path: &str, caller: Caller) -> Result<Admitted, Box<(ApiError, Caller)>> {
-        if self.listener == Listener::Peer || client_method_access(path) == Access::Open {
-            return Ok(Admitted {
-                caller,
-                permit: None,
-            });
+    /// Admits a request or says why not. On the client listener every call but health first
+    /// takes its share of the caller's rate, refused ones included, so that refusals cannot
+    /// flood the node or its audit file; then the role; then a permit of the in-flight cap.
+    /// The peer port is never shed (Raft must not starve); its refusals are rate-limited only
+    /// in what they write to the audit file (see `call`).
+    fn admit<B>(&self, request: &http::Request<B>) -> Result<Admitted, Box<(ApiError, Caller)>> {
+        let path = request.uri().path();
+        let (caller, refusal) = match &self.tls {
+            Some(tls) => self.identify(request, tls, path),
+            // TLS off (development): nobody can be told apart, so nobody is refused.
+            None => (
+                Caller {
+                    identity: None,
+                    role: Some(Role::Admin),
+                    remote: remote_of(request),
+                },
+                None,
+            ),
+        };
+        if self.listener == Listener::Peer {
+            return match refusal {
+                None => Ok(Admitted {
+                    caller,
+                    permit: None,
+                }),
+                Some(error) => Err(Box::new((error, caller))),
+            };
+        }
+        if client_method_access(path) == Access::Open {
+            return match refusal {
+                None => Ok(Admitted {
+                    caller,
+                    permit: None,
+                }),
+                Some(error) => Err(Box::new((error, caller))),
+            };
+        }
+        if let Err(error) = self.rate(&caller) {
+            return Err(Box::new((error, caller)));
+        }
+        if let Some(error) = refusal {
+            return Err(Box::new((error, caller)));
         }
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            return Err(Box::new((
-                ApiError::Overloaded(format!(
-                    "{} requests in flight on this node; retry with backoff",
-                    self.shedding.requests_in_flight_max
-                )),
-                caller,
-            )));
+            let error = ApiError::Overloaded(format!(
+                "{} requests in flight on this node; retry with backoff",
+                self.shedding.requests_in_flight_max
+            ));
+            return Err(Box::new((error, caller)));
         };
-        let key = match &caller.identity {
-            Some(identity) => identity.uri().to_string(),
-            // Without a certificate, callers are told apart by their address only.
-            None => caller
-                .remote
-                .rsplit_once(':')
-                .map_or("", |(host, _)| host)
-                .to_string(),
-        };
-        if !self.take_token(&key) {
-            let message = format!(
-                "{} sent more than {} requests per second (burst {}); retry with backoff",
-                caller.name(),
-                self.shedding.caller_requests_per_second,
-                self.shedding.caller_requests_burst
-            );
-            return Err(Box::new((ApiError::RateLimited(message), caller)));
-        }
         Ok(Admitted {
             caller,
             permit: Some(permit),
         })
+    }
+
+    /// Whether a refusal goes to the audit file: always on the client listener (its refusals
+    /// passed the rate), within the caller's rate on the peer port.
+    fn audits_refusal(&self, caller: &Caller) -> bool {
+        match self.listener {
+            Listener::Client => true,
+            Listener::Peer => self.take_token(&rate_key(caller)),
+        }
+    }
+}
+
+/// The bucket new callers share once `RATE_BUCKETS_MAX` are tracked.
+const OVERFLOW_BUCKET: &str = "";
+
+/// What a caller's rate is counted by: its identity, or without one its address's host.
+fn rate_key(caller: &Caller) -> String {
+    match &caller.identity {
+        Some(identity) => identity.uri().to_string(),
+        None => caller
+            .remote
+            .rsplit_once(':')
+            .map_or(caller.remote.as_str(), |(host, _)| host)
+            .to_string(),
     }
 }
 
@@ -476,7 +512,9 @@ where
                 let outcome = error.reason_code();
                 metrics::counter!("residency_requests_refused_total", "reason" => outcome.as_str())
                     .increment(1);
-                if !matches!(error, ApiError::Overloaded(_) | ApiError::RateLimited(_)) {
+                if !matches!(error, ApiError::Overloaded(_) | ApiError::RateLimited(_))
+                    && authorizer.audits_refusal(&caller)
+                {
                     authorizer.audit.queue(
                         &path,
                         caller.name(),
@@ -502,10 +540,19 @@ where
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 let future = inner.call(request);
                 let permit = admitted.permit;
-                Box::pin(async move {
+                if !audited {
+                    return Box::pin(async move {
+                        let response = future.await;
+                        drop(permit);
+                        response
+                    });
+                }
+                // An admin change runs to its end and is recorded in its own task: a client that
+                // hangs up, or whose deadline passes, cannot leave a change without its record.
+                let task = tokio::spawn(async move {
                     let response = future.await;
                     drop(permit);
-                    if audited && let Ok(response) = &response {
+                    if let Ok(response) = &response {
                         let (subject, noted_revision) =
                             note.0.lock().expect("audit note lock").clone();
                         let revision = response
@@ -527,6 +574,16 @@ where
                             .await;
                     }
                     response
+                });
+                Box::pin(async move {
+                    match task.await {
+                        Ok(response) => response,
+                        Err(error) if error.is_panic() => {
+                            std::panic::resume_unwind(error.into_panic())
+                        }
+                        // The runtime is shutting down.
+                        Err(_) => Ok(tonic::Status::from(ApiError::ShuttingDown).into_http()),
+                    }
                 })
             }
         }

@@ -297,6 +297,8 @@ pub struct ValidConfig {
     pub log: LogConfig,
     /// `None`: TLS is off (development only), every caller is anonymous and may do anything.
     pub tls: Option<ValidTls>,
+    /// Settings that are valid but have no effect, for the node to log at start.
+    pub warnings: Vec<String>,
 }
 
 fn socket_addr(field: &'static str, text: Option<&String>) -> Result<SocketAddr, ConfigError> {
@@ -420,6 +422,12 @@ impl Config {
         let listen_peer = socket_addr("listen.peer", self.listen.peer.as_ref())?;
         let listen_metrics = socket_addr("listen.metrics", self.listen.metrics.as_ref())?;
         let tls = validate_tls(self.tls, &self.auth)?;
+        let mut warnings = Vec::new();
+        if tls.is_none() && (!self.auth.roles.is_empty() || self.auth.anonymous_role.is_some()) {
+            warnings.push(
+                "[auth] has no effect with TLS off: every caller may do anything".to_string(),
+            );
+        }
         Ok(ValidConfig {
             node_id,
             jurisdiction,
@@ -435,6 +443,7 @@ impl Config {
             storage: self.storage,
             log: self.log,
             tls,
+            warnings,
         })
     }
 }

@@ -118,6 +118,9 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let committed = log_store.committed_index();
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "configuration");
+    }
     let audit = audit_log::AuditLog::open(&config.data_dir, config.node_id)?;
     let node_tls = match &config.tls {
         Some(settings) => Some(tls::NodeTls::load(&config, settings)?),
