@@ -361,8 +361,11 @@ fn a_flood_from_one_identity_is_shed_and_others_are_served() {
 #[test]
 fn overload_is_answered_resource_exhausted_and_causes_no_election() {
     serially(|| async {
-        // Two requests in flight per node at most, so 64 concurrent reads overload it.
-        let raft = format!("{DEFAULT_RAFT}\n\n[limits]\nrequests_in_flight_max = 2");
+        // Eight requests in flight per node, two per caller: 64 concurrent reads from one
+        // caller overload it, while another caller still finds room.
+        let raft = format!(
+            "{DEFAULT_RAFT}\n\n[limits]\nrequests_in_flight_max = 8\ncaller_requests_in_flight_max = 2"
+        );
         let cluster = Cluster::start(3, &raft).await;
         let leader = cluster.wait_for_leader(None).await;
         let before = vitals(&cluster).await;
@@ -391,6 +394,22 @@ fn overload_is_answered_resource_exhausted_and_causes_no_election() {
                 }
                 (served, shed)
             }));
+        }
+        // Meanwhile another caller, one request at a time, is never shed.
+        let mut reader = pb::registry_client::RegistryClient::new(
+            cluster.raw_channel_as(leader, "service-reader").await,
+        );
+        for _ in 0..50 {
+            let request = pb::LookupRequest {
+                user_id: "bystander".to_string(),
+                consistency: None,
+            };
+            let status = reader.lookup(request).await.expect_err("no such user");
+            assert_eq!(
+                metadata::reason(&status),
+                Some(ReasonCode::UserNotFound),
+                "another caller was shed: {status:?}"
+            );
         }
         let (mut served, mut shed) = (0, 0);
         for task in tasks {

@@ -148,6 +148,8 @@ pub enum Listener {
 #[derive(Debug, Clone, Copy)]
 pub struct Shedding {
     pub requests_in_flight_max: usize,
+    /// Of those, what one caller may hold, so one caller cannot take the whole node.
+    pub caller_requests_in_flight_max: usize,
     pub caller_requests_per_second: u32,
     pub caller_requests_burst: u32,
 }
@@ -175,17 +177,38 @@ pub struct Authorizer {
     tls: Option<TlsPolicy>,
     shedding: Shedding,
     in_flight: Arc<Semaphore>,
+    /// Requests in flight per caller (rate key), for `caller_requests_in_flight_max`.
+    caller_in_flight: Arc<Mutex<HashMap<String, usize>>>,
     identities: Mutex<HashMap<Vec<u8>, Result<CertIdentity, String>>>,
     buckets: Mutex<HashMap<String, Bucket>>,
     audit: AuditLog,
 }
 
-/// What admission hands the service: the caller, and the in-flight permit held until the
+/// What admission hands the service: the caller, and the in-flight permits held until the
 /// answer's head is sent.
 #[derive(Debug)]
 struct Admitted {
     caller: Caller,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<(OwnedSemaphorePermit, CallerSlot)>,
+}
+
+/// One of a caller's requests in flight; gives its slot back when dropped.
+#[derive(Debug)]
+struct CallerSlot {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("caller in-flight lock");
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
 }
 
 fn remote_of<B>(request: &http::Request<B>) -> String {
@@ -221,6 +244,7 @@ impl Authorizer {
             tls,
             shedding,
             in_flight: Arc::new(Semaphore::new(shedding.requests_in_flight_max)),
+            caller_in_flight: Arc::default(),
             identities: Mutex::default(),
             buckets: Mutex::default(),
             audit,
@@ -407,9 +431,27 @@ impl Authorizer {
             ));
             return Err(Box::new((error, caller)));
         };
+        let key = rate_key(&caller);
+        {
+            let mut counts = self.caller_in_flight.lock().expect("caller in-flight lock");
+            let count = counts.entry(key.clone()).or_insert(0);
+            if *count >= self.shedding.caller_requests_in_flight_max {
+                let error = ApiError::Overloaded(format!(
+                    "{} has {} requests in flight on this node, its most; retry with backoff",
+                    caller.name(),
+                    self.shedding.caller_requests_in_flight_max
+                ));
+                return Err(Box::new((error, caller)));
+            }
+            *count += 1;
+        }
+        let slot = CallerSlot {
+            counts: self.caller_in_flight.clone(),
+            key,
+        };
         Ok(Admitted {
             caller,
-            permit: Some(permit),
+            permit: Some((permit, slot)),
         })
     }
 

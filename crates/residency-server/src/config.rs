@@ -70,6 +70,9 @@ pub struct LimitsConfig {
     /// Requests being served on the client listener at once; more are refused at once with
     /// RESOURCE_EXHAUSTED (`OVERLOADED`), never queued. Streams count until they start.
     pub requests_in_flight_max: usize,
+    /// Of those, what one caller (one identity; without a certificate, one address) may hold:
+    /// past it, `OVERLOADED` for that caller only.
+    pub caller_requests_in_flight_max: usize,
     /// Requests per second one caller (one identity; without a certificate, one address) may
     /// send, and how many it may send at once after a quiet spell. More are refused with
     /// RESOURCE_EXHAUSTED (`RATE_LIMITED`); other callers are not affected.
@@ -93,6 +96,7 @@ impl Default for LimitsConfig {
             status_member_timeout_ms: 1_000,
             read_index_waiters_max: 10_000,
             requests_in_flight_max: 4_096,
+            caller_requests_in_flight_max: 2_048,
             caller_requests_per_second: 50_000,
             caller_requests_burst: 100_000,
             connection_streams_max: 1_024,
@@ -398,6 +402,7 @@ impl Config {
             || limits.status_member_timeout_ms == 0
             || limits.read_index_waiters_max == 0
             || limits.requests_in_flight_max == 0
+            || limits.caller_requests_in_flight_max == 0
             || limits.caller_requests_per_second == 0
             || limits.caller_requests_burst == 0
             || limits.connection_streams_max == 0
@@ -405,6 +410,12 @@ impl Config {
             || limits.keepalive_timeout_ms == 0
         {
             return Err(invalid("limits", "every limit must be positive"));
+        }
+        if limits.caller_requests_in_flight_max > limits.requests_in_flight_max {
+            return Err(invalid(
+                "limits.caller_requests_in_flight_max",
+                "must not exceed limits.requests_in_flight_max",
+            ));
         }
         if raft.install_snapshot_timeout_ms == 0 {
             return Err(invalid(

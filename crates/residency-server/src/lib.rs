@@ -205,6 +205,7 @@ pub async fn run(
     });
     let shedding = auth::Shedding {
         requests_in_flight_max: limits.requests_in_flight_max,
+        caller_requests_in_flight_max: limits.caller_requests_in_flight_max,
         caller_requests_per_second: limits.caller_requests_per_second,
         caller_requests_burst: limits.caller_requests_burst,
     };
