@@ -145,14 +145,14 @@ impl AuditLog {
                 torn_bytes,
                 "the audit file ended in an incomplete line; cut it off"
             );
-            log.queue(
+            log.queue(log.entry(
                 "audit.repaired",
                 "local",
                 "",
                 format!("{torn_bytes} bytes of an incomplete last line cut off at start"),
                 "OK",
                 0,
-            );
+            ));
         }
         Ok(log)
     }
@@ -166,7 +166,9 @@ impl AuditLog {
         self.written.load(Ordering::Relaxed)
     }
 
-    fn entry(
+    /// A record of this node, now; the fields a client chose are cut to
+    /// `AUDIT_FIELD_BYTES_MAX`. Hand it to `queue` or `record`.
+    pub fn entry(
         &self,
         action: &str,
         identity: &str,
@@ -188,40 +190,24 @@ impl AuditLog {
     }
 
     /// Queues a record without waiting for it; counted and logged if the queue is full.
-    pub fn queue(
-        &self,
-        action: &str,
-        identity: &str,
-        remote: &str,
-        subject: String,
-        outcome: &str,
-        revision: u64,
-    ) {
-        let entry = self.entry(action, identity, remote, subject, outcome, revision);
+    pub fn queue(&self, entry: AuditEntry) {
+        let action = entry.action.clone();
         match self.sender.try_send(Job { entry, ack: None }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 metrics::counter!("residency_audit_dropped_total").increment(1);
-                tracing::warn!(action, "the audit queue is full: a record was dropped");
+                tracing::warn!(%action, "the audit queue is full: a record was dropped");
             }
             Err(TrySendError::Disconnected(_)) => {
                 metrics::counter!("residency_audit_dropped_total").increment(1);
-                tracing::error!(action, "the audit writer has stopped: a record was dropped");
+                tracing::error!(%action, "the audit writer has stopped: a record was dropped");
             }
         }
     }
 
     /// Appends a record and waits until it is on disk.
-    pub async fn record(
-        &self,
-        action: &str,
-        identity: &str,
-        remote: &str,
-        subject: String,
-        outcome: &str,
-        revision: u64,
-    ) {
-        let entry = self.entry(action, identity, remote, subject, outcome, revision);
+    pub async fn record(&self, entry: AuditEntry) {
+        let action = entry.action.clone();
         let (ack, done) = oneshot::channel();
         let sender = self.sender.clone();
         let job = Job {
@@ -240,7 +226,7 @@ impl AuditLog {
         };
         if let Err(error) = result {
             metrics::counter!("residency_audit_write_errors_total").increment(1);
-            tracing::error!(%error, action, "an admin change could not be recorded in the audit file");
+            tracing::error!(%error, %action, "an admin change could not be recorded in the audit file");
         }
     }
 }
@@ -303,7 +289,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let log = AuditLog::open(dir.path(), 1).expect("open");
         for n in 0..3 {
-            log.record("test.Action", "me", "here", format!("s{n}"), "OK", n)
+            log.record(log.entry("test.Action", "me", "here", format!("s{n}"), "OK", n))
                 .await;
         }
         drop(log);
@@ -312,7 +298,7 @@ mod tests {
         bytes.extend_from_slice(b"{\"format\":1,\"seq\":4");
         std::fs::write(&path, &bytes).expect("write");
         let log = AuditLog::open(dir.path(), 1).expect("reopen");
-        log.record("test.Action", "me", "here", "s3".to_string(), "OK", 3)
+        log.record(log.entry("test.Action", "me", "here", "s3".to_string(), "OK", 3))
             .await;
         let report =
             residency_audit::verify(std::io::BufReader::new(File::open(&path).expect("open")))
@@ -328,7 +314,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let log = AuditLog::open(dir.path(), 1).expect("open");
         let huge = "é".repeat(100_000);
-        log.record(&huge, &huge, &huge, huge.clone(), &huge, 1)
+        log.record(log.entry(&huge, &huge, &huge, huge.clone(), &huge, 1))
             .await;
         let text = std::fs::read_to_string(dir.path().join(AUDIT_FILE_NAME)).expect("read");
         assert!(

@@ -75,12 +75,6 @@ pub fn client_method_access(path: &str) -> Access {
     }
 }
 
-/// Whether the audit file records every call of this method, not only its refusals: the admin
-/// changes.
-pub fn is_audited_change(path: &str) -> bool {
-    client_method_access(path) == Access::Needs(Role::Admin)
-}
-
 /// The caller as admitted: handlers read it from the request's extensions.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -190,6 +184,8 @@ pub struct Authorizer {
 struct Admitted {
     caller: Caller,
     permit: Option<(OwnedSemaphorePermit, CallerSlot)>,
+    /// An admin call on the client listener, recorded in the audit file with its outcome.
+    audited: bool,
 }
 
 /// One of a caller's requests in flight; gives its slot back when dropped.
@@ -298,9 +294,9 @@ impl Authorizer {
         }
     }
 
-    /// The caller's share of the rate: one token, or `RATE_LIMITED`.
-    fn rate(&self, caller: &Caller) -> Result<(), ApiError> {
-        if self.take_token(&rate_key(caller)) {
+    /// The caller's share of the rate (`key` is its `rate_key`): one token, or `RATE_LIMITED`.
+    fn rate(&self, caller: &Caller, key: &str) -> Result<(), ApiError> {
+        if self.take_token(key) {
             return Ok(());
         }
         Err(ApiError::RateLimited(format!(
@@ -317,8 +313,9 @@ impl Authorizer {
         &self,
         request: &http::Request<B>,
         tls: &TlsPolicy,
-        path: &str,
+        access: Access,
     ) -> (Caller, Option<ApiError>) {
+        let path = request.uri().path();
         let anonymous = Caller {
             identity: None,
             role: None,
@@ -361,7 +358,7 @@ impl Authorizer {
                 ..anonymous
             },
         };
-        let refusal = match client_method_access(path) {
+        let refusal = match access {
             Access::Open => None,
             Access::Needs(needed) => match (&caller.identity, caller.role) {
                 (_, Some(role)) if role >= needed => None,
@@ -387,9 +384,9 @@ impl Authorizer {
     /// The peer port is never shed (Raft must not starve); its refusals are rate-limited only
     /// in what they write to the audit file (see `call`).
     fn admit<B>(&self, request: &http::Request<B>) -> Result<Admitted, Box<(ApiError, Caller)>> {
-        let path = request.uri().path();
+        let access = client_method_access(request.uri().path());
         let (caller, refusal) = match &self.tls {
-            Some(tls) => self.identify(request, tls, path),
+            Some(tls) => self.identify(request, tls, access),
             // TLS off (development): nobody can be told apart, so nobody is refused.
             None => (
                 Caller {
@@ -400,25 +397,18 @@ impl Authorizer {
                 None,
             ),
         };
-        if self.listener == Listener::Peer {
+        if self.listener == Listener::Peer || access == Access::Open {
             return match refusal {
                 None => Ok(Admitted {
                     caller,
                     permit: None,
+                    audited: false,
                 }),
                 Some(error) => Err(Box::new((error, caller))),
             };
         }
-        if client_method_access(path) == Access::Open {
-            return match refusal {
-                None => Ok(Admitted {
-                    caller,
-                    permit: None,
-                }),
-                Some(error) => Err(Box::new((error, caller))),
-            };
-        }
-        if let Err(error) = self.rate(&caller) {
+        let key = rate_key(&caller);
+        if let Err(error) = self.rate(&caller, &key) {
             return Err(Box::new((error, caller)));
         }
         if let Some(error) = refusal {
@@ -431,7 +421,6 @@ impl Authorizer {
             ));
             return Err(Box::new((error, caller)));
         };
-        let key = rate_key(&caller);
         {
             let mut counts = self.caller_in_flight.lock().expect("caller in-flight lock");
             let count = counts.entry(key.clone()).or_insert(0);
@@ -452,6 +441,8 @@ impl Authorizer {
         Ok(Admitted {
             caller,
             permit: Some((permit, slot)),
+            // The admin calls: every one is recorded, not only its refusal.
+            audited: access == Access::Needs(Role::Admin),
         })
     }
 
@@ -547,48 +538,52 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let authorizer = self.authorizer.clone();
-        let path = request.uri().path().to_string();
         match authorizer.admit(&request) {
             Err(refused) => {
                 let (error, caller) = *refused;
+                let path = request.uri().path();
                 let outcome = error.reason_code();
                 metrics::counter!("residency_requests_refused_total", "reason" => outcome.as_str())
                     .increment(1);
                 if !matches!(error, ApiError::Overloaded(_) | ApiError::RateLimited(_))
                     && authorizer.audits_refusal(&caller)
                 {
-                    authorizer.audit.queue(
-                        &path,
+                    let audit = &authorizer.audit;
+                    audit.queue(audit.entry(
+                        path,
                         caller.name(),
                         &caller.remote,
                         String::new(),
                         outcome.as_str(),
                         0,
-                    );
+                    ));
                 }
                 let status = tonic::Status::from(error);
                 Box::pin(async move { Ok(status.into_http()) })
             }
             Ok(admitted) => {
-                let audited = authorizer.listener == Listener::Client && is_audited_change(&path);
-                let note = AuditNote::default();
-                if audited {
-                    request.extensions_mut().insert(note.clone());
-                }
-                let caller = admitted.caller.clone();
-                request.extensions_mut().insert(admitted.caller);
+                let Admitted {
+                    caller,
+                    permit,
+                    audited,
+                } = admitted;
                 // The usual tower move: the clone that was made ready serves this call.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                let future = inner.call(request);
-                let permit = admitted.permit;
                 if !audited {
+                    request.extensions_mut().insert(caller);
+                    let future = inner.call(request);
                     return Box::pin(async move {
                         let response = future.await;
                         drop(permit);
                         response
                     });
                 }
+                let path = request.uri().path().to_string();
+                let note = AuditNote::default();
+                request.extensions_mut().insert(note.clone());
+                request.extensions_mut().insert(caller.clone());
+                let future = inner.call(request);
                 // An admin change runs to its end and is recorded in its own task: a client that
                 // hangs up, or whose deadline passes, cannot leave a change without its record.
                 let task = tokio::spawn(async move {
@@ -603,17 +598,16 @@ where
                             .and_then(|value| value.to_str().ok())
                             .and_then(|text| text.parse().ok())
                             .unwrap_or(noted_revision);
-                        authorizer
-                            .audit
-                            .record(
-                                &path,
-                                caller.name(),
-                                &caller.remote,
-                                subject,
-                                &outcome_of(response),
-                                revision,
-                            )
-                            .await;
+                        let audit = &authorizer.audit;
+                        let entry = audit.entry(
+                            &path,
+                            caller.name(),
+                            &caller.remote,
+                            subject,
+                            &outcome_of(response),
+                            revision,
+                        );
+                        audit.record(entry).await;
                     }
                     response
                 });
@@ -738,7 +732,5 @@ mod tests {
             Access::Needs(Role::Admin)
         );
         assert_eq!(client_method_access("garbage"), Access::Needs(Role::Admin));
-        assert!(is_audited_change("/residency.v1.Catalog/PutPolicy"));
-        assert!(!is_audited_change("/residency.v1.Registry/Assign"));
     }
 }

@@ -401,7 +401,8 @@ impl Registry for RegistryService {
             metrics::counter!("residency_access_checks_total", "decision" => outcome).increment(1);
             if let Decision::Deny { reason } = &decision {
                 // The audit file is where a denied check's user id goes, never the logs.
-                self.node.audit.queue(
+                let audit = &self.node.audit;
+                audit.queue(audit.entry(
                     "/residency.v1.Registry/CheckAccess",
                     caller.name(),
                     &caller.remote,
@@ -410,7 +411,7 @@ impl Registry for RegistryService {
                     ),
                     &format!("DENY:{}", reason.as_str()),
                     revision.0,
-                );
+                ));
             }
             let mut response = decision_to_pb(&decision);
             response.header = Some(read_header(&self.node, barrier, revision));
