@@ -71,7 +71,8 @@ say "starting a fresh registry cluster (data in $registry_data)"
 RESIDENCY_DATA="$registry_data" RESIDENCY_PROFILE="$profile" ./cluster/local.sh up >"$out/registry-up.log" 2>&1 ||
     { cat "$out/registry-up.log"; die "the registry cluster did not start"; }
 registry_pids="$(cat "$registry_data"/node{1,2,3}/residencyd.pid | paste -sd, -)"
-"$bench" run --system registry --pids "$registry_pids" --json "$out/registry.json" "${bench_args[@]}" |
+"$bench" run --system registry --pids "$registry_pids" --metrics 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 \
+    --json "$out/registry.json" "${bench_args[@]}" |
     tee "$out/registry.txt"
 du -sh "$registry_data"/node1 | sed 's/^/registry disk, node 1: /' | tee -a "$out/registry.txt"
 RESIDENCY_DATA="$registry_data" RESIDENCY_PROFILE="$profile" ./cluster/local.sh down >/dev/null

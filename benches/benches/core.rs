@@ -102,7 +102,9 @@ fn bench_apply(c: &mut Criterion) {
                 revision += 1;
                 (Revision(revision), command(next, assign(next)))
             },
-            |(at, command)| residency_core::apply(&state, at, Some(&command)).expect("reads"),
+            |(at, command)| {
+                residency_core::apply(&state, at, std::slice::from_ref(&command)).expect("reads")
+            },
             BatchSize::SmallInput,
         );
     });
@@ -117,7 +119,13 @@ fn bench_apply(c: &mut Criterion) {
                 expected_mod_revision: None,
             }),
         );
-        b.iter(|| residency_core::apply(&state, Revision(revision + 1), Some(black_box(&foreign))));
+        b.iter(|| {
+            residency_core::apply(
+                &state,
+                Revision(revision + 1),
+                std::slice::from_ref(black_box(&foreign)),
+            )
+        });
     });
     group.throughput(Throughput::Elements(BATCH_ITEMS));
     group.bench_function("batch_assign_500_new_users", |b| {
@@ -140,7 +148,9 @@ fn bench_apply(c: &mut Criterion) {
                     command(next, WriteBody::BatchAssign { items }),
                 )
             },
-            |(at, command)| residency_core::apply(&state, at, Some(&command)).expect("reads"),
+            |(at, command)| {
+                residency_core::apply(&state, at, std::slice::from_ref(&command)).expect("reads")
+            },
             BatchSize::SmallInput,
         );
     });
@@ -226,16 +236,17 @@ fn bench_codecs(c: &mut Criterion) {
     });
     let entry = residency_store::Entry {
         log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), revision + 1),
-        payload: openraft::EntryPayload::Normal(command(7, assign(7))),
+        payload: openraft::EntryPayload::Normal(residency_types::Proposal {
+            commands: vec![command(7, assign(7))],
+        }),
     };
-    let record = residency_store::record::seal(&entry);
+    let record = residency_store::record::seal_entry(&entry);
     group.bench_function("log_record_seal", |b| {
-        b.iter(|| residency_store::record::seal(black_box(&entry)));
+        b.iter(|| residency_store::record::seal_entry(black_box(&entry)));
     });
     group.bench_function("log_record_unseal", |b| {
         b.iter(|| {
-            residency_store::record::unseal::<residency_store::Entry>(black_box(&record), "bench")
-                .expect("unseals")
+            residency_store::record::unseal_entry(black_box(&record), "bench").expect("unseals")
         });
     });
     let response = pb::LookupResponse {

@@ -5,6 +5,7 @@
 
 mod t100_security;
 mod t10_replication;
+mod t15_grouped_writes;
 mod t20_leader_loss;
 mod t30_restart;
 mod t40_snapshot_catch_up;

@@ -41,7 +41,9 @@ struct Round {
 fn entry(index: u64) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(sample_command(index)),
+        payload: EntryPayload::Normal(residency_types::Proposal {
+            commands: vec![sample_command(index)],
+        }),
     }
 }
 
@@ -83,7 +85,7 @@ fn file_round(dir: &Path, batch: usize, batches: usize) -> anyhow::Result<Round>
         let one = Instant::now();
         let mut buffer = Vec::new();
         for offset in 0..batch as u64 {
-            let body = residency_store::record::seal(&entry(next_index + offset));
+            let body = residency_store::record::seal_entry(&entry(next_index + offset));
             buffer.extend_from_slice(&(body.len() as u32).to_be_bytes());
             buffer.extend_from_slice(&body);
         }

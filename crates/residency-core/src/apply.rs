@@ -1,8 +1,8 @@
-//! The write path: decide one command against the state, deterministically.
+//! The write path: decide one log entry's writes against the state, in order, deterministically.
 
 use residency_types::command::AssignedItem;
 use residency_types::limits::{
-    REQUEST_DEDUP_WINDOW_REVISIONS, REQUEST_RECORD_BYTES_MAX, WATCH_HISTORY_REVISIONS,
+    REQUEST_DEDUP_WINDOW_REQUESTS, REQUEST_RECORD_BYTES_MAX, WATCH_HISTORY_REVISIONS,
 };
 use residency_types::{
     ApplyResult, CallerId, Change, Command, Event, LocationId, Outcome, Placement, PlacementState,
@@ -67,13 +67,6 @@ impl StoredResult {
         }
     }
 
-    fn revision(&self) -> Revision {
-        match self {
-            StoredResult::Whole(result) => result.revision,
-            StoredResult::Batch { revision, .. } => *revision,
-        }
-    }
-
     /// The first result, as it was answered.
     fn answer(&self, body: &WriteBody) -> ApplyResult {
         let (
@@ -132,10 +125,10 @@ pub enum Mutation {
     Delete { key: Vec<u8> },
 }
 
-/// The answer for one entry and the mutations that make it so.
+/// The answers for one entry (one per write, in order) and the mutations that make them so.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
-    pub result: ApplyResult,
+    pub results: Vec<ApplyResult>,
     pub mutations: Vec<Mutation>,
 }
 
@@ -146,42 +139,47 @@ pub struct WriteContext<'a> {
     pub revision: Revision,
 }
 
-/// Applies the log entry at `revision`. `command` is `None` for entries that carry no write
-/// (blank and membership entries); they still age the request-id window.
+/// Applies the log entry at `revision`: its writes in order, each deciding on the state the
+/// ones before it left and each answered on its own. Blank and membership entries carry no
+/// write (`commands` is empty); they still age the watch history.
 pub fn apply<V: KvRead>(
     view: &V,
     revision: Revision,
-    command: Option<&Command>,
+    commands: &[Command],
 ) -> Result<Applied, CoreError<V::Error>> {
     let mut staged = Staged::new(view);
-    forget_expired_request(&mut staged, revision)?;
+    forget_expired_legacy_request(&mut staged, revision)?;
     forget_expired_events(&mut staged, revision)?;
-    let Some(command) = command else {
-        return Ok(Applied {
-            result: ApplyResult {
-                revision,
-                outcome: None,
-            },
-            mutations: staged.into_mutations(),
-        });
-    };
+    let mut events = EntryEvents { revision, count: 0 };
+    let mut results = Vec::with_capacity(commands.len());
+    for command in commands {
+        results.push(apply_write(&mut staged, &mut events, command)?);
+    }
+    events.finish(&mut staged);
+    Ok(Applied {
+        results,
+        mutations: staged.into_mutations(),
+    })
+}
 
+/// One write of the entry at `events.revision`.
+fn apply_write<V: KvRead>(
+    staged: &mut Staged<'_, V>,
+    events: &mut EntryEvents,
+    command: &Command,
+) -> Result<ApplyResult, CoreError<V::Error>> {
+    let revision = events.revision;
+    // A record is present exactly while its id is within the window (`remember_request`
+    // deletes it as it ages out), so its presence alone decides.
     let remembered: Option<RequestRecord> = staged.read(&keys::request_key(&command.request_id))?;
-    // The record aging out at this very revision is being deleted above: it no longer counts.
-    let remembered = remembered.filter(|record| !is_expired(record.result.revision(), revision));
     if let Some(record) = remembered {
-        let result = if record.body == command.body {
+        return Ok(if record.body == command.body {
             record.result.answer(&record.body)
         } else {
-            let outcome = Outcome::Rejected(Rejection::RequestIdReused);
             ApplyResult {
                 revision,
-                outcome: Some(outcome),
+                outcome: Some(Outcome::Rejected(Rejection::RequestIdReused)),
             }
-        };
-        return Ok(Applied {
-            result,
-            mutations: staged.into_mutations(),
         });
     }
 
@@ -192,30 +190,33 @@ pub fn apply<V: KvRead>(
             .map(|placement| placement.location_id),
         _ => None,
     };
-    // A rule decides on a fork: a refusal discards everything it staged.
+    // A rule decides inside a decision: a refusal puts back everything it staged.
     let context = WriteContext { command, revision };
-    let mut decision = staged.fork();
-    let outcome = match decide(&mut decision, context)? {
+    staged.begin_decision();
+    let verdict = match decide(staged, context) {
+        Ok(verdict) => verdict,
+        Err(error) => {
+            staged.discard_decision();
+            return Err(error);
+        }
+    };
+    let outcome = match verdict {
         Ok(outcome) => {
-            staged.adopt(decision);
-            record_events(
-                &mut staged,
-                revision,
-                changes_of(&outcome, forgotten_location),
-            );
+            staged.keep_decision();
+            events.record(staged, changes_of(&outcome, forgotten_location));
             outcome
         }
-        Err(rejection) => Outcome::Rejected(rejection),
+        Err(rejection) => {
+            staged.discard_decision();
+            Outcome::Rejected(rejection)
+        }
     };
     let result = ApplyResult {
         revision,
         outcome: Some(outcome),
     };
-    remember_request(&mut staged, command, &result);
-    Ok(Applied {
-        result,
-        mutations: staged.into_mutations(),
-    })
+    remember_request(staged, command, &result)?;
+    Ok(result)
 }
 
 /// A rule's verdict: the outcome, or the rejection that leaves the state as it was.
@@ -284,23 +285,36 @@ fn changes_of(outcome: &Outcome, forgotten_location: Option<LocationId>) -> Vec<
     }
 }
 
-fn record_events<V: KvRead>(staged: &mut Staged<'_, V>, revision: Revision, changes: Vec<Change>) {
-    if changes.is_empty() {
-        return;
+/// The events of one entry: numbered in order across all its writes, and counted once at the
+/// end, so that a watcher gets them together and the window drops them together.
+struct EntryEvents {
+    revision: Revision,
+    count: u32,
+}
+
+impl EntryEvents {
+    fn record<V: KvRead>(&mut self, staged: &mut Staged<'_, V>, changes: Vec<Change>) {
+        for change in changes {
+            let index = self.count;
+            staged.put(
+                keys::event_key(self.revision, index),
+                &Event {
+                    revision: self.revision,
+                    index,
+                    change,
+                },
+            );
+            self.count = index
+                .checked_add(1)
+                .expect("an entry makes fewer than 2^32 changes");
+        }
     }
-    let count = u32::try_from(changes.len()).expect("a write makes fewer than 2^32 changes");
-    for (index, change) in changes.into_iter().enumerate() {
-        let index = u32::try_from(index).expect("counted above");
-        staged.put(
-            keys::event_key(revision, index),
-            &Event {
-                revision,
-                index,
-                change,
-            },
-        );
+
+    fn finish<V: KvRead>(self, staged: &mut Staged<'_, V>) {
+        if self.count > 0 {
+            staged.put(keys::event_count_key(self.revision), &self.count);
+        }
     }
-    staged.put(keys::event_count_key(revision), &count);
 }
 
 /// Drops the events made exactly `WATCH_HISTORY_REVISIONS` ago: like request ids, every
@@ -323,17 +337,24 @@ fn forget_expired_events<V: KvRead>(
     Ok(())
 }
 
-fn is_expired(applied_at: Revision, now: Revision) -> bool {
-    applied_at.0.saturating_add(REQUEST_DEDUP_WINDOW_REVISIONS) <= now.0
-}
+/// How many revisions a request id was remembered for in states written before writes were
+/// grouped into entries, when one revision was one write. Such a state's ids are indexed by
+/// revision under `q/` and still age out that way; every id remembered since is indexed by
+/// sequence under `Q/` and ages out by count (`REQUEST_DEDUP_WINDOW_REQUESTS`).
+const LEGACY_REQUEST_DEDUP_WINDOW_REVISIONS: u64 = 1_000_000;
 
-/// Drops the request id applied exactly `REQUEST_DEDUP_WINDOW_REVISIONS` ago, if any. Every
-/// revision passes through here once, so every id is dropped exactly when it ages out.
-fn forget_expired_request<V: KvRead>(
+/// Drops the request id a state from before grouping applied exactly
+/// `LEGACY_REQUEST_DEDUP_WINDOW_REVISIONS` ago, if any. Every revision passes through here
+/// once, so every such id is dropped exactly when it ages out; a state without `q/` keys reads
+/// one absent key per entry.
+fn forget_expired_legacy_request<V: KvRead>(
     staged: &mut Staged<'_, V>,
     revision: Revision,
 ) -> Result<(), CoreError<V::Error>> {
-    let Some(expired) = revision.0.checked_sub(REQUEST_DEDUP_WINDOW_REVISIONS) else {
+    let Some(expired) = revision
+        .0
+        .checked_sub(LEGACY_REQUEST_DEDUP_WINDOW_REVISIONS)
+    else {
         return Ok(());
     };
     let index_key = keys::request_by_revision_key(Revision(expired));
@@ -344,11 +365,14 @@ fn forget_expired_request<V: KvRead>(
     Ok(())
 }
 
+/// Remembers a write's first result under its request id, as the next in sequence, and drops
+/// the id remembered `REQUEST_DEDUP_WINDOW_REQUESTS` before it: the window holds exactly the
+/// newest that many, whatever the number of writes per entry.
 fn remember_request<V: KvRead>(
     staged: &mut Staged<'_, V>,
     command: &Command,
     result: &ApplyResult,
-) {
+) -> Result<(), CoreError<V::Error>> {
     let record = RequestRecord {
         body: command.body.clone(),
         result: StoredResult::of(command, result),
@@ -361,13 +385,26 @@ fn remember_request<V: KvRead>(
             matches!(result.outcome, Some(Outcome::Rejected(_))),
             "an applied write's record is over its bound"
         );
-        return;
+        return Ok(());
     }
     staged.put_raw(keys::request_key(&command.request_id), encoded);
-    staged.put(
-        keys::request_by_revision_key(result.revision),
-        &command.request_id,
-    );
+    let sequence = staged.counter(keys::REQUEST_COUNT_KEY)?;
+    staged.put(keys::request_by_sequence_key(sequence), &command.request_id);
+    staged.put(keys::REQUEST_COUNT_KEY.to_vec(), &(sequence + 1));
+    if let Some(expired) = sequence.checked_sub(REQUEST_DEDUP_WINDOW_REQUESTS) {
+        let index_key = keys::request_by_sequence_key(expired);
+        if let Some(request_id) = staged.read::<RequestId>(&index_key)? {
+            // An id is remembered again only once its record is gone, so the id aging out is
+            // never the one just remembered.
+            assert_ne!(
+                request_id, command.request_id,
+                "a remembered id was remembered again"
+            );
+            staged.delete(keys::request_key(&request_id));
+            staged.delete(index_key);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 //! | `j/` | residency `/` location jurisdiction | u64: placements of that residency stored (or moving) there |
 //! | `i/` | location id, NUL, user id | empty: which users a location holds or awaits |
 //! | `r/` | request id | a `RequestRecord`: the write's body and its first result |
-//! | `q/` | revision, big-endian u64 | the request id applied at that revision (for pruning) |
+//! | `Q/` | sequence number, big-endian u64 | the request id remembered as the n-th (for pruning) |
+//! | `n/requests` | | u64: how many request ids were ever remembered (the next sequence number) |
+//! | `q/` | revision, big-endian u64 | the request id applied at that revision: only in states written before writes were grouped into entries; pruned by revision |
 //! | `n/placements` | | u64: how many placements exist (for the placements metric) |
 //! | `e/` | node id, big-endian u64 | empty: the node has been a member (its id is never reused) |
 //! | `x/` | revision (BE u64), index (BE u32) | an `Event` for watchers |
@@ -28,6 +30,9 @@ pub const LOCATION_COUNT_PREFIX: &[u8] = b"c/";
 pub const RESIDENCY_COUNT_PREFIX: &[u8] = b"j/";
 pub const LOCATION_USERS_PREFIX: &[u8] = b"i/";
 pub const REQUEST_PREFIX: &[u8] = b"r/";
+pub const REQUEST_BY_SEQUENCE_PREFIX: &[u8] = b"Q/";
+pub const REQUEST_COUNT_KEY: &[u8] = b"n/requests";
+/// Only in states written before writes were grouped into log entries (see `apply.rs`).
 pub const REQUEST_BY_REVISION_PREFIX: &[u8] = b"q/";
 pub const META_PREFIX: &[u8] = b"m/";
 pub const PLACEMENT_COUNT_KEY: &[u8] = b"n/placements";
@@ -109,6 +114,10 @@ pub fn location_user_key(location_id: &LocationId, user_id: &UserId) -> Vec<u8> 
 
 pub fn request_key(request_id: &RequestId) -> Vec<u8> {
     prefixed(REQUEST_PREFIX, &[request_id.as_str().as_bytes()])
+}
+
+pub fn request_by_sequence_key(sequence: u64) -> Vec<u8> {
+    prefixed(REQUEST_BY_SEQUENCE_PREFIX, &[&sequence.to_be_bytes()])
 }
 
 pub fn request_by_revision_key(revision: Revision) -> Vec<u8> {

@@ -46,9 +46,23 @@ impl MemoryState {
         MemoryState::default()
     }
 
-    /// Applies one entry and its mutations; the model of what the store does atomically.
+    /// Applies one entry of one write (or, with `None`, of none) and returns its answer.
     pub fn apply(&mut self, revision: Revision, command: Option<&Command>) -> ApplyResult {
-        let applied = apply(self, revision, command).expect("memory state never fails to read");
+        let commands = command.map(std::slice::from_ref).unwrap_or_default();
+        let mut results = self.apply_entry(revision, commands);
+        match command {
+            Some(_) => results.pop().expect("one write, one answer"),
+            None => ApplyResult {
+                revision,
+                outcome: None,
+            },
+        }
+    }
+
+    /// Applies one entry of several writes and its mutations; the model of what the store does
+    /// atomically. One answer per write, in order.
+    pub fn apply_entry(&mut self, revision: Revision, commands: &[Command]) -> Vec<ApplyResult> {
+        let applied = apply(self, revision, commands).expect("memory state never fails to read");
         for mutation in applied.mutations {
             match mutation {
                 Mutation::Put { key, value } => {
@@ -59,7 +73,7 @@ impl MemoryState {
                 }
             }
         }
-        applied.result
+        applied.results
     }
 
     pub fn lookup(&self, user_id: &UserId) -> Option<Placement> {
@@ -80,6 +94,8 @@ impl MemoryState {
         let mut digest = StateDigest::new();
         let bookkeeping = [
             crate::keys::REQUEST_PREFIX,
+            crate::keys::REQUEST_BY_SEQUENCE_PREFIX,
+            crate::keys::REQUEST_COUNT_KEY,
             crate::keys::REQUEST_BY_REVISION_PREFIX,
         ];
         for (key, value) in &self.entries {
@@ -94,6 +110,12 @@ impl MemoryState {
     #[cfg(test)]
     pub fn get_for_test(&self, key: &[u8]) -> Option<Vec<u8>> {
         self.entries.get(key).cloned()
+    }
+
+    /// Writes a key behind the rules' back, to stand in for a long history.
+    #[cfg(test)]
+    pub fn put_for_test(&mut self, key: &[u8], value: Vec<u8>) {
+        self.entries.insert(key.to_vec(), value);
     }
 
     /// Deletes a key behind the rules' back, to test how reads behave on a damaged state.

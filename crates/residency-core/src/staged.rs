@@ -1,6 +1,7 @@
 //! A view of the state plus the changes decided so far in one apply: later decisions (the next
-//! item of a batch, the request record) see earlier ones, and nothing reaches the store unless
-//! the whole entry is decided.
+//! write of the entry, the next item of a batch, the request record) see earlier ones, and
+//! nothing reaches the store unless the whole entry is decided. A rule decides inside a
+//! *decision*: if it refuses, everything it staged is put back as it was (`discard_decision`).
 
 use std::collections::BTreeMap;
 
@@ -11,15 +12,23 @@ use serde::de::DeserializeOwned;
 use crate::apply::Mutation;
 use crate::{CoreError, KvRead, codec, keys};
 
+/// A key's staged value before a decision changed it; `None`: the key was not staged.
+type Undo = (Vec<u8>, Option<Option<Vec<u8>>>);
+
 pub struct Staged<'a, V: KvRead> {
     view: &'a V,
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// While a rule decides: what each change replaced, newest last, so that a refusal can
+    /// undo them. An undo log rather than a copy of `pending`: an entry of many writes would
+    /// otherwise copy everything staged so far once per write.
+    undo: Option<Vec<Undo>>,
 }
 
 impl<V: KvRead> std::fmt::Debug for Staged<'_, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Staged")
             .field("pending", &self.pending.len())
+            .field("deciding", &self.undo.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -42,31 +51,55 @@ impl<'a, V: KvRead> Staged<'a, V> {
         Staged {
             view,
             pending: BTreeMap::new(),
+            undo: None,
         }
     }
 
-    /// A copy to try something on; `adopt` keeps its changes, dropping it discards them.
-    pub fn fork(&self) -> Staged<'a, V> {
-        Staged {
-            view: self.view,
-            pending: self.pending.clone(),
+    /// Starts a decision: what is staged from here on is kept by `keep_decision` or put back
+    /// by `discard_decision`. Decisions do not nest.
+    pub fn begin_decision(&mut self) {
+        assert!(self.undo.is_none(), "a decision began inside another");
+        self.undo = Some(Vec::new());
+    }
+
+    /// Keeps what the decision staged.
+    pub fn keep_decision(&mut self) {
+        assert!(self.undo.take().is_some(), "no decision to keep");
+    }
+
+    /// Puts back everything the decision staged, newest first.
+    pub fn discard_decision(&mut self) {
+        let undo = self.undo.take().expect("no decision to discard");
+        for (key, previous) in undo.into_iter().rev() {
+            match previous {
+                Some(value) => self.pending.insert(key, value),
+                None => self.pending.remove(&key),
+            };
         }
     }
 
-    pub fn adopt(&mut self, fork: Staged<'a, V>) {
-        self.pending = fork.pending;
+    fn stage(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        match &mut self.undo {
+            Some(undo) => {
+                let previous = self.pending.insert(key.clone(), value);
+                undo.push((key, previous));
+            }
+            None => {
+                self.pending.insert(key, value);
+            }
+        }
     }
 
     pub fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
-        self.pending.insert(key, Some(codec::encode(value)));
+        self.stage(key, Some(codec::encode(value)));
     }
 
     pub fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.pending.insert(key, Some(value));
+        self.stage(key, Some(value));
     }
 
     pub fn delete(&mut self, key: Vec<u8>) {
-        self.pending.insert(key, None);
+        self.stage(key, None);
     }
 
     pub fn read<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, V> {
@@ -135,6 +168,7 @@ impl<'a, V: KvRead> Staged<'a, V> {
     }
 
     pub fn into_mutations(self) -> Vec<Mutation> {
+        assert!(self.undo.is_none(), "an entry ended inside a decision");
         self.pending
             .into_iter()
             .map(|(key, value)| match value {

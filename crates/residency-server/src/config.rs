@@ -50,6 +50,10 @@ impl Default for RaftConfig {
     }
 }
 
+/// The largest `limits.proposal_bytes_max`: an entry stays far below the log's largest record
+/// (16 MiB), and a replication message of one such entry below the peer message limit.
+const PROPOSAL_BYTES_CEILING: usize = 8 * 1024 * 1024;
+
 /// Limits on requests, in bytes and milliseconds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -84,6 +88,16 @@ pub struct LimitsConfig {
     /// connection is closed: half-open connections do not linger.
     pub keepalive_interval_ms: u64,
     pub keepalive_timeout_ms: u64,
+    /// Writes one log entry carries at most: the leader groups the writes that queue while an
+    /// entry is on its way to the log (see `proposer.rs`). A follower's call that forwards
+    /// writes to the leader carries at most as many.
+    pub proposal_writes_max: usize,
+    /// The encoded writes of one entry (or one forwarding call) add up to at most this; a write
+    /// larger than what is left goes into the next. At least `COMMAND_BYTES_MAX` (64 KiB).
+    pub proposal_bytes_max: usize,
+    /// Writes waiting for the next entry on the leader (or for the next call to the leader on
+    /// a follower); more are refused at once with RESOURCE_EXHAUSTED (`OVERLOADED`).
+    pub proposal_queue_writes_max: usize,
 }
 
 impl Default for LimitsConfig {
@@ -102,6 +116,10 @@ impl Default for LimitsConfig {
             connection_streams_max: 1_024,
             keepalive_interval_ms: 30_000,
             keepalive_timeout_ms: 10_000,
+            proposal_writes_max: 1_024,
+            proposal_bytes_max: 1024 * 1024,
+            // The client listener's requests in flight, plus what followers forward.
+            proposal_queue_writes_max: 8_192,
         }
     }
 }
@@ -379,8 +397,19 @@ impl Config {
                 "must be at least 1 MiB below limits.peer_message_bytes_max",
             ));
         }
+        if limits.proposal_bytes_max < COMMAND_BYTES_MAX
+            || limits.proposal_bytes_max > PROPOSAL_BYTES_CEILING
+        {
+            return Err(invalid(
+                "limits.proposal_bytes_max",
+                format!(
+                    "must be from {COMMAND_BYTES_MAX} (one largest write) to {PROPOSAL_BYTES_CEILING} bytes"
+                ),
+            ));
+        }
+        // At least one entry always travels, however large.
         let replication_bytes =
-            crate::network::REPLICATION_MESSAGE_BYTES_TARGET + COMMAND_BYTES_MAX;
+            crate::network::REPLICATION_MESSAGE_BYTES_TARGET + limits.proposal_bytes_max;
         if (replication_bytes as u64).saturating_add(framing_bytes)
             > limits.peer_message_bytes_max as u64
         {
@@ -408,6 +437,8 @@ impl Config {
             || limits.connection_streams_max == 0
             || limits.keepalive_interval_ms == 0
             || limits.keepalive_timeout_ms == 0
+            || limits.proposal_writes_max == 0
+            || limits.proposal_queue_writes_max == 0
         {
             return Err(invalid("limits", "every limit must be positive"));
         }

@@ -3,7 +3,9 @@
 //! resolves. `residencyd` is a thin binary over it; tests can start nodes on port 0.
 //!
 //! - [`config`]: the TOML configuration and its validation.
-//! - [`node`]: the read barrier per consistency mode and the write path to the leader.
+//! - [`node`]: the read barrier per consistency mode and the write path to the leader;
+//!   [`proposer`]: many writes per log entry on the leader; [`forwarder`]: a follower's writes
+//!   to the leader in groups.
 //! - [`read_index`]: linearizable reads sharing read-index rounds.
 //! - [`network`] / [`peer_service`]: Raft and node-to-node traffic on the peer listener.
 //! - [`registry_service`], [`catalog_service`], [`cluster_service`]: the public gRPC API on the
@@ -20,17 +22,20 @@ pub mod catalog_service;
 pub mod cluster_service;
 pub mod config;
 pub mod error;
+pub mod forwarder;
 pub mod grpc;
 pub mod membership;
 pub mod network;
 pub mod node;
 pub mod observability;
 pub mod peer_service;
+pub mod proposer;
 pub mod read_index;
 pub mod registry_service;
 pub mod tls;
 pub mod watch_service;
 pub mod watchdog;
+pub mod write_queue;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,7 +50,7 @@ use residency_proto::peer_pb::peer_server::PeerServer;
 use residency_store::{NodeInfo, Raft, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::ValidConfig;
 use crate::network::{NetworkFactory, PeerChannels};
@@ -99,6 +104,14 @@ fn raft_config(config: &ValidConfig) -> anyhow::Result<openraft::Config> {
     Ok(openraft_config.validate()?)
 }
 
+/// A listener's connections with Nagle's algorithm off. tonic's `tcp_nodelay` applies only to
+/// listeners it binds itself, not to ours: without this, a response written in two pieces
+/// waited for the client's delayed acknowledgement of the first, about 40 ms, on some 1% of
+/// requests (the p99 of reads at one client).
+fn accepted_without_delay(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Resolves once the shutdown flag is raised.
 async fn stopped(mut flag: watch::Receiver<bool>) {
     let _ = flag.wait_for(|stop| *stop).await;
@@ -118,6 +131,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let committed = log_store.committed_index();
+    let log_progress = log_store.progress();
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration");
     }
@@ -162,6 +176,7 @@ pub async fn run(
         config.clone(),
         raft.clone(),
         reader,
+        log_progress,
         committed,
         info.clone(),
         peers,
@@ -259,7 +274,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.client),
+            accepted_without_delay(listeners.client),
             stopped(stop_flag.clone()),
         );
     let peer_server = peer_builder
@@ -275,7 +290,7 @@ pub async fn run(
                 .max_encoding_message_size(config.limits.peer_message_bytes_max),
         )
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.peer),
+            accepted_without_delay(listeners.peer),
             stopped(stop_flag.clone()),
         );
     let metrics_server = axum::serve(listeners.metrics, observability::router(node.clone()))

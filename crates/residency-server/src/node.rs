@@ -3,24 +3,23 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use openraft::ServerState;
-use openraft::error::{ClientWriteError, RaftError};
 use residency_proto::convert::WriteContext;
 use residency_proto::pb;
-use residency_proto::peer_pb::{LocalStatusRequest, RaftPayload, ReadIndexRequest};
-use residency_store::{CommittedIndex, NodeId, NodeInfo, Raft, StateReader};
-use residency_types::limits::COMMAND_BYTES_MAX;
-use residency_types::{
-    ApplyResult, Command, Consistency, Outcome, ReasonCode, Revision, WriteBody,
-};
+use residency_proto::peer_pb::{LocalStatusRequest, ReadIndexRequest};
+use residency_store::{CommittedIndex, LogProgress, NodeId, NodeInfo, Raft, StateReader};
+use residency_types::{ApplyResult, Consistency, Revision, WriteBody};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ValidConfig;
 use crate::error::ApiError;
-use crate::network::{PeerChannels, decode, encode};
+use crate::forwarder::{Forwarder, ForwarderParts};
+use crate::network::{PeerChannels, decode};
+use crate::proposer::{Proposer, ProposerParts};
 use crate::read_index::{ReadIndexBatcher, not_leader};
+use crate::write_queue::GroupLimits;
 
 /// A write handed from a follower to the leader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +53,10 @@ pub struct Node {
     /// The node's audit file: admin changes, refusals, denied checks.
     pub audit: crate::audit_log::AuditLog,
     read_index: ReadIndexBatcher,
+    /// The leader's write queue: many writes per log entry (`proposer.rs`).
+    proposer: Proposer,
+    /// A follower's queue of writes for the leader (`forwarder.rs`).
+    forwarder: Forwarder,
     /// Held by a membership change for its whole run (see `membership.rs`).
     pub(crate) admin_lock: tokio::sync::Mutex<()>,
     last_leader_contact: Mutex<Option<Instant>>,
@@ -71,18 +74,13 @@ impl std::fmt::Debug for Node {
 /// How long one attempt to learn the ready index may take, and the pause between attempts.
 const READY_INDEX_ATTEMPT_MS: u64 = 500;
 
-fn now_ms() -> u64 {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970");
-    u64::try_from(since_epoch.as_millis()).expect("milliseconds since 1970 fit in u64")
-}
-
 impl Node {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<ValidConfig>,
         raft: Raft,
         reader: StateReader,
+        log: LogProgress,
         committed: CommittedIndex,
         info: NodeInfo,
         peers: PeerChannels,
@@ -93,6 +91,25 @@ impl Node {
             config.limits.read_index_waiters_max,
             Duration::from_millis(config.limits.request_timeout_ms_max),
         );
+        let limits = GroupLimits {
+            writes_max: config.limits.proposal_writes_max,
+            bytes_max: config.limits.proposal_bytes_max,
+            queue_writes_max: config.limits.proposal_queue_writes_max,
+        };
+        let proposer = Proposer::start(ProposerParts {
+            raft: raft.clone(),
+            reader: reader.clone(),
+            log,
+            limits,
+        });
+        let forwarder = Forwarder::start(ForwarderParts {
+            node_id: config.node_id,
+            raft: raft.clone(),
+            peers: peers.clone(),
+            proposer: proposer.clone(),
+            call_timeout: Duration::from_millis(config.limits.peer_rpc_timeout_ms),
+            limits,
+        });
         Node {
             config,
             raft,
@@ -103,6 +120,8 @@ impl Node {
             peers,
             audit,
             read_index,
+            proposer,
+            forwarder,
             admin_lock: tokio::sync::Mutex::new(()),
             last_leader_contact: Mutex::new(None),
         }
@@ -118,14 +137,7 @@ impl Node {
 
     /// The leader as this node knows it: its id and member record.
     pub fn leader(&self) -> Option<(NodeId, Option<NodeInfo>)> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let leader_id = metrics.current_leader?;
-        let node = metrics
-            .membership_config
-            .membership()
-            .get_node(&leader_id)
-            .cloned();
-        Some((leader_id, node))
+        leader_of(&self.raft)
     }
 
     pub fn note_leader_contact(&self) {
@@ -251,6 +263,8 @@ impl Node {
     }
 
     /// Sends a write to the leader: proposed here when this node leads, else forwarded once.
+    /// Either way it waits in a queue and goes with the writes around it: into the leader's
+    /// next log entry, or into the next call to the leader.
     /// Request ids are the caller's strings, so they are traced at debug level only: a caller
     /// might put something personal in one.
     #[tracing::instrument(level = "debug", skip_all, fields(request_id = %context.request_id))]
@@ -269,102 +283,21 @@ impl Node {
         };
         match self.leader() {
             Some((leader_id, _)) if leader_id == self.id() => self.propose(forwarded).await,
-            Some((leader_id, Some(leader))) => self.forward(leader_id, &leader, &forwarded).await,
+            Some((_, Some(_))) => self.forwarder.forward(forwarded).await,
             Some((leader_id, None)) => Err(not_leader(Some(leader_id), None)),
             None => Err(self.leaderless()),
         }
     }
 
-    fn has_applied_own_term(&self) -> bool {
-        let metrics = self.raft.metrics().borrow().clone();
-        metrics
-            .last_applied
-            .is_some_and(|applied| applied.leader_id.term == metrics.current_term)
-    }
-
-    /// Proposes a write on this node, stamping the leader's clock into the command.
+    /// Proposes a write on this node, in the next entry with the writes around it. A write
+    /// forwarded by a follower comes here too, and is never forwarded again, so it cannot loop.
     pub async fn propose(&self, write: ForwardedWrite) -> Result<ApplyResult, ApiError> {
-        let command = Command {
-            request_id: write.request_id,
-            caller: write.caller,
-            // Set by the node that took the request; forwarded writes come from peers, which
-            // are authenticated nodes whenever TLS is on.
-            caller_authenticated: write.caller_authenticated,
-            reason: write.reason,
-            stamped_at_ms: now_ms(),
-            body: write.body,
-        };
-        // The rules first run here, so that a refusal costs no log entry; they run again in
-        // apply, against the state at the entry's position, so a racing write cannot slip past
-        // them. The check is only as good as the leader's applied state: once the leader has
-        // applied an entry of its own term, it holds every write acknowledged by it or by any
-        // earlier leader. Until then (just after an election) it skips the early check rather
-        // than refuse a write on a state that may lack its premises. A retry of an applied
-        // request answers its first result here too.
-        // Bounded so that every log record and request record stays inline in sled (whose
-        // larger values go to unsynced blob files) and a replication batch fits a peer message.
-        let encoded_bytes = postcard::to_stdvec(&command)
-            .map_err(ApiError::internal)?
-            .len();
-        if encoded_bytes > COMMAND_BYTES_MAX {
-            return Err(ApiError::invalid(
-                ReasonCode::BatchTooLarge,
-                "request",
-                format!(
-                    "encodes to {encoded_bytes} bytes, more than the limit of {COMMAND_BYTES_MAX}; send smaller batches"
-                ),
-            ));
-        }
-        if self.has_applied_own_term() {
-            let evaluated = self
-                .reader
-                .evaluate(&command)
-                .await
-                .map_err(ApiError::internal)?;
-            if let Some(Outcome::Rejected(rejection)) = evaluated.outcome {
-                return Err(ApiError::Rejected(rejection));
-            }
-        }
-        match self.raft.client_write(command).await {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                Err(not_leader(forward.leader_id, forward.leader_node.as_ref()))
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
-                Err(ApiError::internal(format!(
-                    "a write was refused as a membership change: {error}"
-                )))
-            }
-            Err(RaftError::Fatal(_)) => Err(ApiError::ShuttingDown),
-        }
+        self.proposer.propose(write).await
     }
 
-    async fn forward(
-        &self,
-        leader_id: NodeId,
-        leader: &NodeInfo,
-        write: &ForwardedWrite,
-    ) -> Result<ApplyResult, ApiError> {
-        let mut client = self
-            .peers
-            .client(&leader.peer_addr)
-            .map_err(ApiError::internal)?;
-        let call = client.forward_write(RaftPayload {
-            data: encode(write).into(),
-        });
-        let response = match tokio::time::timeout(self.peer_timeout(), call).await {
-            Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => return Err(forwarded_status(status, leader_id, leader)),
-            // The leader may have applied it: the client must treat this as unknown.
-            Err(_) => {
-                return Err(ApiError::DeadlineExceeded(
-                    self.config.limits.peer_rpc_timeout_ms,
-                ));
-            }
-        };
-        let answer: Result<ApplyResult, ApiError> =
-            decode(&response.data).map_err(ApiError::internal)?;
-        answer
+    /// `propose` in two steps: queued now, behind every write queued before; answered later.
+    pub fn enqueue(&self, write: ForwardedWrite) -> Result<crate::write_queue::Answered, ApiError> {
+        self.proposer.enqueue(write)
     }
 
     /// This node's own identity and progress, as it reports to Status.
@@ -435,10 +368,27 @@ impl Node {
     }
 }
 
+/// The leader as `raft` knows it: its id and member record (without copying the metrics).
+pub(crate) fn leader_of(raft: &Raft) -> Option<(NodeId, Option<NodeInfo>)> {
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow();
+    let leader_id = metrics.current_leader?;
+    let node = metrics
+        .membership_config
+        .membership()
+        .get_node(&leader_id)
+        .cloned();
+    Some((leader_id, node))
+}
+
 /// Turns a leader's error status into ours: the leader puts its `ApiError` in the status details
 /// (see `peer_service::peer_status`); anything else is a transport failure, reported as "not
 /// leader" with the leader we tried, so the client can go there directly.
-fn forwarded_status(status: tonic::Status, leader_id: NodeId, leader: &NodeInfo) -> ApiError {
+pub(crate) fn forwarded_status(
+    status: tonic::Status,
+    leader_id: NodeId,
+    leader: &NodeInfo,
+) -> ApiError {
     match decode::<ApiError>(status.details()) {
         Ok(error) if !status.details().is_empty() => error,
         _ => not_leader(Some(leader_id), Some(leader)),

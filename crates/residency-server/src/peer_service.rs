@@ -89,14 +89,26 @@ impl Peer for PeerService {
         Ok(Response::new(ReadIndexResponse { read_index }))
     }
 
-    async fn forward_write(
+    /// A follower's group of writes: proposed here only (a forwarded write is never forwarded
+    /// again, so it cannot loop), queued in their order so that they share the next entry, and
+    /// answered each on its own, in the same order.
+    async fn forward_writes(
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let write: ForwardedWrite = payload(request)?;
-        // Proposed here only: a forwarded write is never forwarded again, so it cannot loop.
-        let answer = self.node.propose(write).await;
-        reply(&answer)
+        let writes: Vec<ForwardedWrite> = payload(request)?;
+        let queued: Vec<_> = writes
+            .into_iter()
+            .map(|write| self.node.enqueue(write))
+            .collect();
+        let mut answers = Vec::with_capacity(queued.len());
+        for queued in queued {
+            answers.push(match queued {
+                Ok(answered) => answered.await.unwrap_or(Err(ApiError::ShuttingDown)),
+                Err(error) => Err(error),
+            });
+        }
+        reply(&answers)
     }
 
     async fn local_status(

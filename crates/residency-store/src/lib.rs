@@ -30,12 +30,12 @@ pub mod state_machine;
 use std::fmt;
 use std::path::Path;
 
-use residency_types::{ApplyResult, Command};
+use residency_types::{Proposal, ProposalResult};
 use serde::{Deserialize, Serialize};
 
 pub use durable::{Durable, StoreOptions};
 pub use error::StoreError;
-pub use log_store::{CommittedIndex, LogStore};
+pub use log_store::{CommittedIndex, LogProgress, LogStore};
 pub use reader::{DigestAt, StateReader, TreeView};
 pub use state_machine::StateMachineStore;
 
@@ -63,10 +63,11 @@ impl fmt::Display for NodeInfo {
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(
-    /// The registry's Raft types: our commands in, our apply results out, snapshots as files.
+    /// The registry's Raft types: a proposal of writes in, their results out, snapshots as
+    /// files.
     pub TypeConfig:
-        D = Command,
-        R = ApplyResult,
+        D = Proposal,
+        R = ProposalResult,
         NodeId = NodeId,
         Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,

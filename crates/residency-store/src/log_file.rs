@@ -32,7 +32,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::durable::{SyncWaiter, sync_directory};
-use crate::record::{seal, unseal};
+use crate::record::{seal_entry, unseal_entry};
 use crate::{Entry, LogId, StoreError};
 
 /// A segment takes no new entries once it is this large.
@@ -45,6 +45,11 @@ const SEGMENT_PREFIX: &str = "segment-";
 const SEGMENT_SUFFIX: &str = ".log";
 /// Appends queued to the log's sync thread, at most this many before senders wait.
 const SYNC_QUEUE_DEPTH_MAX: usize = 4_096;
+/// The newest entries are also kept in memory, up to this many bytes of their records: the
+/// leader sends them to the followers and hands them to its state machine right after
+/// appending them, and reading them back from the file (a read, a checksum and a decode each
+/// time, per follower) cost more than keeping them.
+const RECENT_ENTRIES_BYTES_MAX: usize = 32 * 1024 * 1024;
 
 /// Frames bound for one segment, from byte `base` on.
 #[derive(Default)]
@@ -74,6 +79,10 @@ struct Inner {
     /// The index the log continues from when it holds no entry (after a purge of everything).
     floor: u64,
     slots: BTreeMap<u64, Slot>,
+    /// The newest entries, decoded, and the bytes of their records (see
+    /// `RECENT_ENTRIES_BYTES_MAX`): always a suffix of `slots`.
+    recent: BTreeMap<u64, (Entry, usize)>,
+    recent_bytes: usize,
     last_log_id: Option<LogId>,
     /// Files written since the sync thread last took them, and whether a segment was created
     /// (a directory entry to sync).
@@ -89,6 +98,26 @@ impl Inner {
         self.slots
             .last_key_value()
             .map_or(self.floor, |(index, _)| index + 1)
+    }
+
+    fn remember(&mut self, entry: Entry, record_bytes: usize) {
+        let index = entry.log_id.index;
+        if let Some((_, replaced)) = self.recent.insert(index, (entry, record_bytes)) {
+            self.recent_bytes -= replaced;
+        }
+        self.recent_bytes += record_bytes;
+        while self.recent_bytes > RECENT_ENTRIES_BYTES_MAX {
+            let Some((_, (_, bytes))) = self.recent.pop_first() else {
+                break;
+            };
+            self.recent_bytes -= bytes;
+        }
+    }
+
+    /// Keeps only the remembered entries that `keep` says the log still holds.
+    fn forget_recent(&mut self, keep: impl Fn(u64) -> bool) {
+        self.recent.retain(|index, _| keep(*index));
+        self.recent_bytes = self.recent.values().map(|(_, bytes)| bytes).sum();
     }
 
     fn mark_unsynced(&mut self, file: &Arc<File>) {
@@ -204,7 +233,7 @@ fn scan_segment(
 pub fn decode_segment(bytes: &[u8]) -> Result<(Vec<Entry>, bool), StoreError> {
     let mut entries = Vec::new();
     let tail = scan_segment(bytes, Path::new("fuzzed"), 1, None, |_, _, record, _| {
-        entries.push(crate::record::unseal::<Entry>(record, "log entry")?);
+        entries.push(unseal_entry(record, "log entry")?);
         Ok(())
     })?;
     Ok((entries, matches!(tail, Tail::Torn(_))))
@@ -250,6 +279,8 @@ impl LogFiles {
             segments: BTreeMap::new(),
             floor: purged_through.map_or(0, |index| index + 1),
             slots: BTreeMap::new(),
+            recent: BTreeMap::new(),
+            recent_bytes: 0,
             last_log_id: None,
             unsynced: Vec::new(),
             directory_unsynced: false,
@@ -265,7 +296,7 @@ impl LogFiles {
                     if skipped {
                         return Ok(());
                     }
-                    let entry: Entry = unseal(record, &format!("log entry {index}"))?;
+                    let entry = unseal_entry(record, &format!("log entry {index}"))?;
                     if entry.log_id.index != index {
                         return Err(StoreError::corrupt(format!(
                             "log entry at position {index} says it is {}",
@@ -352,6 +383,16 @@ impl LogFiles {
         self.lock().slots.is_empty()
     }
 
+    /// The index the next appended entry follows on from (the floor after a full purge).
+    pub(crate) fn next_index(&self) -> u64 {
+        self.lock().next_index()
+    }
+
+    /// One more than the last index known durable, as it changes.
+    pub(crate) fn durable_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.synced_next.subscribe()
+    }
+
     /// Writes `entries` after the last one (not yet durable: see `after_sync`). Returns how
     /// many it wrote.
     pub(crate) fn append(
@@ -379,7 +420,7 @@ impl LogFiles {
                 run.segment = Some(segment);
                 run.base = inner.segments[&segment].bytes;
             }
-            let record = seal(&entry);
+            let record = seal_entry(&entry);
             let length = u32::try_from(record.len())
                 .ok()
                 .filter(|length| *length <= RECORD_BYTES_MAX)
@@ -396,6 +437,7 @@ impl LogFiles {
                 },
             );
             inner.last_log_id = Some(entry.log_id);
+            inner.remember(entry, record.len());
             // The segment's size moves with the run, so that the next entry sees it.
             inner
                 .segments
@@ -485,7 +527,10 @@ impl LogFiles {
         inner
             .slots
             .range(start..end)
-            .map(|(index, slot)| read_slot(&inner, *index, slot))
+            .map(|(index, slot)| match inner.recent.get(index) {
+                Some((entry, _)) => Ok(entry.clone()),
+                None => read_slot(&inner, *index, slot),
+            })
             .collect()
     }
 
@@ -493,6 +538,7 @@ impl LogFiles {
     pub(crate) fn truncate(&self, index: u64) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let removed = inner.slots.split_off(&index);
+        inner.forget_recent(|kept| kept < index);
         let Some((_, cut)) = removed.first_key_value() else {
             return Ok(());
         };
@@ -541,6 +587,7 @@ impl LogFiles {
     pub(crate) fn purge(&self, index: u64) -> Result<(), StoreError> {
         let mut inner = self.lock();
         inner.slots = inner.slots.split_off(&(index + 1));
+        inner.forget_recent(|kept| kept > index);
         inner.floor = inner.floor.max(index + 1);
         if inner.slots.is_empty() {
             // The log's last id is then the purge point, which the caller keeps.
@@ -574,7 +621,7 @@ fn read_slot(inner: &Inner, index: u64, slot: &Slot) -> Result<Entry, StoreError
     inner.segments[&slot.segment]
         .file
         .read_exact_at(&mut record, slot.offset)?;
-    let entry: Entry = unseal(&record, &format!("log entry {index}"))?;
+    let entry = unseal_entry(&record, &format!("log entry {index}"))?;
     assert_eq!(
         entry.log_id.index, index,
         "a log slot points at another entry"

@@ -18,7 +18,7 @@ use openraft::{ErrorVerb, RaftLogReader};
 
 use crate::error::log_error;
 use crate::log_file::LogFiles;
-use crate::record::{seal, unseal};
+use crate::record::{seal, unseal, unseal_entry};
 use crate::{Durable, Entry, LogId, StorageError, StoreError, TypeConfig, Vote};
 
 /// Where entries lived before they moved to segment files; read once, to move them.
@@ -38,6 +38,23 @@ pub struct LogStore {
     files: Arc<LogFiles>,
     meta: sled::Tree,
     committed: CommittedIndex,
+}
+
+/// Where the log ends and how far it is durable, for the leader's proposer: it sends the next
+/// group of writes once the entry before it is on disk.
+#[derive(Debug, Clone)]
+pub struct LogProgress(Arc<LogFiles>);
+
+impl LogProgress {
+    /// The index the next appended entry will have, at least.
+    pub fn next_index(&self) -> u64 {
+        self.0.next_index()
+    }
+
+    /// One more than the last durable index, as it changes.
+    pub fn durable(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.durable_watch()
+    }
 }
 
 /// The committed index as last saved by openraft, readable by the server for status and
@@ -113,7 +130,7 @@ impl LogStore {
                 if last_purged.is_some_and(|purged| index <= purged.index) {
                     continue;
                 }
-                batch.push(unseal::<Entry>(&value, &format!("log entry {index}"))?);
+                batch.push(unseal_entry(&value, &format!("log entry {index}"))?);
                 if batch.len() == LEGACY_MOVE_BATCH_ENTRIES {
                     moved += self.files.append(std::mem::take(&mut batch))?;
                 }
@@ -143,6 +160,10 @@ impl LogStore {
 
     pub fn committed_index(&self) -> CommittedIndex {
         self.committed.clone()
+    }
+
+    pub fn progress(&self) -> LogProgress {
+        LogProgress(self.files.clone())
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(

@@ -79,18 +79,20 @@ impl StateReader {
         self.read_consistent(read).await
     }
 
-    /// What applying `command` next would answer, against the current state, without writing:
-    /// the check before proposing. Apply checks again against the state at the entry's position.
+    /// What applying `commands` as the next entry would answer, one result per write, against
+    /// the current state, without writing: the check before proposing, once for a whole group,
+    /// each write seeing what the ones before it would leave. Apply checks again against the
+    /// state at the entry's position.
     ///
     /// It holds the state lock for reading (applies wait for it; reads do not),
     /// never the optimistic path: `apply` asserts the state's invariants (a counter never goes
     /// below zero, ...) and a state torn by a concurrent apply would trip them before the
     /// seqlock could say "read again". The fault suite's crash-during-snapshot-install run found
     /// exactly that: a leader panicked on a torn pre-check.
-    pub async fn evaluate(&self, command: &Command) -> Result<ApplyResult, StoreError> {
+    pub async fn evaluate(&self, commands: &[Command]) -> Result<Vec<ApplyResult>, StoreError> {
         let tree = self.shared.state.read().await;
         let next = Revision(self.applied_revision().0 + 1);
-        Ok(residency_core::apply(&TreeView(&tree), next, Some(command))?.result)
+        Ok(residency_core::apply(&TreeView(&tree), next, commands)?.results)
     }
 
     /// Runs `read` against one applied state and returns its result with that state's revision.

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorVerb, RaftSnapshotBuilder};
 use residency_core::{KvRead, Mutation, codec, keys};
-use residency_types::{ApplyResult, Revision};
+use residency_types::{ProposalResult, Revision};
 use tokio::sync::RwLock;
 
 use crate::capture::{AsOfStart, Capture};
@@ -279,7 +279,7 @@ impl StateMachineStore {
         StateReader::new(self.shared.clone())
     }
 
-    async fn apply_entries(&self, entries: Vec<Entry>) -> Result<Vec<ApplyResult>, StoreError> {
+    async fn apply_entries(&self, entries: Vec<Entry>) -> Result<Vec<ProposalResult>, StoreError> {
         // The state is synced on its own schedule, apart from the log: it must never hold an
         // entry the log could lose in a crash.
         if let (Some(files), Some(last)) = (self.shared.durable.log_files(), entries.last()) {
@@ -294,12 +294,14 @@ impl StateMachineStore {
         };
         let mut results = Vec::with_capacity(entries.len());
         let mut last_applied = None;
+        let mut writes = 0_u64;
         for entry in entries {
             let revision = Revision(entry.log_id.index);
             let applied = match &entry.payload {
-                EntryPayload::Blank => residency_core::apply(&overlay, revision, None)?,
-                EntryPayload::Normal(command) => {
-                    residency_core::apply(&overlay, revision, Some(command))?
+                EntryPayload::Blank => residency_core::apply(&overlay, revision, &[])?,
+                EntryPayload::Normal(proposal) => {
+                    writes += proposal.commands.len() as u64;
+                    residency_core::apply(&overlay, revision, &proposal.commands)?
                 }
                 EntryPayload::Membership(membership) => {
                     // Every id ever in a membership is remembered: a wiped node must rejoin under a new id.
@@ -308,12 +310,14 @@ impl StateMachineStore {
                     }
                     let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
                     overlay.put(membership_key(), codec::encode(&stored));
-                    residency_core::apply(&overlay, revision, None)?
+                    residency_core::apply(&overlay, revision, &[])?
                 }
             };
             overlay.extend(applied.mutations);
             overlay.put(applied_key(), codec::encode(&entry.log_id));
-            results.push(applied.result);
+            results.push(ProposalResult {
+                results: applied.results,
+            });
             last_applied = Some(entry.log_id);
         }
         self.shared.capture.record(&tree, overlay.pending.keys())?;
@@ -328,6 +332,7 @@ impl StateMachineStore {
             self.shared.applied_notify.send_replace(log_id.index);
         }
         metrics::counter!("residency_entries_applied_total").increment(results.len() as u64);
+        metrics::counter!("residency_writes_applied_total").increment(writes);
         Ok(results)
     }
 }
@@ -656,7 +661,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((applied, membership))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyResult>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ProposalResult>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,

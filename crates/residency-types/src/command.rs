@@ -315,3 +315,19 @@ pub struct ApplyResult {
     pub revision: Revision,
     pub outcome: Option<Outcome>,
 }
+
+/// The writes one log entry carries, applied in order, each deciding on the state its
+/// predecessors in the entry left and each answered on its own: one refused write does not
+/// touch its neighbours (a `BatchAssign` among them stays all-or-nothing within itself). They
+/// share the entry's revision, as the items of a batch do.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub commands: Vec<Command>,
+}
+
+/// What applying one log entry answered: one result per write of its `Proposal`, in the same
+/// order; none for an entry that carries no write (blank and membership entries).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposalResult {
+    pub results: Vec<ApplyResult>,
+}

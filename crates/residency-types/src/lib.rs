@@ -27,7 +27,9 @@ pub mod reason;
 
 pub use access::{AccessOperation, Decision, DecisionAt, DenyReason};
 pub use catalog::{Labels, Location, LocationState, Policy};
-pub use command::{ApplyResult, AssignItem, Command, Outcome, Rejection, WriteBody};
+pub use command::{
+    ApplyResult, AssignItem, Command, Outcome, Proposal, ProposalResult, Rejection, WriteBody,
+};
 pub use consistency::Consistency;
 pub use event::{Change, Event};
 pub use identity::{Identity, Principal, Role, RoleTable};

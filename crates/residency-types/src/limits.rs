@@ -31,8 +31,9 @@ pub const CATALOG_PAGE_MAX: usize = 1_000;
 pub const WATCH_HISTORY_REVISIONS: u64 = 100_000;
 /// How many user ids one `BatchLookup` may name.
 pub const BATCH_LOOKUP_IDS_MAX: usize = 1_000;
-/// How many revisions a request id is remembered for after its write was applied. A retry
-/// arriving later than this is treated as a new write: at 1,000 writes/s that is about 17
-/// minutes, far longer than any client retries. Each remembered id costs a few hundred bytes
-/// of state, so the window also bounds that cost (about 0.5 GB on disk at most).
-pub const REQUEST_DEDUP_WINDOW_REVISIONS: u64 = 1_000_000;
+/// How many request ids are remembered: the newest this many. A retry that arrives after this
+/// many newer writes is treated as a new write: at 10,000 writes/s that is 100 s, far longer
+/// than a client retries within one deadline. Counted in writes, not revisions, because one
+/// revision (one log entry) may carry many writes. Each remembered id costs a few hundred bytes
+/// of state, so the window also bounds that cost.
+pub const REQUEST_DEDUP_WINDOW_REQUESTS: u64 = 1_000_000;

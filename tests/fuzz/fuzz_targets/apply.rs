@@ -1,9 +1,11 @@
-//! `apply` over arbitrary sequences of commands, built from the input over a small universe of
-//! users, locations and jurisdictions so the rules meet each other often. It must never panic,
-//! must be deterministic (two replicas reach the same bytes), must answer a retried request id
-//! with its first result, and must never leave a placement in breach of its policy (I1): an
-//! access check from the user's own jurisdiction never finds the location unavailable or in a
-//! jurisdiction the policy forbids.
+//! `apply` over arbitrary sequences of log entries, each of one to four writes as the leader
+//! groups them, built from the input over a small universe of users, locations and
+//! jurisdictions so the rules meet each other often. It must never panic, must be deterministic
+//! (two replicas reach the same bytes), must answer a retried request id with its first result
+//! (in a later entry or in the same one), must decide an entry's writes exactly as the same
+//! writes one per entry would be decided (the outcome of each; revisions aside), and must never
+//! leave a placement in breach of its policy (I1): an access check from the user's own
+//! jurisdiction never finds the location unavailable or in a jurisdiction the policy forbids.
 #![no_main]
 
 use std::collections::BTreeSet;
@@ -12,11 +14,13 @@ use libfuzzer_sys::fuzz_target;
 use residency_core::memory::MemoryState;
 use residency_types::{
     AccessOperation, AssignItem, CallerId, Command, Decision, DenyReason, Jurisdiction, Labels,
-    LocationId, LocationState, ReasonText, RequestId, Revision, UserId, WriteBody,
+    LocationId, LocationState, Outcome, ReasonText, RequestId, Revision, UserId, WriteBody,
 };
 
-/// Commands per input at most.
-const COMMANDS_MAX: usize = 64;
+/// Entries per input at most.
+const ENTRIES_MAX: usize = 32;
+/// Writes per entry at most.
+const ENTRY_WRITES_MAX: u8 = 4;
 
 const USERS: [&str; 4] = ["u0", "u1", "u2", "u3"];
 const LOCATIONS: [&str; 4] = [
@@ -132,40 +136,74 @@ fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let mut replica_a = MemoryState::new();
     let mut replica_b = MemoryState::new();
-    let mut sent: Vec<(Command, residency_types::ApplyResult)> = Vec::new();
-    for step in 0..COMMANDS_MAX {
-        let revision = Revision(step as u64 + 1);
-        let Some(selector) = input.byte() else { break };
-        // Now and then, a retry of an earlier request: same id, same body.
-        let command = if selector % 8 == 0 && !sent.is_empty() {
-            sent[usize::from(selector) % sent.len()].0.clone()
-        } else {
-            let Some(body) = input.body() else { break };
-            Command {
-                request_id: RequestId::parse(format!("req-{step}")).expect("valid"),
-                caller: CallerId::parse("fuzz").expect("valid"),
-                caller_authenticated: true,
-                reason: ReasonText::parse("fuzz").expect("valid"),
-                stamped_at_ms: 1_700_000_000_000 + step as u64,
-                body,
-            }
-        };
-        let result = replica_a.apply(revision, Some(&command));
-        let again = replica_b.apply(revision, Some(&command));
+    // The same writes, each applied on its own at its entry's revision: the reference for how
+    // an entry's writes are decided.
+    let mut one_by_one = MemoryState::new();
+    let mut sent: Vec<(Command, Outcome)> = Vec::new();
+    let mut step = 0_u64;
+    for entry in 0..ENTRIES_MAX {
+        let revision = Revision(entry as u64 + 1);
+        let Some(size) = input.byte() else { break };
+        let mut commands: Vec<Command> = Vec::new();
+        for _ in 0..=(size % ENTRY_WRITES_MAX) {
+            let Some(selector) = input.byte() else { break };
+            step += 1;
+            // Now and then, a retry of an earlier write: same id, same body, perhaps one of
+            // this very entry.
+            let command = if selector % 8 == 0 && !(sent.is_empty() && commands.is_empty()) {
+                let earlier: Vec<&Command> = sent
+                    .iter()
+                    .map(|(command, _)| command)
+                    .chain(commands.iter())
+                    .collect();
+                earlier[usize::from(selector) % earlier.len()].clone()
+            } else {
+                let Some(body) = input.body() else { break };
+                Command {
+                    request_id: RequestId::parse(format!("req-{step}")).expect("valid"),
+                    caller: CallerId::parse("fuzz").expect("valid"),
+                    caller_authenticated: true,
+                    reason: ReasonText::parse("fuzz").expect("valid"),
+                    stamped_at_ms: 1_700_000_000_000 + step,
+                    body,
+                }
+            };
+            commands.push(command);
+        }
+        if commands.is_empty() {
+            break;
+        }
+        let results = replica_a.apply_entry(revision, &commands);
+        let again = replica_b.apply_entry(revision, &commands);
         assert_eq!(
-            result, again,
-            "two replicas answered one command differently"
+            results, again,
+            "two replicas answered one entry differently"
         );
-        if let Some((_, first)) = sent
-            .iter()
-            .find(|(earlier, _)| earlier.request_id == command.request_id)
-        {
-            assert_eq!(result.outcome, first.outcome, "a retry got another answer");
-        } else {
-            sent.push((command, result));
+        assert_eq!(results.len(), commands.len(), "one answer per write");
+        for (command, result) in commands.into_iter().zip(results) {
+            let outcome = result.outcome.expect("a write has an outcome");
+            let alone = one_by_one.apply(revision, Some(&command));
+            assert_eq!(
+                Some(&outcome),
+                alone.outcome.as_ref(),
+                "a write in an entry of several was decided otherwise than alone"
+            );
+            if let Some((_, first)) = sent
+                .iter()
+                .find(|(earlier, _)| earlier.request_id == command.request_id)
+            {
+                assert_eq!(&outcome, first, "a retry got another answer");
+            } else {
+                sent.push((command, outcome));
+            }
         }
         for user in USERS {
             let user = UserId::parse(user).expect("valid");
+            assert_eq!(
+                replica_a.lookup(&user),
+                one_by_one.lookup(&user),
+                "an entry of several writes left another placement than its writes one by one"
+            );
             let Some(placement) = replica_a.lookup(&user) else {
                 continue;
             };

@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let _ = residency_store::decode::decode_segment(data);
     let _ = residency_store::record::unseal::<residency_store::Vote>(data, "vote");
-    let _ = residency_store::record::unseal::<residency_store::Entry>(data, "log entry");
+    let _ = residency_store::record::unseal_entry(data, "log entry");
     let _ = residency_audit::verify(data);
     let _ = residency_audit::tail(data);
 });

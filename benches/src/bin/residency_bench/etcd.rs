@@ -227,8 +227,11 @@ pub fn op_for(
     let users = plan.users as u64;
     let run = scope.to_string();
     match workload {
-        Workload::LookupLinearizable | Workload::LookupAtLeast | Workload::LookupStale => {
-            let serializable = workload != Workload::LookupLinearizable;
+        Workload::LookupLinearizable
+        | Workload::LookupLinearizableOne
+        | Workload::LookupAtLeast
+        | Workload::LookupStale => {
+            let serializable = matches!(workload, Workload::LookupAtLeast | Workload::LookupStale);
             let what = if serializable {
                 "Range, serializable"
             } else {

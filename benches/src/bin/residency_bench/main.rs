@@ -101,6 +101,10 @@ struct RunArgs {
     /// it, measured at startup; 160 when etcd runs alone).
     #[arg(long)]
     value_bytes: Option<usize>,
+    /// The registry's metrics listeners (host:port), comma-separated: the first one's counters
+    /// give the writes applied per log entry of each write workload.
+    #[arg(long, value_delimiter = ',')]
+    metrics: Vec<String>,
     /// Writes the report as JSON to this file as well.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -113,6 +117,8 @@ struct RunArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
     LookupLinearizable,
+    /// Linearizable lookups one at a time: the latency a single caller sees.
+    LookupLinearizableOne,
     LookupAtLeast,
     LookupStale,
     BatchLookup,
@@ -123,8 +129,9 @@ pub enum Workload {
 }
 
 impl Workload {
-    const ALL: [Workload; 11] = [
+    const ALL: [Workload; 12] = [
         Workload::LookupLinearizable,
+        Workload::LookupLinearizableOne,
         Workload::LookupAtLeast,
         Workload::LookupStale,
         Workload::BatchLookup,
@@ -140,6 +147,7 @@ impl Workload {
     pub fn name(self) -> String {
         match self {
             Workload::LookupLinearizable => "lookup-linearizable".to_string(),
+            Workload::LookupLinearizableOne => "lookup-linearizable-1".to_string(),
             Workload::LookupAtLeast => "lookup-at-least".to_string(),
             Workload::LookupStale => "lookup-stale".to_string(),
             Workload::BatchLookup => "batch-lookup".to_string(),
@@ -163,6 +171,7 @@ impl Workload {
     fn in_flight(self, args: &RunArgs) -> usize {
         match self {
             Workload::Assign(in_flight) => in_flight,
+            Workload::LookupLinearizableOne => 1,
             Workload::Import => args.import_in_flight,
             _ => args.in_flight,
         }
@@ -334,7 +343,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         probe.clone(),
                     ))
                 };
+                let counted_before = match args.metrics.first() {
+                    Some(address) => Some(registry::applied_counts(address).await?),
+                    None => None,
+                };
                 let (mut result, _) = measure(workload, &args, &mut make_op, &run_id).await?;
+                if let (Some(before), Some(address)) = (counted_before, args.metrics.first()) {
+                    let after = registry::applied_counts(address).await?;
+                    result.writes_per_entry = after.writes_per_entry_since(&before);
+                }
                 if let Some(probe) = &probe {
                     // Events of the last writes may still be on their way.
                     tokio::time::sleep(Duration::from_millis(500)).await;

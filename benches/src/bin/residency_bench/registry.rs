@@ -276,7 +276,10 @@ pub fn op_for(
     let run: Arc<str> = Arc::from(scope);
     let token = registry.token;
     match workload {
-        Workload::LookupLinearizable | Workload::LookupAtLeast | Workload::LookupStale => {
+        Workload::LookupLinearizable
+        | Workload::LookupLinearizableOne
+        | Workload::LookupAtLeast
+        | Workload::LookupStale => {
             let consistency = consistency_of(workload, token);
             let op: Op = Arc::new(move |task, seq| {
                 let client = clients[task % clients.len()].clone();
@@ -386,4 +389,45 @@ pub fn op_for(
             )
         }
     }
+}
+
+/// A node's counters of applied log entries and of the writes they carried.
+#[derive(Debug, Clone, Copy)]
+pub struct AppliedCounts {
+    entries: f64,
+    writes: f64,
+}
+
+impl AppliedCounts {
+    /// Writes per entry applied since `before`; `None` if no write was applied (a read
+    /// workload).
+    pub fn writes_per_entry_since(&self, before: &AppliedCounts) -> Option<f64> {
+        let writes = self.writes - before.writes;
+        let entries = self.entries - before.entries;
+        (writes > 0.0 && entries > 0.0).then(|| writes / entries)
+    }
+}
+
+/// Reads `residency_entries_applied_total` and `residency_writes_applied_total` from the
+/// metrics listener at `address` (plain HTTP, `/metrics`).
+pub async fn applied_counts(address: &str) -> anyhow::Result<AppliedCounts> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .with_context(|| format!("connecting to the metrics listener {address}"))?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    let counter = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(AppliedCounts {
+        entries: counter("residency_entries_applied_total"),
+        writes: counter("residency_writes_applied_total"),
+    })
 }

@@ -68,6 +68,10 @@ pub struct WorkloadResult {
     /// The 1-minute load average before the first round and after the last.
     pub load_average: String,
     pub watch_lag: Option<WatchLag>,
+    /// Registry writes only, when its metrics were given: writes applied per log entry over
+    /// the whole workload (warm-ups included), from the first node's counters.
+    #[serde(default)]
+    pub writes_per_entry: Option<f64>,
 }
 
 impl WorkloadResult {
@@ -90,6 +94,7 @@ impl WorkloadResult {
             client_cpu_us_per_op: 0.0,
             load_average: String::new(),
             watch_lag: None,
+            writes_per_entry: None,
         }
     }
 
@@ -169,13 +174,17 @@ impl Report {
 
     pub fn print_line(&self, result: &WorkloadResult) {
         println!(
-            "{}: {:.0} ops/s (rounds {}), p50 {:.2} ms, p99 {:.2} ms, {} errors{}",
+            "{}: {:.0} ops/s (rounds {}), p50 {:.2} ms, p99 {:.2} ms, {} errors{}{}",
             result.workload,
             result.ops_per_s,
             result.spread(),
             result.p50_ms,
             result.p99_ms,
             result.errors,
+            result
+                .writes_per_entry
+                .map(|writes| format!(", {writes:.1} writes per log entry"))
+                .unwrap_or_default(),
             result
                 .first_error
                 .as_deref()
@@ -235,22 +244,26 @@ pub fn compare(registry: &Report, etcd: &Report) -> String {
     let _ = writeln!(
         out,
         "| workload | in flight | registry ops/s | etcd ops/s | ratio | registry p50 / p99 ms | \
-         etcd p50 / p99 ms | server CPU µs/op registry / etcd |"
+         etcd p50 / p99 ms | p50 / p99 registry ÷ etcd | server CPU µs/op registry / etcd | \
+         registry writes per entry |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for ours in &registry.results {
         let theirs = etcd
             .results
             .iter()
             .find(|theirs| theirs.workload == ours.workload);
-        let (rate, ratio, latency, cpu) = match theirs {
+        let ratio_of = |ours: f64, theirs: f64| ours / theirs.max(f64::MIN_POSITIVE);
+        let (rate, ratio, latency, latency_ratio, cpu) = match theirs {
             Some(theirs) => (
                 format!("{:.0}", theirs.ops_per_s),
-                format!(
-                    "**{:.2}×**",
-                    ours.ops_per_s / theirs.ops_per_s.max(f64::MIN_POSITIVE)
-                ),
+                format!("**{:.2}×**", ratio_of(ours.ops_per_s, theirs.ops_per_s)),
                 format!("{:.2} / {:.2}", theirs.p50_ms, theirs.p99_ms),
+                format!(
+                    "{:.2}× / {:.2}×",
+                    ratio_of(ours.p50_ms, theirs.p50_ms),
+                    ratio_of(ours.p99_ms, theirs.p99_ms)
+                ),
                 format!(
                     "{:.0} / {:.0}",
                     ours.server_cpu_us_per_op, theirs.server_cpu_us_per_op
@@ -260,12 +273,17 @@ pub fn compare(registry: &Report, etcd: &Report) -> String {
                 "—".to_string(),
                 "—".to_string(),
                 "—".to_string(),
+                "—".to_string(),
                 format!("{:.0} / —", ours.server_cpu_us_per_op),
             ),
         };
+        let grouped = ours
+            .writes_per_entry
+            .map_or("—".to_string(), |writes| format!("{writes:.1}"));
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {rate} | {ratio} | {:.2} / {:.2} | {latency} | {cpu} |",
+            "| {} | {} | {:.0} | {rate} | {ratio} | {:.2} / {:.2} | {latency} | {latency_ratio} | \
+             {cpu} | {grouped} |",
             ours.workload, ours.in_flight, ours.ops_per_s, ours.p50_ms, ours.p99_ms
         );
     }

@@ -4,11 +4,11 @@
 use std::collections::BTreeSet;
 
 use residency_types::command::ItemRejection;
-use residency_types::limits::REQUEST_DEDUP_WINDOW_REVISIONS;
+use residency_types::limits::REQUEST_DEDUP_WINDOW_REQUESTS;
 use residency_types::{
-    AccessOperation, AssignItem, CallerId, Command, Decision, DenyReason, Jurisdiction, Labels,
-    LocationId, LocationState, Outcome, PlacementState, ReasonText, Rejection, RequestId, Revision,
-    UserId, WriteBody,
+    AccessOperation, ApplyResult, AssignItem, CallerId, Command, Decision, DenyReason,
+    Jurisdiction, Labels, LocationId, LocationState, Outcome, PlacementState, ReasonText,
+    Rejection, RequestId, Revision, UserId, WriteBody,
 };
 
 use crate::memory::MemoryState;
@@ -120,18 +120,32 @@ impl Registry {
         registry
     }
 
-    fn write_as(&mut self, request_id: &str, body: WriteBody) -> Outcome {
-        self.revision += 1;
-        let command = Command {
+    fn command(&self, request_id: &str, body: WriteBody) -> Command {
+        Command {
             request_id: RequestId::parse(request_id).expect("valid request id"),
             caller: CallerId::parse("test").expect("valid caller"),
             caller_authenticated: false,
             reason: ReasonText::parse("test").expect("valid reason"),
             stamped_at_ms: 1_700_000_000_000 + self.revision,
             body,
-        };
+        }
+    }
+
+    fn write_as(&mut self, request_id: &str, body: WriteBody) -> Outcome {
+        self.revision += 1;
+        let command = self.command(request_id, body);
         let result = self.state.apply(Revision(self.revision), Some(&command));
         result.outcome.expect("a write has an outcome")
+    }
+
+    /// Applies several writes as one log entry, at one revision; one answer per write.
+    fn entry<S: AsRef<str>>(&mut self, writes: Vec<(S, WriteBody)>) -> Vec<ApplyResult> {
+        self.revision += 1;
+        let commands: Vec<Command> = writes
+            .into_iter()
+            .map(|(request_id, body)| self.command(request_id.as_ref(), body))
+            .collect();
+        self.state.apply_entry(Revision(self.revision), &commands)
     }
 
     fn write(&mut self, body: WriteBody) -> Outcome {
@@ -651,32 +665,251 @@ fn the_same_log_gives_the_same_digest_and_a_different_log_does_not() {
 }
 
 #[test]
-fn request_ids_age_out_after_the_window() {
-    let mut state = Registry::seeded().state;
-    let command = Command {
-        request_id: RequestId::parse("old").expect("valid"),
-        caller: CallerId::parse("test").expect("valid"),
-        caller_authenticated: false,
-        reason: ReasonText::default(),
-        stamped_at_ms: 1,
-        body: assign("gina", "us-east-1/pg-1"),
+fn request_ids_age_out_after_the_window_counted_in_writes() {
+    let mut registry = Registry::seeded();
+    let first = registry.write_as("old", assign("gina", "us-east-1/pg-1"));
+    // The six writes of the seeding were remembered as 0..=5, "old" as 6. Stand in for the
+    // writes remembered since, without applying a million of them: the counter says that the
+    // next write pushes out the seeding's last, and the one after it "old".
+    let old_sequence = 6;
+    registry.state.put_for_test(
+        crate::keys::REQUEST_COUNT_KEY,
+        crate::codec::encode(&(REQUEST_DEDUP_WINDOW_REQUESTS + old_sequence - 1)),
+    );
+    registry.ok(assign("hal", "us-east-1/pg-1"));
+    let retry = registry.write_as("old", assign("gina", "us-east-1/pg-1"));
+    assert_eq!(retry, first, "still inside the window: the first result");
+    // The next remembered write pushes "old" out (a refusal is remembered too).
+    registry.refused(assign("ida", "eu-central-1/pg-9"));
+    let again = registry.write_as("old", assign("gina", "us-east-1/pg-1"));
+    let Outcome::Assigned { placement, created } = again else {
+        panic!("past the window the write is new: {again:?}")
     };
-    state.apply(Revision(100), Some(&command));
-    state.apply(Revision(100 + REQUEST_DEDUP_WINDOW_REVISIONS - 1), None);
-    let again = state.apply(
-        Revision(100 + REQUEST_DEDUP_WINDOW_REVISIONS),
-        Some(&command),
-    );
+    assert!(!created, "gina was placed by the first write");
+    assert_eq!(placement.mod_revision, Revision(registry.revision));
+    let count: u64 = crate::codec::decode(
+        &registry
+            .state
+            .get_for_test(crate::keys::REQUEST_COUNT_KEY)
+            .expect("counted"),
+    )
+    .expect("decodes");
+    assert_eq!(count, REQUEST_DEDUP_WINDOW_REQUESTS + old_sequence + 2);
     assert_eq!(
-        again.revision,
-        Revision(100 + REQUEST_DEDUP_WINDOW_REVISIONS),
-        "past the window the write is new"
+        registry
+            .state
+            .get_for_test(&crate::keys::request_by_sequence_key(old_sequence)),
+        None,
+        "the index key of the id that aged out went with it"
     );
-    let placement = state.lookup(&user("gina")).expect("placed");
+}
+
+#[test]
+fn request_ids_of_a_state_from_before_grouping_age_out_by_revision() {
+    let mut registry = Registry::seeded();
+    let first = registry.write_as("legacy", assign("gina", "us-east-1/pg-1"));
+    let applied_at = registry.revision;
+    // Rewrite the id's index the way states kept it when one revision was one write.
+    let sequence_key = crate::keys::request_by_sequence_key(6);
+    let index = registry
+        .state
+        .get_for_test(&sequence_key)
+        .expect("the seventh remembered id is the legacy write");
+    registry.state.remove_for_test(&sequence_key);
+    registry.state.put_for_test(
+        &crate::keys::request_by_revision_key(Revision(applied_at)),
+        index,
+    );
+    let window = 1_000_000;
+    registry.revision = applied_at + window - 2;
+    let retry = registry.write_as("legacy", assign("gina", "us-east-1/pg-1"));
+    assert_eq!(retry, first, "inside the legacy window: the first result");
+    let again = registry.write_as("legacy", assign("gina", "us-east-1/pg-1"));
+    assert!(
+        matches!(&again, Outcome::Assigned { placement, .. } if placement.mod_revision == Revision(applied_at + window)),
+        "at the end of the legacy window the write is new: {again:?}"
+    );
+}
+
+/// Several writes in one entry: each decides on what the ones before it left, each has its
+/// own answer, they share the entry's revision, and a refusal touches none of its neighbours.
+#[test]
+fn the_writes_of_one_entry_are_decided_in_order_each_on_its_own() {
+    let mut registry = Registry::seeded();
+    let outcomes = |results: &[ApplyResult]| -> Vec<Outcome> {
+        results
+            .iter()
+            .map(|result| result.outcome.clone().expect("a write has an outcome"))
+            .collect()
+    };
+
+    // A refused write between two good ones: only it is refused.
+    let results = registry.entry(vec![
+        ("g-1", assign("ann", "us-east-1/pg-1")),
+        ("g-2", assign("ben", "eu-central-1/pg-9")),
+        ("g-3", assign("cat", "us-west-2/pg-2")),
+    ]);
+    let revision = Revision(registry.revision);
+    assert!(results.iter().all(|result| result.revision == revision));
+    let got = outcomes(&results);
+    assert!(
+        matches!(&got[0], Outcome::Assigned { placement, created: true } if placement.mod_revision == revision)
+    );
+    assert!(matches!(
+        &got[1],
+        Outcome::Rejected(Rejection::StorageJurisdictionNotAllowed { .. })
+    ));
+    assert!(matches!(&got[2], Outcome::Assigned { created: true, .. }));
+    assert!(registry.state.lookup(&user("ann")).is_some());
+    assert_eq!(registry.state.lookup(&user("ben")), None);
+    assert!(registry.state.lookup(&user("cat")).is_some());
+
+    // The same request id twice: applied once, both answered with the first result.
+    let results = registry.entry(vec![
+        ("twice", assign("dan", "us-east-1/pg-1")),
+        ("twice", assign("dan", "us-east-1/pg-1")),
+    ]);
     assert_eq!(
-        placement.mod_revision,
-        Revision(100 + REQUEST_DEDUP_WINDOW_REVISIONS)
+        results[0], results[1],
+        "the second answers the first result"
     );
+    let placement = registry.state.lookup(&user("dan")).expect("placed");
+    assert_eq!(placement.epoch, 1, "applied once");
+    assert!(matches!(
+        outcomes(&results)[0],
+        Outcome::Assigned { created: true, .. }
+    ));
+
+    // Two writes to one user, in arrival order: the second's expected_mod_revision is checked
+    // against what the first left (the entry's own revision), not the state before the entry.
+    let before = registry
+        .state
+        .lookup(&user("ann"))
+        .expect("placed")
+        .mod_revision;
+    let results = registry.entry(vec![
+        (
+            "move-ann",
+            WriteBody::Assign(item("ann", "US", "us-west-2/pg-2", Some(before.0))),
+        ),
+        (
+            "stale-ann",
+            WriteBody::Assign(item("ann", "US", "us-central-1/pg-3", Some(before.0))),
+        ),
+    ]);
+    let revision = Revision(registry.revision);
+    let got = outcomes(&results);
+    assert!(matches!(&got[0], Outcome::Assigned { placement, .. } if placement.epoch == 2));
+    assert_eq!(
+        got[1],
+        Outcome::Rejected(Rejection::RevisionMismatch {
+            expected: before,
+            actual: revision
+        })
+    );
+    let results = registry.entry(vec![
+        (
+            "move-ann-2",
+            WriteBody::Assign(item("ann", "US", "us-central-1/pg-3", None)),
+        ),
+        (
+            "move-ann-3",
+            WriteBody::Assign(item(
+                "ann",
+                "US",
+                "us-east-1/pg-1",
+                Some(registry.revision + 1),
+            )),
+        ),
+    ]);
+    let got = outcomes(&results);
+    assert!(
+        matches!(&got[1], Outcome::Assigned { placement, .. } if placement.epoch == 4 && placement.location_id.as_str() == "us-east-1/pg-1"),
+        "the second write saw the first's mod_revision: {got:?}"
+    );
+
+    // A write and a forget of one user: the forget sees the placement the write made.
+    let results = registry.entry(vec![
+        ("eve-in", assign("eve", "us-east-1/pg-1")),
+        ("eve-out", forget("eve", None)),
+        ("eve-again", forget("eve", None)),
+    ]);
+    let got = outcomes(&results);
+    assert!(matches!(&got[0], Outcome::Assigned { created: true, .. }));
+    assert!(matches!(&got[1], Outcome::Forgotten { .. }));
+    assert_eq!(got[2], Outcome::Rejected(Rejection::UserNotFound));
+    assert_eq!(registry.state.lookup(&user("eve")), None);
+}
+
+/// One entry of writes leaves the same data, counters included, as the same writes one per
+/// entry, and its events are numbered across its writes.
+#[test]
+fn an_entry_of_writes_leaves_the_data_of_the_same_writes_one_by_one() {
+    let bodies: Vec<WriteBody> = (0..40)
+        .map(|n| match n % 5 {
+            0 | 1 => assign(&format!("w{}", n % 13), "us-east-1/pg-1"),
+            2 => assign(&format!("w{}", n % 13), "us-west-2/pg-2"),
+            3 => forget(&format!("w{}", (n + 3) % 13), None),
+            _ => assign(&format!("w{}", n % 13), "eu-central-1/pg-9"),
+        })
+        .collect();
+    let mut one_by_one = Registry::seeded();
+    let single: Vec<Outcome> = bodies
+        .iter()
+        .enumerate()
+        .map(|(n, body)| one_by_one.write_as(&format!("r{n}"), body.clone()))
+        .collect();
+    let mut grouped = Registry::seeded();
+    let results = grouped.entry(
+        bodies
+            .iter()
+            .enumerate()
+            .map(|(n, body)| (format!("r{n}"), body.clone()))
+            .collect(),
+    );
+    let kinds = |outcomes: Vec<Outcome>| -> Vec<std::mem::Discriminant<Outcome>> {
+        outcomes.iter().map(std::mem::discriminant).collect()
+    };
+    assert_eq!(
+        kinds(
+            results
+                .iter()
+                .map(|r| r.outcome.clone().expect("outcome"))
+                .collect()
+        ),
+        kinds(single),
+        "the same decisions, write by write"
+    );
+    let placements = |registry: &Registry| -> Vec<Option<(String, u64)>> {
+        (0..13)
+            .map(|n| {
+                registry
+                    .state
+                    .lookup(&user(&format!("w{n}")))
+                    .map(|placement| (placement.location_id.to_string(), placement.epoch))
+            })
+            .collect()
+    };
+    assert_eq!(placements(&grouped), placements(&one_by_one));
+    assert_eq!(
+        crate::query::placements_count(&grouped.state).expect("count"),
+        crate::query::placements_count(&one_by_one.state).expect("count")
+    );
+    let revision = Revision(grouped.revision);
+    let events = crate::query::events(&grouped.state, revision, None, 1_000).expect("events");
+    assert!(!events.is_empty());
+    for (position, (_, event)) in events.iter().enumerate() {
+        assert_eq!(event.revision, revision);
+        assert_eq!(event.index as usize, position, "numbered across the writes");
+    }
+    let count: u32 = crate::codec::decode(
+        &grouped
+            .state
+            .get_for_test(&crate::keys::event_count_key(revision))
+            .expect("counted once"),
+    )
+    .expect("decodes");
+    assert_eq!(count as usize, events.len());
 }
 
 #[test]

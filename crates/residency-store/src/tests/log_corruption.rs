@@ -189,7 +189,8 @@ async fn a_record_cut_short_at_the_end_of_the_log_is_cut_off() {
     }
 }
 
-/// A store written when the log lived in sled opens with its entries moved into segment files.
+/// A store written when the log lived in sled (and held one write per entry) opens with its
+/// entries moved into segment files.
 #[tokio::test]
 async fn a_log_kept_in_sled_by_an_older_version_is_moved_to_segment_files() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -200,7 +201,7 @@ async fn a_log_kept_in_sled_by_an_older_version_is_moved_to_segment_files() {
         for entry in history() {
             log.insert(
                 entry.log_id.index.to_be_bytes(),
-                crate::record::seal(&entry),
+                crate::record::seal_legacy_entry(&entry),
             )
             .expect("entry written");
         }

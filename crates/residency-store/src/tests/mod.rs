@@ -10,6 +10,7 @@
 //! machine, reader) before reopening the same directory: sled holds a file lock while any lives.
 
 mod determinism;
+mod grouped;
 mod log_corruption;
 mod reads;
 mod restart;
@@ -24,8 +25,8 @@ use std::path::Path;
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, Membership};
 use residency_types::{
-    ApplyResult, AssignItem, CallerId, Command, Jurisdiction, Labels, LocationId, Outcome,
-    ReasonText, RequestId, UserId, WriteBody,
+    AssignItem, CallerId, Command, Jurisdiction, Labels, LocationId, Outcome, Proposal,
+    ProposalResult, ReasonText, RequestId, UserId, WriteBody,
 };
 
 use crate::{
@@ -119,9 +120,14 @@ pub(crate) fn blank_entry(term: u64, index: u64) -> Entry {
 }
 
 pub(crate) fn write_entry(term: u64, index: u64, command: Command) -> Entry {
+    group_entry(term, index, vec![command])
+}
+
+/// An entry of several writes, as the leader groups them.
+pub(crate) fn group_entry(term: u64, index: u64, commands: Vec<Command>) -> Entry {
     Entry {
         log_id: log_id(term, index),
-        payload: EntryPayload::Normal(command),
+        payload: EntryPayload::Normal(Proposal { commands }),
     }
 }
 
@@ -224,8 +230,8 @@ pub(crate) fn seeded_history(voters: &[NodeId]) -> Vec<Entry> {
 
 /// Panics unless every write among `results` was accepted: a refused assign would leave its
 /// user unplaced and let a lookup's `None` pass for something else.
-pub(crate) fn assert_accepted(results: &[ApplyResult]) {
-    for result in results {
+pub(crate) fn assert_accepted(results: &[ProposalResult]) {
+    for result in results.iter().flat_map(|entry| &entry.results) {
         if let Some(Outcome::Rejected(rejection)) = &result.outcome {
             panic!(
                 "the write at revision {} was refused: {rejection:?}",

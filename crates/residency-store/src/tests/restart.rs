@@ -5,7 +5,7 @@ use std::path::Path;
 
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::{LogState, RaftLogReader};
-use residency_types::{Outcome, Revision};
+use residency_types::{Outcome, ProposalResult, Revision};
 
 use super::{
     SEEDED, assert_accepted, assign, blank_entry, log_id, open_store, seeded_history,
@@ -49,9 +49,17 @@ async fn a_reopened_store_keeps_its_vote_log_and_state() {
         .await
         .expect("entries applied");
     assert_accepted(&results);
-    let revisions: Vec<Revision> = results.iter().map(|result| result.revision).collect();
-    let indices: Vec<Revision> = (0..=LAST).map(Revision).collect();
-    assert_eq!(revisions, indices, "each entry applies at its log index");
+    assert_eq!(results.len() as u64, LAST + 1, "one answer per entry");
+    for (index, entry) in (0..=LAST).zip(&results) {
+        assert!(
+            entry
+                .results
+                .iter()
+                .all(|result| result.revision == Revision(index)),
+            "each entry's writes apply at its log index"
+        );
+    }
+    assert!(results.iter().any(|entry| !entry.results.is_empty()));
     let digest = store.reader.digest().await.expect("digest");
     drop(store);
 
@@ -107,7 +115,8 @@ async fn the_request_dedup_survives_restart() {
         .await
         .expect("entries applied");
     assert_accepted(&results);
-    let first = results.pop().expect("one result per entry");
+    let mut first = results.pop().expect("one result per entry");
+    let first = first.results.pop().expect("one result per write");
     assert_eq!(first.revision, Revision(SEEDED));
     assert!(matches!(
         first.outcome,
@@ -121,7 +130,13 @@ async fn the_request_dedup_survives_restart() {
         .apply([write_entry(1, SEEDED + 1, write)])
         .await
         .expect("entry applied");
-    assert_eq!(retried, [first], "a retry answers with the first result");
+    assert_eq!(
+        retried,
+        [ProposalResult {
+            results: vec![first]
+        }],
+        "a retry answers with the first result"
+    );
     let (placement, revision) = store.reader.lookup(&user("alice")).await.expect("lookup");
     let placement = placement.expect("alice was assigned");
     assert_eq!(

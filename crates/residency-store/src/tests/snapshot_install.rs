@@ -43,7 +43,7 @@ async fn source_store(dir: &Path) -> Store {
         .await
         .expect("entries applied");
     assert_accepted(&results);
-    let moved = &results.last().expect("one result per entry").outcome;
+    let moved = &results.last().expect("one result per entry").results[0].outcome;
     assert!(
         matches!(moved, Some(Outcome::Assigned { created: false, .. })),
         "alice's second assign updates her placement: {moved:?}"
