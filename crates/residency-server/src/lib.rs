@@ -132,6 +132,7 @@ pub async fn run(
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let committed = log_store.committed_index();
     let log_progress = log_store.progress();
+    log_store.lead_as(config.node_id);
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration");
     }
@@ -166,7 +167,7 @@ pub async fn run(
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config(&config)?),
-        NetworkFactory::new(peers.clone()),
+        NetworkFactory::new(peers.clone(), log_progress.clone()),
         log_store,
         state_machine,
     )

@@ -2,7 +2,7 @@
 //! bytes in a protobuf `bytes` field.
 //!
 //! openraft 0.9 calls `new_client` for every replication stream and for every linearizable read,
-//! so channels are cached here: a new connection per call made reads slow and flaky (deps.md §2).
+//! so channels are cached here: a new connection per call made reads slow and flaky.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,7 @@ use openraft::raft::{
 };
 use residency_proto::peer_pb::RaftPayload;
 use residency_proto::peer_pb::peer_client::PeerClient;
-use residency_store::{NodeId, NodeInfo, TypeConfig};
+use residency_store::{LogProgress, NodeId, NodeInfo, TypeConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
@@ -82,11 +82,14 @@ impl PeerChannels {
 #[derive(Debug, Clone)]
 pub struct NetworkFactory {
     channels: PeerChannels,
+    log: LogProgress,
 }
 
 impl NetworkFactory {
-    pub fn new(channels: PeerChannels) -> NetworkFactory {
-        NetworkFactory { channels }
+    /// `log` is this node's log: the commit index sent to followers never passes what it holds
+    /// on disk (`LogProgress::commit_bound`).
+    pub fn new(channels: PeerChannels, log: LogProgress) -> NetworkFactory {
+        NetworkFactory { channels, log }
     }
 }
 
@@ -97,6 +100,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerConnection {
             target,
             client: self.channels.client(&node.peer_addr),
+            log: self.log.clone(),
         }
     }
 }
@@ -105,6 +109,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct PeerConnection {
     target: NodeId,
     client: Result<PeerClient<Channel>, tonic::transport::Error>,
+    log: LogProgress,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
@@ -184,6 +189,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         mut request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        // The leader's own entries count as saved before its sync ends; a follower must not
+        // apply one before it is on the leader's disk as well (see `LogStore::append`).
+        request.leader_commit = self.log.commit_bound(request.leader_commit);
         let keep = entries_within(&request.entries, REPLICATION_MESSAGE_BYTES_TARGET);
         let truncated = keep < request.entries.len();
         request.entries.truncate(keep);

@@ -1,6 +1,6 @@
 //! Guards against openraft 0.9's repeated split vote: it draws one random election timeout per
 //! process and reuses it, so two voters whose draws land on the same tick can split votes again
-//! and again (deps.md §3.7). When a voter has seen no leader for twice the longest election
+//! and again. When a voter has seen no leader for twice the longest election
 //! timeout, it waits a fresh random delay and starts an election itself.
 
 use std::time::{Duration, Instant};

@@ -1,12 +1,12 @@
 //! The node's sled database and what makes writes to it durable.
 //!
-//! sled's `flush()` writes its log with `sync_file_range`, which is not an fsync (see
-//! `shared/reference/deps.md` §9.2). So a write is durable here only after `flush()` *and* an
+//! sled's `flush()` writes its log with `sync_file_range`, which is not an fsync: it survives
+//! a process kill, not a power loss. So a write is durable here only after `flush()` *and* an
 //! `fdatasync` on sled's `db` file. One dedicated thread does both for every pending request at
 //! once (group commit): requests that arrive while a sync runs share the next one. Votes and
 //! snapshot steps wait for it; log appends do not (the log has its own files and sync thread,
 //! `log_file.rs`). We never call `flush_async()`, which can hang every sled database in the
-//! process (deps.md §9.1).
+//! process once seven calls are pending.
 //!
 //! A failed fsync aborts the process: after a failed fsync the page cache may have dropped the
 //! dirty pages, so carrying on could acknowledge writes that are not on disk ("fsyncgate").

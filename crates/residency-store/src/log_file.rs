@@ -84,6 +84,8 @@ struct Inner {
     recent: BTreeMap<u64, (Entry, usize)>,
     recent_bytes: usize,
     last_log_id: Option<LogId>,
+    /// The id of the last entry known durable: the entry just below `LogFiles::synced_next`.
+    durable_last: Option<LogId>,
     /// Files written since the sync thread last took them, and whether a segment was created
     /// (a directory entry to sync).
     unsynced: Vec<Arc<File>>,
@@ -282,6 +284,7 @@ impl LogFiles {
             recent: BTreeMap::new(),
             recent_bytes: 0,
             last_log_id: None,
+            durable_last: None,
             unsynced: Vec::new(),
             directory_unsynced: false,
             generation: 0,
@@ -343,6 +346,9 @@ impl LogFiles {
                 bytes = offset;
             }
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            // What a crashed process wrote may still be only in the page cache: from here on
+            // it counts as durable, so make it so.
+            file.sync_data()?;
             inner.segments.insert(
                 first_index,
                 Segment {
@@ -354,6 +360,7 @@ impl LogFiles {
         }
         sync_directory(dir)?;
         let synced = inner.next_index();
+        inner.durable_last = inner.last_log_id;
         let (sync_sender, pending) = mpsc::sync_channel(SYNC_QUEUE_DEPTH_MAX);
         let log = Arc::new(LogFiles {
             dir: dir.to_path_buf(),
@@ -391,6 +398,17 @@ impl LogFiles {
     /// One more than the last index known durable, as it changes.
     pub(crate) fn durable_watch(&self) -> tokio::sync::watch::Receiver<u64> {
         self.synced_next.subscribe()
+    }
+
+    /// One more than the last index known durable, and that entry's id.
+    pub(crate) fn durable(&self) -> (u64, Option<LogId>) {
+        let inner = self.lock();
+        (*self.synced_next.borrow(), inner.durable_last)
+    }
+
+    /// Has the sync thread sync what is written so far, without waiting for it.
+    pub(crate) fn sync_soon(&self) {
+        self.after_sync(Box::new(|| {}));
     }
 
     /// Writes `entries` after the last one (not yet durable: see `after_sync`). Returns how
@@ -577,8 +595,15 @@ impl LogFiles {
             inner.floor = inner.floor.min(index);
         }
         let next = inner.next_index();
-        self.synced_next
-            .send_modify(|synced| *synced = (*synced).min(next));
+        let mut lowered = false;
+        self.synced_next.send_modify(|synced| {
+            lowered = *synced > next;
+            *synced = (*synced).min(next);
+        });
+        if lowered {
+            // Everything below the cut was durable already.
+            inner.durable_last = inner.last_log_id;
+        }
         Ok(())
     }
 
@@ -650,11 +675,12 @@ fn run_log_sync(log: std::sync::Weak<LogFiles>, pending: mpsc::Receiver<SyncWait
         let Some(log) = log.upgrade() else {
             break;
         };
-        let (files, directory, generation, next) = {
+        let (files, directory, generation, next, last) = {
             let mut inner = log.lock();
             let files = std::mem::take(&mut inner.unsynced);
             let directory = std::mem::take(&mut inner.directory_unsynced);
-            (files, directory, inner.generation, inner.next_index())
+            let next = inner.next_index();
+            (files, directory, inner.generation, next, inner.last_log_id)
         };
         let started = Instant::now();
         let synced = files
@@ -674,10 +700,10 @@ fn run_log_sync(log: std::sync::Weak<LogFiles>, pending: mpsc::Receiver<SyncWait
         metrics::histogram!("residency_log_fsync_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("residency_log_fsync_batch_waiters").record(waiters.len() as f64);
         {
-            let inner = log.lock();
-            if inner.generation == generation {
-                log.synced_next
-                    .send_modify(|synced| *synced = (*synced).max(next));
+            let mut inner = log.lock();
+            if inner.generation == generation && next > *log.synced_next.borrow() {
+                inner.durable_last = last;
+                log.synced_next.send_replace(next);
             }
         }
         drop(log);

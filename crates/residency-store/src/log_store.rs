@@ -38,14 +38,33 @@ pub struct LogStore {
     files: Arc<LogFiles>,
     meta: sled::Tree,
     committed: CommittedIndex,
+    /// This node's id once `lead_as` has named it (0 until then: ids start at 1).
+    own_id: Arc<AtomicU64>,
+    /// The vote as last saved (or read), to tell the leader's own appends from a follower's.
+    vote: Arc<std::sync::Mutex<Option<Vote>>>,
 }
 
-/// Where the log ends and how far it is durable, for the leader's proposer: it sends the next
-/// group of writes once the entry before it is on disk.
+/// Where the log ends and how far it is durable: for the leader's proposer, which sends the
+/// next group of writes once the entry before it is on disk, and for the replication messages,
+/// whose commit index never runs ahead of what the leader has on disk (see `LogStore::append`).
 #[derive(Debug, Clone)]
 pub struct LogProgress(Arc<LogFiles>);
 
 impl LogProgress {
+    /// The commit index a follower may be told: `committed`, or, if this node's log is not yet
+    /// durable that far, the last entry it is. A leader counts its own entries as written
+    /// before they are synced (`LogStore::append`), so its committed index can run ahead of its
+    /// disk by one sync; no follower applies, and so no reader sees, an entry before it is on
+    /// the disks of a majority, the leader's included.
+    pub fn commit_bound(&self, committed: Option<LogId>) -> Option<LogId> {
+        let committed = committed?;
+        let (durable_next, durable_last) = self.0.durable();
+        if committed.index < durable_next {
+            return Some(committed);
+        }
+        durable_last.filter(|last| last.index <= committed.index)
+    }
+
     /// The index the next appended entry will have, at least.
     pub fn next_index(&self) -> u64 {
         self.0.next_index()
@@ -98,6 +117,8 @@ impl LogStore {
             files,
             meta,
             committed: CommittedIndex::default(),
+            own_id: Arc::default(),
+            vote: Arc::default(),
         };
         store.move_legacy_entries(last_purged)?;
         store.committed.set(store.read_meta(COMMITTED_KEY)?);
@@ -162,8 +183,41 @@ impl LogStore {
         self.committed.clone()
     }
 
+    /// The segment files, for tests that append without syncing.
+    #[cfg(test)]
+    pub(crate) fn files(&self) -> &LogFiles {
+        &self.files
+    }
+
     pub fn progress(&self) -> LogProgress {
         LogProgress(self.files.clone())
+    }
+
+    /// Names this node, so that its own entries, appended while it leads, are acknowledged to
+    /// openraft once written and synced in the background (see `append`). Without it every
+    /// append waits for its sync.
+    pub fn lead_as(&self, node_id: crate::NodeId) {
+        assert!(node_id > 0, "node ids start at 1");
+        self.own_id.store(node_id, Ordering::SeqCst);
+    }
+
+    /// Whether `entries` are this node's own, appended while it leads in their term: the vote
+    /// is committed (granted by a quorum) for this node, and the entries were made under it.
+    /// A follower's entries, even ones this node made as an earlier leader, never are: its
+    /// vote then names another leader or another term.
+    pub(crate) fn own_entries(&self, entries: &[Entry]) -> bool {
+        let own_id = self.own_id.load(Ordering::SeqCst);
+        if own_id == 0 || entries.is_empty() {
+            return false;
+        }
+        let vote = *self.vote.lock().expect("vote lock poisoned");
+        let Some(vote) = vote.filter(|vote| vote.committed && vote.leader_id.node_id == own_id)
+        else {
+            return false;
+        };
+        entries
+            .iter()
+            .all(|entry| entry.log_id.leader_id == vote.leader_id)
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -253,12 +307,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.write_meta(VOTE_KEY, vote)
             .map_err(|error| error.into_storage(openraft::ErrorSubject::Vote, ErrorVerb::Write))?;
         self.durable.sync().await;
+        *self.vote.lock().expect("vote lock poisoned") = Some(*vote);
         Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.read_meta(VOTE_KEY)
-            .map_err(|error| error.into_storage(openraft::ErrorSubject::Vote, ErrorVerb::Read))
+        let vote: Option<Vote> = self
+            .read_meta(VOTE_KEY)
+            .map_err(|error| error.into_storage(openraft::ErrorSubject::Vote, ErrorVerb::Read))?;
+        *self.vote.lock().expect("vote lock poisoned") = vote;
+        Ok(vote)
     }
 
     /// The committed id is a hint that lets a restarted node re-apply without waiting for the
@@ -276,11 +334,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .map_err(log_error(ErrorVerb::Write))
     }
 
+    /// Never past the log's last entry: a leader's committed id can run ahead of its disk by one
+    /// sync (see `append`), and a power cut may then leave the hint past what the log kept.
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        self.read_meta(COMMITTED_KEY)
-            .map_err(log_error(ErrorVerb::Read))
+        let committed: Option<LogId> = self
+            .read_meta(COMMITTED_KEY)
+            .map_err(log_error(ErrorVerb::Read))?;
+        let last_purged: Option<LogId> = self
+            .read_meta(LAST_PURGED_KEY)
+            .map_err(log_error(ErrorVerb::Read))?;
+        let last = self.files.last_log_id().or(last_purged);
+        Ok(match (committed, last) {
+            (Some(committed), Some(last)) if committed.index > last.index => Some(last),
+            (Some(_), None) => None,
+            (committed, _) => committed,
+        })
     }
 
+    /// Writes the entries, then tells openraft they are saved: on a follower (and for anything
+    /// not this leader's own) only once they are synced, since a follower's acknowledgement
+    /// counts towards a quorum; for the leader's own entries as soon as they are written, while
+    /// the sync thread syncs them, so that replication to the followers runs alongside the
+    /// leader's own sync instead of after it (the leader may count itself in a quorum before
+    /// its sync ends, as etcd's does). That stays safe because nothing observes an entry before
+    /// the leader's copy is durable too: the leader applies (and so answers a write, or a read
+    /// at that index) only what its log has synced (`StateMachineStore::apply_entries` waits
+    /// for it), and the commit index it sends followers never passes its durable log
+    /// (`LogProgress::commit_bound`), so no follower applies it either. An entry a power cut
+    /// takes from the leader before its sync was never seen by anyone.
     async fn append<I>(
         &mut self,
         entries: I,
@@ -290,13 +371,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let own = self.own_entries(&entries);
         let appended = self
             .files
             .append(entries)
             .map_err(log_error(ErrorVerb::Write))?;
         metrics::counter!("residency_log_entries_appended_total").increment(appended);
-        self.files
-            .after_sync(Box::new(move || callback.log_io_completed(Ok(()))));
+        if own {
+            callback.log_io_completed(Ok(()));
+            self.files.sync_soon();
+        } else {
+            self.files
+                .after_sync(Box::new(move || callback.log_io_completed(Ok(()))));
+        }
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 
 mod determinism;
 mod grouped;
+mod leader_appends;
 mod log_corruption;
 mod reads;
 mod restart;
