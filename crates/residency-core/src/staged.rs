@@ -3,6 +3,7 @@
 //! nothing reaches the store unless the whole entry is decided. A rule decides inside a
 //! *decision*: if it refuses, everything it staged is put back as it was (`discard_decision`).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use residency_types::{Jurisdiction, Location, LocationId, Placement, Policy, UserId};
@@ -22,6 +23,9 @@ pub struct Staged<'a, V: KvRead> {
     /// undo them. An undo log rather than a copy of `pending`: an entry of many writes would
     /// otherwise copy everything staged so far once per write.
     undo: Option<Vec<Undo>>,
+    /// What was read from the view in this apply, found or not: a key every write of an entry
+    /// reads (its location, its policy, a counter) costs one read of the view, not one each.
+    seen: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
 }
 
 impl<V: KvRead> std::fmt::Debug for Staged<'_, V> {
@@ -39,7 +43,7 @@ impl<V: KvRead> KvRead for Staged<'_, V> {
     fn get(&self, key: &[u8]) -> std::result::Result<Option<Vec<u8>>, V::Error> {
         match self.pending.get(key) {
             Some(value) => Ok(value.clone()),
-            None => self.view.get(key),
+            None => self.view_value(key),
         }
     }
 }
@@ -52,7 +56,18 @@ impl<'a, V: KvRead> Staged<'a, V> {
             view,
             pending: BTreeMap::new(),
             undo: None,
+            seen: RefCell::default(),
         }
+    }
+
+    /// The view's value at `key`, read from the view at most once per apply.
+    fn view_value(&self, key: &[u8]) -> std::result::Result<Option<Vec<u8>>, V::Error> {
+        if let Some(value) = self.seen.borrow().get(key) {
+            return Ok(value.clone());
+        }
+        let value = self.view.get(key)?;
+        self.seen.borrow_mut().insert(key.to_vec(), value.clone());
+        Ok(value)
     }
 
     /// Starts a decision: what is staged from here on is kept by `keep_decision` or put back
@@ -103,10 +118,12 @@ impl<'a, V: KvRead> Staged<'a, V> {
     }
 
     pub fn read<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, V> {
-        match self.get(key).map_err(CoreError::Read)? {
-            Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
-            None => Ok(None),
-        }
+        let bytes = match self.pending.get(key) {
+            // Decoded in place: no copy of what this apply staged.
+            Some(staged) => return Ok(staged.as_deref().map(codec::decode).transpose()?),
+            None => self.view_value(key).map_err(CoreError::Read)?,
+        };
+        Ok(bytes.as_deref().map(codec::decode).transpose()?)
     }
 
     pub fn placement(&self, user_id: &UserId) -> Result<Option<Placement>, V> {

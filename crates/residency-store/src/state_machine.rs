@@ -91,19 +91,28 @@ impl residency_core::KvScan for TreeView<'_> {
 }
 
 /// The tree plus the not yet written mutations of the entries applied so far in this call.
+/// The tree does not change during the call (the state lock is held), so what was read from it
+/// is remembered: the entries of one call read their catalog and counters from sled once.
 struct Overlay<'a> {
     tree: &'a sled::Tree,
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    seen: std::cell::RefCell<BTreeMap<Vec<u8>, Option<sled::IVec>>>,
 }
 
 impl KvRead for Overlay<'_> {
     type Error = sled::Error;
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
-        match self.pending.get(key) {
-            Some(value) => Ok(value.clone()),
-            None => Ok(self.tree.get(key)?.map(|value| value.to_vec())),
+        if let Some(value) = self.pending.get(key) {
+            return Ok(value.clone());
         }
+        if let Some(value) = self.seen.borrow().get(key) {
+            return Ok(value.as_deref().map(<[u8]>::to_vec));
+        }
+        let value = self.tree.get(key)?;
+        let found = value.as_deref().map(<[u8]>::to_vec);
+        self.seen.borrow_mut().insert(key.to_vec(), value);
+        Ok(found)
     }
 }
 
@@ -291,6 +300,7 @@ impl StateMachineStore {
         let mut overlay = Overlay {
             tree: &tree,
             pending: BTreeMap::new(),
+            seen: std::cell::RefCell::default(),
         };
         let mut results = Vec::with_capacity(entries.len());
         let mut last_applied = None;
