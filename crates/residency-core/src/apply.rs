@@ -150,25 +150,29 @@ pub fn apply<V: KvRead>(
     let mut staged = Staged::new(view);
     forget_expired_legacy_request(&mut staged, revision)?;
     forget_expired_events(&mut staged, revision)?;
-    let mut events = EntryEvents { revision, count: 0 };
+    let mut journal = EntryJournal {
+        revision,
+        events: Vec::new(),
+        remembered: Vec::new(),
+    };
     let mut results = Vec::with_capacity(commands.len());
     for command in commands {
-        results.push(apply_write(&mut staged, &mut events, command)?);
+        results.push(apply_write(&mut staged, &mut journal, command)?);
     }
-    events.finish(&mut staged);
+    journal.finish(&mut staged)?;
     Ok(Applied {
         results,
         mutations: staged.into_mutations(),
     })
 }
 
-/// One write of the entry at `events.revision`.
+/// One write of the entry at `journal.revision`.
 fn apply_write<V: KvRead>(
     staged: &mut Staged<'_, V>,
-    events: &mut EntryEvents,
+    journal: &mut EntryJournal,
     command: &Command,
 ) -> Result<ApplyResult, CoreError<V::Error>> {
-    let revision = events.revision;
+    let revision = journal.revision;
     // A record is present exactly while its id is within the window (`remember_request`
     // deletes it as it ages out), so its presence alone decides.
     let remembered: Option<RequestRecord> = staged.read(&keys::request_key(&command.request_id))?;
@@ -203,7 +207,7 @@ fn apply_write<V: KvRead>(
     let outcome = match verdict {
         Ok(outcome) => {
             staged.keep_decision();
-            events.record(staged, changes_of(&outcome, forgotten_location));
+            journal.record(changes_of(&outcome, forgotten_location));
             outcome
         }
         Err(rejection) => {
@@ -215,7 +219,9 @@ fn apply_write<V: KvRead>(
         revision,
         outcome: Some(outcome),
     };
-    remember_request(staged, command, &result)?;
+    if remember_request(staged, command, &result) {
+        journal.remembered.push(command.request_id.clone());
+    }
     Ok(result)
 }
 
@@ -285,35 +291,54 @@ fn changes_of(outcome: &Outcome, forgotten_location: Option<LocationId>) -> Vec<
     }
 }
 
-/// The events of one entry: numbered in order across all its writes, and counted once at the
-/// end, so that a watcher gets them together and the window drops them together.
-struct EntryEvents {
+/// What one entry leaves besides its writes' own changes: their events, numbered in order
+/// across all its writes and counted once at the end (so a watcher gets them together and the
+/// window drops them together), and the request ids it remembered, indexed once at the end.
+struct EntryJournal {
     revision: Revision,
-    count: u32,
+    events: Vec<Event>,
+    remembered: Vec<RequestId>,
 }
 
-impl EntryEvents {
-    fn record<V: KvRead>(&mut self, staged: &mut Staged<'_, V>, changes: Vec<Change>) {
+/// The encoded events one `w/` key holds, at most (a single larger event stands alone): far
+/// below sled's inline value bound, and a few keys per entry instead of one per event.
+const EVENT_CHUNK_BYTES_MAX: usize = 32 * 1024;
+
+impl EntryJournal {
+    fn record(&mut self, changes: Vec<Change>) {
         for change in changes {
-            let index = self.count;
-            staged.put(
-                keys::event_key(self.revision, index),
-                &Event {
-                    revision: self.revision,
-                    index,
-                    change,
-                },
-            );
-            self.count = index
-                .checked_add(1)
-                .expect("an entry makes fewer than 2^32 changes");
+            let index =
+                u32::try_from(self.events.len()).expect("an entry makes fewer than 2^32 changes");
+            self.events.push(Event {
+                revision: self.revision,
+                index,
+                change,
+            });
         }
     }
 
-    fn finish<V: KvRead>(self, staged: &mut Staged<'_, V>) {
-        if self.count > 0 {
-            staged.put(keys::event_count_key(self.revision), &self.count);
+    fn finish<V: KvRead>(self, staged: &mut Staged<'_, V>) -> Result<(), CoreError<V::Error>> {
+        let mut chunks: Vec<Vec<Event>> = Vec::new();
+        let mut bytes = 0;
+        for event in self.events {
+            let size = crate::codec::encoded_len(&event);
+            match chunks.last_mut() {
+                Some(chunk) if bytes + size <= EVENT_CHUNK_BYTES_MAX => chunk.push(event),
+                _ => {
+                    bytes = 0;
+                    chunks.push(vec![event]);
+                }
+            }
+            bytes += size;
         }
+        if !chunks.is_empty() {
+            let count = u32::try_from(chunks.len()).expect("fewer than 2^32 chunks");
+            for (chunk, events) in (0..count).zip(chunks) {
+                staged.put(keys::event_chunk_key(self.revision, chunk), &events);
+            }
+            staged.put(keys::event_chunk_count_key(self.revision), &count);
+        }
+        index_remembered(staged, self.revision, self.remembered)
     }
 }
 
@@ -327,6 +352,14 @@ fn forget_expired_events<V: KvRead>(
         return Ok(());
     };
     let expired = Revision(expired);
+    let chunks_key = keys::event_chunk_count_key(expired);
+    if let Some(chunks) = staged.read::<u32>(&chunks_key)? {
+        for chunk in 0..chunks {
+            staged.delete(keys::event_chunk_key(expired, chunk));
+        }
+        staged.delete(chunks_key);
+    }
+    // A state from before events were kept per entry keeps one key per event.
     let count_key = keys::event_count_key(expired);
     if let Some(count) = staged.read::<u32>(&count_key)? {
         for index in 0..count {
@@ -365,14 +398,13 @@ fn forget_expired_legacy_request<V: KvRead>(
     Ok(())
 }
 
-/// Remembers a write's first result under its request id, as the next in sequence, and drops
-/// the id remembered `REQUEST_DEDUP_WINDOW_REQUESTS` before it: the window holds exactly the
-/// newest that many, whatever the number of writes per entry.
+/// Remembers a write's first result under its request id; `false` if it was too large to
+/// keep (see below), so nothing was remembered.
 fn remember_request<V: KvRead>(
     staged: &mut Staged<'_, V>,
     command: &Command,
     result: &ApplyResult,
-) -> Result<(), CoreError<V::Error>> {
+) -> bool {
     let record = RequestRecord {
         body: command.body.clone(),
         result: StoredResult::of(command, result),
@@ -385,26 +417,105 @@ fn remember_request<V: KvRead>(
             matches!(result.outcome, Some(Outcome::Rejected(_))),
             "an applied write's record is over its bound"
         );
-        return Ok(());
+        return false;
     }
     staged.put_raw(keys::request_key(&command.request_id), encoded);
-    let sequence = staged.counter(keys::REQUEST_COUNT_KEY)?;
-    staged.put(keys::request_by_sequence_key(sequence), &command.request_id);
-    staged.put(keys::REQUEST_COUNT_KEY.to_vec(), &(sequence + 1));
-    if let Some(expired) = sequence.checked_sub(REQUEST_DEDUP_WINDOW_REQUESTS) {
-        let index_key = keys::request_by_sequence_key(expired);
-        if let Some(request_id) = staged.read::<RequestId>(&index_key)? {
-            // An id is remembered again only once its record is gone, so the id aging out is
-            // never the one just remembered.
-            assert_ne!(
-                request_id, command.request_id,
-                "a remembered id was remembered again"
-            );
-            staged.delete(keys::request_key(&request_id));
-            staged.delete(index_key);
+    true
+}
+
+/// How many remembered ids one `Q/` key holds at most, so that an entry's index stays far
+/// below sled's inline value bound whatever the number of writes per entry (256 ids of at most
+/// 128 bytes: about 33 KiB).
+const REQUEST_IDS_PER_KEY: usize = 256;
+/// How many revisions the window's start moves past in one entry, at most: a bounded number
+/// of reads per entry even after a long stretch of entries that remembered nothing (it then
+/// catches up over the next entries).
+const REQUEST_WINDOW_STEPS_MAX: u64 = 4_096;
+
+/// The request-id window: how many ids it holds, and the first revision whose ids it may still
+/// hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestWindow {
+    pub remembered: u64,
+    pub oldest: Revision,
+}
+
+/// One `Q/` key: a chunk of the ids an entry remembered, and whether another chunk follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct RequestIds {
+    ids: Vec<RequestId>,
+    more: bool,
+}
+
+/// Indexes the ids the entry at `revision` remembered, under that revision (a few keys per
+/// entry, not one per write), then ages out whole entries' ids from the oldest on while the
+/// window still holds at least `REQUEST_DEDUP_WINDOW_REQUESTS` without them: the newest
+/// `REQUEST_DEDUP_WINDOW_REQUESTS` ids are always remembered, and at most one entry's more.
+fn index_remembered<V: KvRead>(
+    staged: &mut Staged<'_, V>,
+    revision: Revision,
+    remembered: Vec<RequestId>,
+) -> Result<(), CoreError<V::Error>> {
+    let stored: Option<RequestWindow> = staged.read(keys::REQUEST_WINDOW_KEY)?;
+    if remembered.is_empty() && stored.is_none() {
+        return Ok(());
+    }
+    let mut window = stored.unwrap_or(RequestWindow {
+        remembered: 0,
+        oldest: revision,
+    });
+    window.remembered += remembered.len() as u64;
+    let chunks: Vec<&[RequestId]> = remembered.chunks(REQUEST_IDS_PER_KEY).collect();
+    for (chunk, ids) in chunks.iter().enumerate() {
+        let chunk = u32::try_from(chunk).expect("an entry has fewer than 2^32 chunks");
+        staged.put(
+            keys::request_ids_key(revision, chunk),
+            &RequestIds {
+                ids: ids.to_vec(),
+                more: (chunk as usize) + 1 < chunks.len(),
+            },
+        );
+    }
+    let mut steps = 0;
+    while window.remembered > REQUEST_DEDUP_WINDOW_REQUESTS
+        && window.oldest < revision
+        && steps < REQUEST_WINDOW_STEPS_MAX
+    {
+        let (ids, keys_read) = entry_ids(staged, window.oldest)?;
+        let count = ids.len() as u64;
+        if window.remembered - count < REQUEST_DEDUP_WINDOW_REQUESTS {
+            break;
+        }
+        for id in &ids {
+            staged.delete(keys::request_key(id));
+        }
+        for chunk in 0..keys_read {
+            staged.delete(keys::request_ids_key(window.oldest, chunk));
+        }
+        window.remembered -= count;
+        window.oldest = Revision(window.oldest.0 + 1);
+        steps += 1;
+    }
+    staged.put(keys::REQUEST_WINDOW_KEY.to_vec(), &window);
+    Ok(())
+}
+
+/// The ids the entry at `revision` remembered (none if it has no index), and how many keys
+/// hold them.
+fn entry_ids<V: KvRead>(
+    staged: &Staged<'_, V>,
+    revision: Revision,
+) -> Result<(Vec<RequestId>, u32), CoreError<V::Error>> {
+    let mut ids = Vec::new();
+    let mut chunk = 0;
+    while let Some(stored) = staged.read::<RequestIds>(&keys::request_ids_key(revision, chunk))? {
+        ids.extend(stored.ids);
+        chunk += 1;
+        if !stored.more {
+            break;
         }
     }
-    Ok(())
+    Ok((ids, chunk))
 }
 
 #[cfg(test)]

@@ -26,6 +26,11 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     bytes
 }
 
+/// How many bytes `encode` makes of `value`, without making them.
+pub fn encoded_len<T: Serialize>(value: &T) -> usize {
+    1 + postcard::experimental::serialized_size(value).expect("state values always serialize")
+}
+
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (format, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     if *format != VALUE_FORMAT_V1 {

@@ -9,13 +9,15 @@
 //! | `j/` | residency `/` location jurisdiction | u64: placements of that residency stored (or moving) there |
 //! | `i/` | location id, NUL, user id | empty: which users a location holds or awaits |
 //! | `r/` | request id | a `RequestRecord`: the write's body and its first result |
-//! | `Q/` | sequence number, big-endian u64 | the request id remembered as the n-th (for pruning) |
-//! | `n/requests` | | u64: how many request ids were ever remembered (the next sequence number) |
+//! | `Q/` | revision (BE u64), chunk (BE u32) | the request ids that entry remembered, in order, in chunks (for pruning) |
+//! | `n/requests` | | a `RequestWindow`: how many ids are remembered, and from which revision on |
 //! | `q/` | revision, big-endian u64 | the request id applied at that revision: only in states written before writes were grouped into entries; pruned by revision |
 //! | `n/placements` | | u64: how many placements exist (for the placements metric) |
 //! | `e/` | node id, big-endian u64 | empty: the node has been a member (its id is never reused) |
-//! | `x/` | revision (BE u64), index (BE u32) | an `Event` for watchers |
-//! | `X/` | revision (BE u64) | u32: how many events that revision made (for pruning) |
+//! | `w/` | revision (BE u64), chunk (BE u32) | the `Event`s of one entry for watchers, in order, in chunks |
+//! | `W/` | revision (BE u64) | u32: how many chunks of events that revision made (for pruning) |
+//! | `x/` | revision (BE u64), index (BE u32) | one `Event`: only in states written before events were kept per entry; pruned by revision |
+//! | `X/` | revision (BE u64) | u32: how many `x/` events that revision made (for pruning) |
 //! | `m/` | name | the store's own metadata (applied log id, membership) |
 //!
 //! Location ids may contain `/`, so the `i/` index separates location and user with a NUL,
@@ -30,15 +32,34 @@ pub const LOCATION_COUNT_PREFIX: &[u8] = b"c/";
 pub const RESIDENCY_COUNT_PREFIX: &[u8] = b"j/";
 pub const LOCATION_USERS_PREFIX: &[u8] = b"i/";
 pub const REQUEST_PREFIX: &[u8] = b"r/";
-pub const REQUEST_BY_SEQUENCE_PREFIX: &[u8] = b"Q/";
-pub const REQUEST_COUNT_KEY: &[u8] = b"n/requests";
+pub const REQUEST_IDS_PREFIX: &[u8] = b"Q/";
+pub const REQUEST_WINDOW_KEY: &[u8] = b"n/requests";
 /// Only in states written before writes were grouped into log entries (see `apply.rs`).
 pub const REQUEST_BY_REVISION_PREFIX: &[u8] = b"q/";
 pub const META_PREFIX: &[u8] = b"m/";
 pub const PLACEMENT_COUNT_KEY: &[u8] = b"n/placements";
 pub const FORMER_MEMBER_PREFIX: &[u8] = b"e/";
+pub const EVENT_CHUNK_PREFIX: &[u8] = b"w/";
+pub const EVENT_CHUNK_COUNT_PREFIX: &[u8] = b"W/";
+/// Only in states written before events were kept per entry (see `apply.rs`).
 pub const EVENT_PREFIX: &[u8] = b"x/";
 pub const EVENT_COUNT_PREFIX: &[u8] = b"X/";
+
+pub fn event_chunk_key(revision: Revision, chunk: u32) -> Vec<u8> {
+    prefixed(
+        EVENT_CHUNK_PREFIX,
+        &[&revision.0.to_be_bytes(), &chunk.to_be_bytes()],
+    )
+}
+
+/// The first event chunk key at or after `revision`.
+pub fn event_chunk_start_key(revision: Revision) -> Vec<u8> {
+    prefixed(EVENT_CHUNK_PREFIX, &[&revision.0.to_be_bytes()])
+}
+
+pub fn event_chunk_count_key(revision: Revision) -> Vec<u8> {
+    prefixed(EVENT_CHUNK_COUNT_PREFIX, &[&revision.0.to_be_bytes()])
+}
 
 pub fn event_key(revision: Revision, index: u32) -> Vec<u8> {
     prefixed(
@@ -116,8 +137,11 @@ pub fn request_key(request_id: &RequestId) -> Vec<u8> {
     prefixed(REQUEST_PREFIX, &[request_id.as_str().as_bytes()])
 }
 
-pub fn request_by_sequence_key(sequence: u64) -> Vec<u8> {
-    prefixed(REQUEST_BY_SEQUENCE_PREFIX, &[&sequence.to_be_bytes()])
+pub fn request_ids_key(revision: Revision, chunk: u32) -> Vec<u8> {
+    prefixed(
+        REQUEST_IDS_PREFIX,
+        &[&revision.0.to_be_bytes(), &chunk.to_be_bytes()],
+    )
 }
 
 pub fn request_by_revision_key(revision: Revision) -> Vec<u8> {

@@ -94,8 +94,8 @@ impl MemoryState {
         let mut digest = StateDigest::new();
         let bookkeeping = [
             crate::keys::REQUEST_PREFIX,
-            crate::keys::REQUEST_BY_SEQUENCE_PREFIX,
-            crate::keys::REQUEST_COUNT_KEY,
+            crate::keys::REQUEST_IDS_PREFIX,
+            crate::keys::REQUEST_WINDOW_KEY,
             crate::keys::REQUEST_BY_REVISION_PREFIX,
         ];
         for (key, value) in &self.entries {

@@ -4,8 +4,8 @@ use std::collections::BTreeSet;
 
 use residency_types::limits::{POLICY_DRY_RUN_SAMPLE_MAX, WATCH_HISTORY_REVISIONS};
 use residency_types::{
-    AccessOperation, Decision, DenyReason, Jurisdiction, Location, LocationId, LocationState,
-    Placement, Policy, Revision, UserId,
+    AccessOperation, Decision, DenyReason, Event, Jurisdiction, Location, LocationId,
+    LocationState, Placement, Policy, Revision, UserId,
 };
 
 use crate::staged::Staged;
@@ -34,35 +34,69 @@ pub fn lookup<V: KvRead>(
     Ok(Some(placement))
 }
 
-/// An event and its key, the cursor to resume a page after it.
-pub type KeyedEvent = (Vec<u8>, residency_types::Event);
-
 /// The newest revision whose events watchers can no longer get, once `applied` is applied.
 pub fn compacted_revision(applied: Revision) -> Revision {
     Revision(applied.0.saturating_sub(WATCH_HISTORY_REVISIONS))
 }
 
-/// Up to `limit` events from `from` on, after the event key `after` if given (to resume a
-/// page), in revision then index order.
+/// Where a page of events ended: the (revision, index) of its last event.
+pub type EventCursor = (Revision, u32);
+
+/// Up to `limit` events from `from` on, after `after` if given (to resume a page), in revision
+/// then index order. Events are kept per entry, in chunks (`w/`); a state from before that keeps
+/// one key per event (`x/`) for its older revisions, all below the first chunked one.
 pub fn events<V: KvScan>(
     view: &V,
     from: Revision,
-    after: Option<&[u8]>,
+    after: Option<EventCursor>,
     limit: usize,
-) -> Result<Vec<KeyedEvent>, CoreError<V::Error>> {
-    // No event key equals the 10-byte start key: every event of `from` sorts just after it.
-    let start = keys::event_start_key(from);
-    let after = match after {
-        Some(after) if after > start.as_slice() => after.to_vec(),
-        _ => start,
+) -> Result<Vec<Event>, CoreError<V::Error>> {
+    let after_event =
+        |event: &Event| after.is_none_or(|cursor| (event.revision, event.index) > cursor);
+    let start = match after {
+        Some((revision, _)) if revision >= from => revision,
+        _ => from,
+    };
+    let mut page = Vec::new();
+    // Before per-entry chunks: one key per event. No event key equals the 10-byte start key.
+    let legacy_start = match after {
+        Some((revision, index)) if revision >= from => keys::event_key(revision, index),
+        _ => keys::event_start_key(from),
     };
     let pairs = view
-        .scan_prefix(keys::EVENT_PREFIX, Some(&after), limit)
+        .scan_prefix(keys::EVENT_PREFIX, Some(&legacy_start), limit)
         .map_err(CoreError::Read)?;
-    pairs
-        .into_iter()
-        .map(|(key, value)| Ok((key, codec::decode(&value)?)))
-        .collect()
+    for (_, value) in pairs {
+        page.push(codec::decode::<Event>(&value)?);
+    }
+    // Per entry, in chunks: the chunk that holds the cursor is read again and skipped to it.
+    let mut cursor = Some(keys::event_chunk_start_key(start));
+    while page.len() < limit {
+        let Some(after_key) = cursor.take() else {
+            break;
+        };
+        let pairs = view
+            .scan_prefix(keys::EVENT_CHUNK_PREFIX, Some(&after_key), SCAN_BATCH_KEYS)
+            .map_err(CoreError::Read)?;
+        let full = pairs.len() == SCAN_BATCH_KEYS;
+        for (key, value) in pairs {
+            let chunk: Vec<Event> = codec::decode(&value)?;
+            page.extend(
+                chunk
+                    .into_iter()
+                    .filter(|event| after_event(event))
+                    .take(limit - page.len()),
+            );
+            if page.len() == limit {
+                break;
+            }
+            cursor = Some(key);
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok(page)
 }
 
 /// Whether node `node_id` has ever been a member of this cluster.

@@ -165,7 +165,7 @@ fn watch_stream(
 /// Streams events from `next` on until the watcher goes or falls behind the history.
 async fn run(node: Arc<Node>, mut next: u64, filter: Filter, mut outbox: Outbox, _slot: Slot) {
     let mut applied = node.reader.subscribe_applied();
-    let mut after: Option<Vec<u8>> = None;
+    let mut after: Option<residency_core::query::EventCursor> = None;
     loop {
         // Catch up with everything applied so far, a page at a time.
         let mut sent_events = false;
@@ -176,7 +176,7 @@ async fn run(node: Arc<Node>, mut next: u64, filter: Filter, mut outbox: Outbox,
                     Ok(residency_core::query::events(
                         view,
                         Revision(next),
-                        after.as_deref(),
+                        after,
                         WATCH_PAGE_EVENTS,
                     )?)
                 })
@@ -195,8 +195,8 @@ async fn run(node: Arc<Node>, mut next: u64, filter: Filter, mut outbox: Outbox,
                 return;
             }
             let full = page.len() == WATCH_PAGE_EVENTS;
-            for (key, event) in page {
-                after = Some(key);
+            for event in page {
+                after = Some((event.revision, event.index));
                 if !filter.matches(&event) {
                     continue;
                 }

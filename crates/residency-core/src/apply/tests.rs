@@ -666,41 +666,95 @@ fn the_same_log_gives_the_same_digest_and_a_different_log_does_not() {
 
 #[test]
 fn request_ids_age_out_after_the_window_counted_in_writes() {
+    use crate::apply::RequestWindow;
+    let window = |registry: &Registry| -> RequestWindow {
+        crate::codec::decode(
+            &registry
+                .state
+                .get_for_test(crate::keys::REQUEST_WINDOW_KEY)
+                .expect("a window"),
+        )
+        .expect("decodes")
+    };
     let mut registry = Registry::seeded();
     let first = registry.write_as("old", assign("gina", "us-east-1/pg-1"));
-    // The six writes of the seeding were remembered as 0..=5, "old" as 6. Stand in for the
-    // writes remembered since, without applying a million of them: the counter says that the
-    // next write pushes out the seeding's last, and the one after it "old".
-    let old_sequence = 6;
+    assert_eq!(
+        window(&registry),
+        RequestWindow {
+            remembered: 7,
+            oldest: Revision(1)
+        },
+        "the six writes of the seeding at revisions 1..=6, then \"old\" at 7"
+    );
+    // Stand in for a million ids remembered since, without applying them: the window says it
+    // holds all but five more than it may, so the next write pushes out the seeding's six, one
+    // entry at a time, and stops before "old", which the window still needs.
     registry.state.put_for_test(
-        crate::keys::REQUEST_COUNT_KEY,
-        crate::codec::encode(&(REQUEST_DEDUP_WINDOW_REQUESTS + old_sequence - 1)),
+        crate::keys::REQUEST_WINDOW_KEY,
+        crate::codec::encode(&RequestWindow {
+            remembered: REQUEST_DEDUP_WINDOW_REQUESTS + 5,
+            oldest: Revision(1),
+        }),
     );
     registry.ok(assign("hal", "us-east-1/pg-1"));
+    assert_eq!(window(&registry).oldest, Revision(7));
     let retry = registry.write_as("old", assign("gina", "us-east-1/pg-1"));
     assert_eq!(retry, first, "still inside the window: the first result");
     // The next remembered write pushes "old" out (a refusal is remembered too).
     registry.refused(assign("ida", "eu-central-1/pg-9"));
+    assert_eq!(
+        window(&registry),
+        RequestWindow {
+            remembered: REQUEST_DEDUP_WINDOW_REQUESTS,
+            oldest: Revision(8)
+        }
+    );
+    assert_eq!(
+        registry
+            .state
+            .get_for_test(&crate::keys::request_ids_key(Revision(7), 0)),
+        None,
+        "the index of the entry that aged out went with it"
+    );
     let again = registry.write_as("old", assign("gina", "us-east-1/pg-1"));
     let Outcome::Assigned { placement, created } = again else {
         panic!("past the window the write is new: {again:?}")
     };
     assert!(!created, "gina was placed by the first write");
     assert_eq!(placement.mod_revision, Revision(registry.revision));
-    let count: u64 = crate::codec::decode(
-        &registry
-            .state
-            .get_for_test(crate::keys::REQUEST_COUNT_KEY)
-            .expect("counted"),
-    )
-    .expect("decodes");
-    assert_eq!(count, REQUEST_DEDUP_WINDOW_REQUESTS + old_sequence + 2);
-    assert_eq!(
+}
+
+#[test]
+fn an_entry_of_many_writes_indexes_its_ids_in_chunks_and_ages_out_whole() {
+    let mut registry = Registry::seeded();
+    let writes: Vec<(String, WriteBody)> = (0..600)
+        .map(|n| {
+            (
+                format!("many-{n}"),
+                assign(&format!("m{n}"), "us-east-1/pg-1"),
+            )
+        })
+        .collect();
+    registry.entry(writes);
+    let revision = Revision(registry.revision);
+    for chunk in 0..3 {
+        assert!(
+            registry
+                .state
+                .get_for_test(&crate::keys::request_ids_key(revision, chunk))
+                .is_some(),
+            "600 ids take three keys"
+        );
+    }
+    assert!(
         registry
             .state
-            .get_for_test(&crate::keys::request_by_sequence_key(old_sequence)),
-        None,
-        "the index key of the id that aged out went with it"
+            .get_for_test(&crate::keys::request_ids_key(revision, 3))
+            .is_none()
+    );
+    let retry = registry.write_as("many-599", assign("m599", "us-east-1/pg-1"));
+    assert!(
+        matches!(retry, Outcome::Assigned { created: true, placement } if placement.mod_revision == revision)
     );
 }
 
@@ -710,15 +764,12 @@ fn request_ids_of_a_state_from_before_grouping_age_out_by_revision() {
     let first = registry.write_as("legacy", assign("gina", "us-east-1/pg-1"));
     let applied_at = registry.revision;
     // Rewrite the id's index the way states kept it when one revision was one write.
-    let sequence_key = crate::keys::request_by_sequence_key(6);
-    let index = registry
-        .state
-        .get_for_test(&sequence_key)
-        .expect("the seventh remembered id is the legacy write");
-    registry.state.remove_for_test(&sequence_key);
+    let index_key = crate::keys::request_ids_key(Revision(applied_at), 0);
+    assert!(registry.state.get_for_test(&index_key).is_some());
+    registry.state.remove_for_test(&index_key);
     registry.state.put_for_test(
         &crate::keys::request_by_revision_key(Revision(applied_at)),
-        index,
+        crate::codec::encode(&RequestId::parse("legacy").expect("valid")),
     );
     let window = 1_000_000;
     registry.revision = applied_at + window - 2;
@@ -898,18 +949,78 @@ fn an_entry_of_writes_leaves_the_data_of_the_same_writes_one_by_one() {
     let revision = Revision(grouped.revision);
     let events = crate::query::events(&grouped.state, revision, None, 1_000).expect("events");
     assert!(!events.is_empty());
-    for (position, (_, event)) in events.iter().enumerate() {
+    for (position, event) in events.iter().enumerate() {
         assert_eq!(event.revision, revision);
         assert_eq!(event.index as usize, position, "numbered across the writes");
     }
-    let count: u32 = crate::codec::decode(
+    let chunks: u32 = crate::codec::decode(
         &grouped
             .state
-            .get_for_test(&crate::keys::event_count_key(revision))
+            .get_for_test(&crate::keys::event_chunk_count_key(revision))
             .expect("counted once"),
     )
     .expect("decodes");
-    assert_eq!(count as usize, events.len());
+    assert_eq!(chunks, 1, "the entry's events in one key");
+    // Paging through them, a few at a time, gives each once, in order.
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = crate::query::events(&grouped.state, revision, after, 3).expect("events");
+        let Some(last) = page.last() else { break };
+        after = Some((last.revision, last.index));
+        paged.extend(page);
+    }
+    assert_eq!(paged, events);
+}
+
+/// An entry whose events pass one key's bound keeps them in several, and a watcher pages
+/// through them across the keys; the window drops every key of the entry.
+#[test]
+fn the_events_of_a_large_entry_span_several_keys_and_age_out_together() {
+    let mut registry = Registry::seeded();
+    let batches: Vec<(String, WriteBody)> = (0..4)
+        .map(|batch| {
+            let items = (0..250)
+                .map(|n| item(&format!("big-{batch}-{n}"), "US", "us-east-1/pg-1", None))
+                .collect();
+            (format!("big-{batch}"), WriteBody::BatchAssign { items })
+        })
+        .collect();
+    registry.entry(batches);
+    let revision = Revision(registry.revision);
+    let chunks: u32 = crate::codec::decode(
+        &registry
+            .state
+            .get_for_test(&crate::keys::event_chunk_count_key(revision))
+            .expect("counted"),
+    )
+    .expect("decodes");
+    assert!(chunks > 1, "1,000 placements pass one key's bound");
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = crate::query::events(&registry.state, revision, after, 77).expect("events");
+        let Some(last) = page.last() else { break };
+        after = Some((last.revision, last.index));
+        paged.extend(page);
+    }
+    let indexes: Vec<u32> = paged.iter().map(|event| event.index).collect();
+    assert_eq!(indexes, (0..1_000).collect::<Vec<u32>>());
+    let mut state = registry.state.clone();
+    state.apply(
+        Revision(revision.0 + residency_types::limits::WATCH_HISTORY_REVISIONS),
+        None,
+    );
+    for chunk in 0..chunks {
+        assert_eq!(
+            state.get_for_test(&crate::keys::event_chunk_key(revision, chunk)),
+            None
+        );
+    }
+    assert_eq!(
+        state.get_for_test(&crate::keys::event_chunk_count_key(revision)),
+        None
+    );
 }
 
 #[test]
@@ -987,7 +1098,7 @@ fn every_applied_change_becomes_one_event_in_order_and_old_ones_age_out() {
     let events = crate::query::events(&registry.state, Revision(7), None, 100).expect("events");
     let summary: Vec<(u64, u32, String)> = events
         .iter()
-        .map(|(_, event)| {
+        .map(|event| {
             let what = match &event.change {
                 Change::Placed(placement) => format!("placed {}", placement.user_id),
                 Change::Forgotten {
@@ -1010,7 +1121,7 @@ fn every_applied_change_becomes_one_event_in_order_and_old_ones_age_out() {
         "the refused write at revision 8 made no event"
     );
     // Resuming after the batch's first event gives the rest.
-    let after_first = &events[1].0;
+    let after_first = (events[1].revision, events[1].index);
     let rest =
         crate::query::events(&registry.state, Revision(7), Some(after_first), 100).expect("events");
     assert_eq!(rest.len(), 2);
@@ -1020,7 +1131,7 @@ fn every_applied_change_becomes_one_event_in_order_and_old_ones_age_out() {
     state.apply(Revision(7 + window), None);
     let aged = crate::query::events(&state, Revision(1), None, 100).expect("events");
     assert!(
-        aged.iter().all(|(_, event)| event.revision.0 != 7),
+        aged.iter().all(|event| event.revision.0 != 7),
         "revision 7's event outlived the window"
     );
     assert_eq!(
