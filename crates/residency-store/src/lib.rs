@@ -5,7 +5,8 @@
 //! - `log_file`: the log's segment files and their own group commit (`fdatasync`).
 //! - [`log_store`]: openraft's `RaftLogStorage`: checksummed records, verified on open.
 //! - [`state_machine`]: openraft's `RaftStateMachine`: applies entries through
-//!   `residency_core::apply` in one atomic sled batch that also records the applied log id.
+//!   `residency_core::apply`, written atomically with the applied log id (behind a redo
+//!   record, `redo.rs`).
 //! - [`snapshot`]: the snapshot file format (header, length-prefixed records, CRC trailer).
 //! - [`reader`]: the read API the server answers queries with.
 //!
@@ -23,6 +24,7 @@ pub mod decode {
 pub mod log_store;
 pub mod reader;
 pub mod record;
+pub(crate) mod redo;
 pub mod restore;
 pub mod snapshot;
 pub mod state_machine;

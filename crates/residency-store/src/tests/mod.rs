@@ -14,6 +14,7 @@ mod grouped;
 mod leader_appends;
 mod log_corruption;
 mod reads;
+mod redo;
 mod restart;
 mod restore_backup;
 mod snapshot_build;

@@ -1,0 +1,182 @@
+//! Writing an apply's changes to sled key by key, and finishing one that a crash cut short.
+//!
+//! sled makes a `Batch` atomic by rolling its IO buffer twice per batch, and each roll is a
+//! write handed to sled's thread pool, which wakes every waiting pool thread: at one write per
+//! entry that cost more CPU than the write itself (docs/performance.md). Instead an apply
+//! first records its whole change set, the *redo*, in the `sm_redo` tree, then makes the
+//! changes key by key, then drops the redo.
+//!
+//! Why that is as atomic as a batch: sled recovers a prefix of its log, in the order the writes
+//! were made (it stops at the first torn or missing segment). So after a crash either the redo's
+//! header is not there, and neither is any change made after it (stray chunks are dropped), or
+//! the redo is there whole, and `finish_interrupted` makes every change again before the state
+//! is read. Each change is a put of a final value or a delete, so making one twice is the same
+//! as making it once.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+use crate::durable::SLED_INLINE_VALUE_BYTES_MAX;
+
+/// The sled tree the redo lives in, apart from the state (no digest or snapshot sees it).
+pub(crate) const REDO_TREE: &str = "sm_redo";
+const HEADER_KEY: &[u8] = b"header";
+const CHUNK_PREFIX: &[u8] = b"chunk/";
+/// The encoded changes one chunk holds, about: a single larger change stands alone, and even
+/// the largest (a request record, at most 100 KiB) stays below sled's inline value bound.
+const CHUNK_BYTES_TARGET: usize = 64 * 1024;
+
+/// A key's new value, or `None` for a delete.
+pub(crate) type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Written after every chunk: the redo is whole once this is there.
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    /// The state tree the changes are for.
+    tree: String,
+    chunks: u32,
+}
+
+fn chunk_key(chunk: u32) -> Vec<u8> {
+    let mut key = CHUNK_PREFIX.to_vec();
+    key.extend_from_slice(&chunk.to_be_bytes());
+    key
+}
+
+/// The changes cut into chunks of about `CHUNK_BYTES_TARGET` encoded bytes, in key order.
+fn chunks(changes: &Changes) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
+    let mut pairs: Vec<(&[u8], Option<&[u8]>)> = Vec::new();
+    let mut bytes = 0;
+    for (key, value) in changes {
+        let size = key.len() + value.as_ref().map_or(0, Vec::len) + 8;
+        if !pairs.is_empty() && bytes + size > CHUNK_BYTES_TARGET {
+            chunks.push(encode(&pairs));
+            pairs.clear();
+            bytes = 0;
+        }
+        pairs.push((key, value.as_deref()));
+        bytes += size;
+    }
+    if !pairs.is_empty() {
+        chunks.push(encode(&pairs));
+    }
+    chunks
+}
+
+fn encode(pairs: &[(&[u8], Option<&[u8]>)]) -> Vec<u8> {
+    let bytes = crate::record::seal(&pairs);
+    assert!(
+        bytes.len() <= SLED_INLINE_VALUE_BYTES_MAX,
+        "a redo chunk of {} bytes would go to sled's unsynced blob files",
+        bytes.len()
+    );
+    bytes
+}
+
+/// Makes `changes` in `state` (named `state_name`), recording them in `redo` first.
+pub(crate) fn write(
+    redo: &sled::Tree,
+    state: &sled::Tree,
+    state_name: &str,
+    changes: &Changes,
+) -> Result<(), StoreError> {
+    let chunks = chunks(changes);
+    let count = u32::try_from(chunks.len()).expect("fewer than 2^32 redo chunks");
+    for (chunk, bytes) in (0..count).zip(chunks) {
+        redo.insert(chunk_key(chunk), bytes)?;
+    }
+    let header = Header {
+        tree: state_name.to_string(),
+        chunks: count,
+    };
+    redo.insert(HEADER_KEY, crate::record::seal(&header))?;
+    make(
+        state,
+        changes.iter().map(|(key, value)| (key, value.as_deref())),
+    )?;
+    redo.remove(HEADER_KEY)?;
+    for chunk in 0..count {
+        redo.remove(chunk_key(chunk))?;
+    }
+    Ok(())
+}
+
+fn make<'a>(
+    state: &sled::Tree,
+    changes: impl Iterator<Item = (&'a Vec<u8>, Option<&'a [u8]>)>,
+) -> Result<(), StoreError> {
+    for (key, value) in changes {
+        match value {
+            Some(value) => state.insert(key.as_slice(), value)?,
+            None => state.remove(key.as_slice())?,
+        };
+    }
+    Ok(())
+}
+
+/// On open, before the state is read: finishes the apply a crash cut short, if its redo is
+/// whole, and drops whatever is left of a redo. Returns how many changes it made again.
+pub(crate) fn finish_interrupted(db: &sled::Db, current_tree: &str) -> Result<usize, StoreError> {
+    let redo = db.open_tree(REDO_TREE)?;
+    let mut made = 0;
+    if let Some(bytes) = redo.get(HEADER_KEY)? {
+        let header: Header = crate::record::unseal(&bytes, "redo header")?;
+        if header.tree != current_tree {
+            return Err(StoreError::corrupt(format!(
+                "an interrupted apply was for state tree {}, but the current one is {current_tree}",
+                header.tree
+            )));
+        }
+        let state = db.open_tree(&header.tree)?;
+        for chunk in 0..header.chunks {
+            let bytes = redo
+                .get(chunk_key(chunk))?
+                .ok_or_else(|| StoreError::corrupt(format!("redo chunk {chunk} is missing")))?;
+            let pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+                crate::record::unseal(&bytes, &format!("redo chunk {chunk}"))?;
+            made += pairs.len();
+            for (key, value) in pairs {
+                match value {
+                    Some(value) => state.insert(key, value)?,
+                    None => state.remove(key)?,
+                };
+            }
+        }
+        tracing::warn!(
+            changes = made,
+            "finished an apply that a crash had cut short"
+        );
+    }
+    let left: Vec<sled::IVec> = redo.iter().keys().collect::<Result<_, _>>()?;
+    for key in left {
+        redo.remove(key)?;
+    }
+    Ok(made)
+}
+
+/// Changes as `write` would leave after its chunks and header: for tests of a crash between
+/// the redo and the changes.
+#[cfg(test)]
+pub(crate) fn write_redo_only(
+    redo: &sled::Tree,
+    state_name: &str,
+    changes: &Changes,
+    with_header: bool,
+) -> Result<(), StoreError> {
+    let chunks = chunks(changes);
+    let count = u32::try_from(chunks.len()).expect("fewer than 2^32 redo chunks");
+    for (chunk, bytes) in (0..count).zip(chunks) {
+        redo.insert(chunk_key(chunk), bytes)?;
+    }
+    if with_header {
+        let header = Header {
+            tree: state_name.to_string(),
+            chunks: count,
+        };
+        redo.insert(HEADER_KEY, crate::record::seal(&header))?;
+    }
+    Ok(())
+}
