@@ -177,6 +177,64 @@ async fn client_loop(
     }
 }
 
+/// One of the crowd: assigns fresh users one after another until `stop`, keeping each answer
+/// it was given; a write that failed may or may not have applied, and is not checked.
+async fn crowd_loop(
+    client: Arc<Client>,
+    prefix: String,
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<Mutex<Vec<residency_client::Assigned>>>,
+) {
+    let mut sequence = 0_u64;
+    while !stop.load(Ordering::SeqCst) {
+        sequence += 1;
+        let answer = client
+            .assign(
+                &user(&format!("{prefix}-{sequence}")),
+                Jurisdiction::US,
+                &location(sequence % 3),
+                None,
+            )
+            .await;
+        if let Ok(assigned) = answer {
+            acknowledged.lock().expect("crowd lock").push(assigned);
+        }
+    }
+}
+
+/// Every write the crowd was told succeeded is there, through every node, exactly as it was
+/// acknowledged (applied once, at the revision of its answer). Returns how many were checked.
+async fn crowd_kept(deployment: &Deployment, acknowledged: &[residency_client::Assigned]) -> usize {
+    for id in 1..=3 {
+        let reader = deployment.client_for(id, Duration::from_secs(30));
+        for chunk in acknowledged.chunks(residency_types::limits::BATCH_LOOKUP_IDS_MAX) {
+            let ids: Vec<UserId> = chunk
+                .iter()
+                .map(|assigned| assigned.placement.user_id.clone())
+                .collect();
+            let read = reader
+                .batch_lookup(&ids, Consistency::Linearizable)
+                .await
+                .unwrap_or_else(|error| panic!("the crowd's read on node {id}: {error}"));
+            assert_eq!(
+                read.placement.len(),
+                chunk.len(),
+                "node {id} answered {} of {} users",
+                read.placement.len(),
+                chunk.len()
+            );
+            for (assigned, found) in chunk.iter().zip(&read.placement) {
+                assert_eq!(
+                    found.as_ref(),
+                    Some(&assigned.placement),
+                    "node {id}: an acknowledged crowd write is lost or was applied otherwise"
+                );
+            }
+        }
+    }
+    acknowledged.len()
+}
+
 /// How a lookup ended, for the history.
 fn read_outcome(
     answer: Result<
@@ -294,10 +352,13 @@ async fn strike(deployment: &Deployment, fault: Fault, rng: &mut Rng) -> String 
     }
 }
 
-/// Writers, and writes each, that push the log past the snapshot threshold (300 entries) and
-/// the kept tail (50) while the follower is down.
-const FILLER_TASKS: usize = 16;
-const FILLER_WRITES_PER_TASK: usize = 25;
+/// Writes, one after another, that push the log past the snapshot threshold (300 entries) and
+/// the kept tail (50) while the follower is down. One at a time: writes sent together share
+/// entries, and it is entries that count here.
+const FILLER_WRITES: usize = 400;
+/// Writers of fresh users that run through every fault, many at once, so that the leader puts
+/// many writes in each entry and followers forward them in groups the whole time.
+const CROWD_WRITERS: usize = 24;
 
 /// Puts a follower behind a snapshot, restarts it, and kills it as soon as its log says it has
 /// begun receiving the snapshot; then starts it again. Tries a few times to land the kill before
@@ -328,27 +389,18 @@ async fn crash_during_install(deployment: &Deployment, leader: u64, rng: &mut Rn
                 .await
                 .expect("filler batch");
         }
-        // Single writes, many at once: each is an entry of its own.
-        let mut fillers = tokio::task::JoinSet::new();
-        for task in 0..FILLER_TASKS {
-            let writer = deployment.client(Duration::from_secs(30));
-            let prefix = format!("filler-{}-{attempt}-{task}", rng.next(1 << 40));
-            fillers.spawn(async move {
-                for n in 0..FILLER_WRITES_PER_TASK {
-                    writer
-                        .assign(
-                            &user(&format!("{prefix}-{n}")),
-                            Jurisdiction::US,
-                            &location(0),
-                            None,
-                        )
-                        .await
-                        .expect("filler write");
-                }
-            });
-        }
-        while let Some(done) = fillers.join_next().await {
-            done.expect("filler task");
+        // Single writes, one after another: each waits for the last, so each is an entry.
+        let prefix = format!("filler-{}-{attempt}", rng.next(1 << 40));
+        for n in 0..FILLER_WRITES {
+            writer
+                .assign(
+                    &user(&format!("{prefix}-{n}")),
+                    Jurisdiction::US,
+                    &location(0),
+                    None,
+                )
+                .await
+                .expect("filler write");
         }
         let receiving = log_count(deployment, follower, "receiving a snapshot");
         let installed = log_count(deployment, follower, "snapshot installed");
@@ -418,6 +470,17 @@ async fn run_fault(deployment: &Deployment, fault: Fault, run: usize, seed: u64)
         ops: Mutex::default(),
     });
     let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let crowd_client = Arc::new(deployment.client(CALL_TIMEOUT));
+    let mut crowd = Vec::new();
+    for writer in 0..CROWD_WRITERS {
+        crowd.push(tokio::spawn(crowd_loop(
+            crowd_client.clone(),
+            format!("crowd-{}-{run}-{writer}", fault.name()),
+            stop.clone(),
+            acknowledged.clone(),
+        )));
+    }
     let mut clients = Vec::new();
     for number in 0..CLIENTS {
         clients.push(tokio::spawn(client_loop(
@@ -434,7 +497,7 @@ async fn run_fault(deployment: &Deployment, fault: Fault, run: usize, seed: u64)
     let report = strike(deployment, fault, &mut rng).await;
     tokio::time::sleep(AFTER_HEAL).await;
     stop.store(true, Ordering::SeqCst);
-    for client in clients {
+    for client in clients.into_iter().chain(crowd) {
         client.await.expect("client task");
     }
 
@@ -487,6 +550,10 @@ async fn run_fault(deployment: &Deployment, fault: Fault, run: usize, seed: u64)
         }
     }
     let (revision, _) = digests_agree(deployment).await;
+    let crowd_writes = {
+        let acknowledged = acknowledged.lock().expect("crowd lock").clone();
+        crowd_kept(deployment, &acknowledged).await
+    };
 
     let mut ops = recorder.ops.lock().expect("history lock").clone();
     let violations = history::check_final(&ops, &final_reads);
@@ -496,7 +563,8 @@ async fn run_fault(deployment: &Deployment, fault: Fault, run: usize, seed: u64)
     let count = |pick: fn(&Op) -> bool| ops.iter().filter(|op| pick(op)).count();
     let summary = format!(
         "{} run {run}: {report}; {} ops ({} writes acknowledged, {} unknown; {} reads \
-         answered), replicas agree at revision {revision}",
+         answered), {crowd_writes} crowd writes acknowledged and all kept, replicas agree at \
+         revision {revision}",
         fault.name(),
         ops.len(),
         count(|op| matches!(op.kind, OpKind::Write { .. })

@@ -3,7 +3,12 @@
 //!
 //! Every write assigns a user with a reason no other write uses (`w-<client>-<seq>`), so a read
 //! names exactly the write it saw. The registry orders the writes of a user by their revision
-//! (`mod_revision`), and the checker first makes sure that order is one real time allows. Then
+//! (`mod_revision`), and the checker first makes sure that order is one real time allows.
+//! Writes the leader put into one log entry share its revision; they were concurrent (a write
+//! answered before another was sent goes into an earlier entry), the entry applies them in some
+//! order, and only the last of them is ever read: so writes may tie on a revision, a tie
+//! between writes that real time orders is a violation, and so is a revision seen holding two
+//! values. Then
 //! linearizability of a register with unique values comes down to pairwise checks: no read sees
 //! a write from its future, none misses a write that completed before it began, and reads never
 //! go back in time against each other or against the writes that follow them.
@@ -214,22 +219,11 @@ fn check_key(key: &str, ops: &[&Op], violations: &mut Vec<Violation>) {
         }
     }
     applied.sort_by_key(|write| write.revision);
-    for pair in applied.windows(2) {
-        if pair[0].revision == pair[1].revision {
-            violations.push(Violation::RevisionMismatch {
-                key: key_string.clone(),
-                detail: format!(
-                    "{} and {} both applied at revision {}",
-                    pair[0].value, pair[1].value, pair[0].revision
-                ),
-            });
-        }
-    }
     // Real time orders the writes: one that completed before another began has the lower
-    // revision.
+    // revision, never the same (writes that share an entry's revision were concurrent).
     for later in &applied {
         for earlier in &applied {
-            if earlier.complete < later.invoke && earlier.revision > later.revision {
+            if earlier.complete < later.invoke && earlier.revision >= later.revision {
                 violations.push(Violation::WritesOutOfOrder {
                     key: key_string.clone(),
                     first: earlier.value.clone(),
@@ -402,6 +396,54 @@ mod tests {
     }
 
     const LIN: ReadMode = ReadMode::Linearizable;
+
+    #[test]
+    fn concurrent_writes_may_share_an_entrys_revision_and_only_one_is_read() {
+        let history = vec![
+            write(1, "a", 0, 5, applied(10)),
+            write(2, "b", 1, 5, applied(10)),
+            read(LIN, 6, 7, Some(("b", 10))),
+            read(LIN, 8, 9, Some(("b", 10))),
+        ];
+        assert_eq!(check(&history), Vec::new());
+        assert_eq!(
+            check_final(&history, &[read(LIN, 20, 21, Some(("b", 10)))]),
+            Vec::new()
+        );
+    }
+
+    #[test]
+    fn a_revision_shared_by_writes_that_real_time_orders_is_a_violation() {
+        let history = vec![
+            write(1, "a", 0, 1, applied(10)),
+            write(2, "b", 2, 3, applied(10)),
+        ];
+        let violations = check(&history);
+        assert_eq!(
+            violations,
+            vec![Violation::WritesOutOfOrder {
+                key: "u".to_string(),
+                first: "a".to_string(),
+                second: "b".to_string(),
+            }]
+        );
+    }
+
+    #[test]
+    fn both_writes_of_one_revision_read_is_a_violation() {
+        let history = vec![
+            write(1, "a", 0, 5, applied(10)),
+            write(2, "b", 1, 5, applied(10)),
+            read(LIN, 6, 7, Some(("a", 10))),
+            read(LIN, 8, 9, Some(("b", 10))),
+        ];
+        let violations = check(&history);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert!(matches!(
+            &violations[0],
+            Violation::RevisionMismatch { detail, .. } if detail.contains("holding a and b")
+        ));
+    }
 
     #[test]
     fn a_sequential_history_passes() {
