@@ -13,6 +13,8 @@
 # restarts the nodes on their existing data. Ports: clients 7101-7103, peers 7201-7203,
 # metrics and health 7301-7303. RESIDENCY_PROFILE=release builds optimised binaries;
 # RESIDENCY_DATA=DIR keeps the data in DIR/node{1,2,3} instead (the benchmark's own cluster).
+# RESIDENCY_BIN_DIR=DIR runs the residencyd and residencyctl already built in DIR and builds
+# nothing (to measure one build against another).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,11 +29,20 @@ script=local.sh
 source "$root/cluster/common.sh"
 
 bin_dir() {
+    if [ -n "${RESIDENCY_BIN_DIR:-}" ]; then
+        printf '%s' "$RESIDENCY_BIN_DIR"
+        return
+    fi
     local target="${CARGO_TARGET_DIR:-$root/target}"
     printf '%s/%s' "$target" "$profile"
 }
 
 build() {
+    if [ -n "${RESIDENCY_BIN_DIR:-}" ]; then
+        [ -x "$RESIDENCY_BIN_DIR/residencyd" ] && [ -x "$RESIDENCY_BIN_DIR/residencyctl" ] ||
+            die "RESIDENCY_BIN_DIR=$RESIDENCY_BIN_DIR holds no residencyd and residencyctl"
+        return
+    fi
     ensure_cargo
     local flags=()
     [ "$profile" = "release" ] && flags+=(--release)

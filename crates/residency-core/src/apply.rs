@@ -148,22 +148,52 @@ pub fn apply<V: KvRead>(
     commands: &[Command],
 ) -> Result<Applied, CoreError<V::Error>> {
     let mut staged = Staged::new(view);
-    forget_expired_legacy_request(&mut staged, revision)?;
     forget_expired_events(&mut staged, revision)?;
     let mut journal = EntryJournal {
         revision,
-        events: Vec::new(),
+        events: Some(Vec::new()),
         remembered: Vec::new(),
     };
-    let mut results = Vec::with_capacity(commands.len());
-    for command in commands {
-        results.push(apply_write(&mut staged, &mut journal, command)?);
-    }
+    let results = decide_entry(&mut staged, &mut journal, commands)?;
     journal.finish(&mut staged)?;
     Ok(Applied {
         results,
         mutations: staged.into_mutations(),
     })
+}
+
+/// What `apply` would answer for each write if `commands` were the entry at `revision`, without
+/// the bookkeeping that decides nothing: no watch events are made, no request ids indexed or
+/// aged out (each write's request record is still staged, so a retry later in the same entry
+/// is answered as `apply` would answer it). The leader's check before proposing.
+pub fn check<V: KvRead>(
+    view: &V,
+    revision: Revision,
+    commands: &[Command],
+) -> Result<Vec<ApplyResult>, CoreError<V::Error>> {
+    let mut staged = Staged::new(view);
+    let mut journal = EntryJournal {
+        revision,
+        events: None,
+        remembered: Vec::new(),
+    };
+    decide_entry(&mut staged, &mut journal, commands)
+}
+
+/// Decides the writes of an entry in order, on one staged state.
+fn decide_entry<V: KvRead>(
+    staged: &mut Staged<'_, V>,
+    journal: &mut EntryJournal,
+    commands: &[Command],
+) -> Result<Vec<ApplyResult>, CoreError<V::Error>> {
+    // The id a state from before grouping remembered exactly 1,000,000 revisions ago is gone
+    // before this entry's writes look.
+    forget_expired_legacy_request(staged, journal.revision)?;
+    let mut results = Vec::with_capacity(commands.len());
+    for command in commands {
+        results.push(apply_write(staged, journal, command)?);
+    }
+    Ok(results)
 }
 
 /// One write of the entry at `journal.revision`.
@@ -207,7 +237,9 @@ fn apply_write<V: KvRead>(
     let outcome = match verdict {
         Ok(outcome) => {
             staged.keep_decision();
-            journal.record(changes_of(&outcome, forgotten_location));
+            if journal.events.is_some() {
+                journal.record(changes_of(&outcome, forgotten_location));
+            }
             outcome
         }
         Err(rejection) => {
@@ -296,8 +328,17 @@ fn changes_of(outcome: &Outcome, forgotten_location: Option<LocationId>) -> Vec<
 /// window drops them together), and the request ids it remembered, indexed once at the end.
 struct EntryJournal {
     revision: Revision,
-    events: Vec<Event>,
+    /// `None` for a check, which makes no events.
+    events: Option<Vec<Event>>,
     remembered: Vec<RequestId>,
+}
+
+/// One `w/` key: some of the events of one entry, in order, and whether another chunk of the
+/// same entry follows (so the window finds them all without a count of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventChunk {
+    pub events: Vec<Event>,
+    pub more: bool,
 }
 
 /// The encoded events one `w/` key holds, at most (a single larger event stands alone): far
@@ -306,10 +347,11 @@ const EVENT_CHUNK_BYTES_MAX: usize = 32 * 1024;
 
 impl EntryJournal {
     fn record(&mut self, changes: Vec<Change>) {
+        let events = self.events.get_or_insert_with(Vec::new);
         for change in changes {
             let index =
-                u32::try_from(self.events.len()).expect("an entry makes fewer than 2^32 changes");
-            self.events.push(Event {
+                u32::try_from(events.len()).expect("an entry makes fewer than 2^32 changes");
+            events.push(Event {
                 revision: self.revision,
                 index,
                 change,
@@ -320,7 +362,7 @@ impl EntryJournal {
     fn finish<V: KvRead>(self, staged: &mut Staged<'_, V>) -> Result<(), CoreError<V::Error>> {
         let mut chunks: Vec<Vec<Event>> = Vec::new();
         let mut bytes = 0;
-        for event in self.events {
+        for event in self.events.unwrap_or_default() {
             let size = crate::codec::encoded_len(&event);
             match chunks.last_mut() {
                 Some(chunk) if bytes + size <= EVENT_CHUNK_BYTES_MAX => chunk.push(event),
@@ -331,12 +373,15 @@ impl EntryJournal {
             }
             bytes += size;
         }
-        if !chunks.is_empty() {
-            let count = u32::try_from(chunks.len()).expect("fewer than 2^32 chunks");
-            for (chunk, events) in (0..count).zip(chunks) {
-                staged.put(keys::event_chunk_key(self.revision, chunk), &events);
-            }
-            staged.put(keys::event_chunk_count_key(self.revision), &count);
+        let count = u32::try_from(chunks.len()).expect("fewer than 2^32 chunks");
+        for (chunk, events) in (0..count).zip(chunks) {
+            staged.put(
+                keys::event_chunk_key(self.revision, chunk),
+                &EventChunk {
+                    events,
+                    more: chunk + 1 < count,
+                },
+            );
         }
         index_remembered(staged, self.revision, self.remembered)
     }
@@ -352,12 +397,17 @@ fn forget_expired_events<V: KvRead>(
         return Ok(());
     };
     let expired = Revision(expired);
-    let chunks_key = keys::event_chunk_count_key(expired);
-    if let Some(chunks) = staged.read::<u32>(&chunks_key)? {
-        for chunk in 0..chunks {
-            staged.delete(keys::event_chunk_key(expired, chunk));
+    let mut chunk = 0;
+    loop {
+        let key = keys::event_chunk_key(expired, chunk);
+        let Some(stored) = staged.read::<EventChunk>(&key)? else {
+            break;
+        };
+        staged.delete(key);
+        if !stored.more {
+            break;
         }
-        staged.delete(chunks_key);
+        chunk += 1;
     }
     // A state from before events were kept per entry keeps one key per event.
     let count_key = keys::event_count_key(expired);

@@ -14,8 +14,7 @@
 //! | `q/` | revision, big-endian u64 | the request id applied at that revision: only in states written before writes were grouped into entries; pruned by revision |
 //! | `n/placements` | | u64: how many placements exist (for the placements metric) |
 //! | `e/` | node id, big-endian u64 | empty: the node has been a member (its id is never reused) |
-//! | `w/` | revision (BE u64), chunk (BE u32) | the `Event`s of one entry for watchers, in order, in chunks |
-//! | `W/` | revision (BE u64) | u32: how many chunks of events that revision made (for pruning) |
+//! | `w/` | revision (BE u64), chunk (BE u32) | an `EventChunk`: some of the `Event`s of one entry for watchers, in order, and whether another chunk follows |
 //! | `x/` | revision (BE u64), index (BE u32) | one `Event`: only in states written before events were kept per entry; pruned by revision |
 //! | `X/` | revision (BE u64) | u32: how many `x/` events that revision made (for pruning) |
 //! | `m/` | name | the store's own metadata (applied log id, membership) |
@@ -40,7 +39,6 @@ pub const META_PREFIX: &[u8] = b"m/";
 pub const PLACEMENT_COUNT_KEY: &[u8] = b"n/placements";
 pub const FORMER_MEMBER_PREFIX: &[u8] = b"e/";
 pub const EVENT_CHUNK_PREFIX: &[u8] = b"w/";
-pub const EVENT_CHUNK_COUNT_PREFIX: &[u8] = b"W/";
 /// Only in states written before events were kept per entry (see `apply.rs`).
 pub const EVENT_PREFIX: &[u8] = b"x/";
 pub const EVENT_COUNT_PREFIX: &[u8] = b"X/";
@@ -55,10 +53,6 @@ pub fn event_chunk_key(revision: Revision, chunk: u32) -> Vec<u8> {
 /// The first event chunk key at or after `revision`.
 pub fn event_chunk_start_key(revision: Revision) -> Vec<u8> {
     prefixed(EVENT_CHUNK_PREFIX, &[&revision.0.to_be_bytes()])
-}
-
-pub fn event_chunk_count_key(revision: Revision) -> Vec<u8> {
-    prefixed(EVENT_CHUNK_COUNT_PREFIX, &[&revision.0.to_be_bytes()])
 }
 
 pub fn event_key(revision: Revision, index: u32) -> Vec<u8> {

@@ -23,7 +23,7 @@ pub mod placement_rules;
 pub mod query;
 pub mod staged;
 
-pub use apply::{Applied, Mutation, apply};
+pub use apply::{Applied, Mutation, apply, check};
 pub use codec::CodecError;
 pub use digest::StateDigest;
 pub use query::{

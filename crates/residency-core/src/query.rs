@@ -80,9 +80,10 @@ pub fn events<V: KvScan>(
             .map_err(CoreError::Read)?;
         let full = pairs.len() == SCAN_BATCH_KEYS;
         for (key, value) in pairs {
-            let chunk: Vec<Event> = codec::decode(&value)?;
+            let chunk: crate::apply::EventChunk = codec::decode(&value)?;
             page.extend(
                 chunk
+                    .events
                     .into_iter()
                     .filter(|event| after_event(event))
                     .take(limit - page.len()),

@@ -31,12 +31,27 @@ const CHUNK_BYTES_TARGET: usize = 64 * 1024;
 /// A key's new value, or `None` for a delete.
 pub(crate) type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
-/// Written after every chunk: the redo is whole once this is there.
-#[derive(Debug, Serialize, Deserialize)]
-struct Header {
+/// A key's new value, borrowed, or `None` for a delete.
+type Pair<'a> = (&'a [u8], Option<&'a [u8]>);
+
+/// Written after every other chunk: the redo is whole once this is there. It carries the
+/// first chunk itself, so an apply whose changes fit one chunk (the usual one) costs one insert
+/// and one delete besides its changes.
+#[derive(Debug, Serialize)]
+struct Header<'a> {
     /// The state tree the changes are for.
+    tree: &'a str,
+    /// Chunks besides the first, under `chunk/1..`.
+    more_chunks: u32,
+    first: &'a [Pair<'a>],
+}
+
+/// `Header` as read back.
+#[derive(Debug, Deserialize)]
+struct StoredHeader {
     tree: String,
-    chunks: u32,
+    more_chunks: u32,
+    first: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 fn chunk_key(chunk: u32) -> Vec<u8> {
@@ -45,35 +60,58 @@ fn chunk_key(chunk: u32) -> Vec<u8> {
     key
 }
 
-/// The changes cut into chunks of about `CHUNK_BYTES_TARGET` encoded bytes, in key order.
-fn chunks(changes: &Changes) -> Vec<Vec<u8>> {
-    let mut chunks = Vec::new();
-    let mut pairs: Vec<(&[u8], Option<&[u8]>)> = Vec::new();
+/// The changes cut into chunks of about `CHUNK_BYTES_TARGET` encoded bytes, in key order (at
+/// least one chunk, perhaps empty).
+fn chunks(changes: &Changes) -> Vec<Vec<Pair<'_>>> {
+    let mut chunks: Vec<Vec<Pair<'_>>> = vec![Vec::new()];
     let mut bytes = 0;
     for (key, value) in changes {
         let size = key.len() + value.as_ref().map_or(0, Vec::len) + 8;
-        if !pairs.is_empty() && bytes + size > CHUNK_BYTES_TARGET {
-            chunks.push(encode(&pairs));
-            pairs.clear();
+        if bytes + size > CHUNK_BYTES_TARGET && chunks.last().is_some_and(|last| !last.is_empty()) {
+            chunks.push(Vec::new());
             bytes = 0;
         }
-        pairs.push((key, value.as_deref()));
+        chunks
+            .last_mut()
+            .expect("at least one chunk")
+            .push((key.as_slice(), value.as_deref()));
         bytes += size;
-    }
-    if !pairs.is_empty() {
-        chunks.push(encode(&pairs));
     }
     chunks
 }
 
-fn encode(pairs: &[(&[u8], Option<&[u8]>)]) -> Vec<u8> {
-    let bytes = crate::record::seal(&pairs);
+fn sealed<T: Serialize>(value: &T) -> Vec<u8> {
+    let bytes = crate::record::seal(value);
     assert!(
         bytes.len() <= SLED_INLINE_VALUE_BYTES_MAX,
-        "a redo chunk of {} bytes would go to sled's unsynced blob files",
+        "a redo record of {} bytes would go to sled's unsynced blob files",
         bytes.len()
     );
     bytes
+}
+
+/// Writes the redo of `changes` for `state_name`: every chunk but the first, then (if asked)
+/// the header with the first. Returns how many chunk keys besides the header it wrote.
+fn write_redo(
+    redo: &sled::Tree,
+    state_name: &str,
+    changes: &Changes,
+    with_header: bool,
+) -> Result<u32, StoreError> {
+    let chunks = chunks(changes);
+    let more_chunks = u32::try_from(chunks.len() - 1).expect("fewer than 2^32 redo chunks");
+    for (chunk, pairs) in (1..=more_chunks).zip(&chunks[1..]) {
+        redo.insert(chunk_key(chunk), sealed(pairs))?;
+    }
+    if with_header {
+        let header = Header {
+            tree: state_name,
+            more_chunks,
+            first: &chunks[0],
+        };
+        redo.insert(HEADER_KEY, sealed(&header))?;
+    }
+    Ok(more_chunks)
 }
 
 /// Makes `changes` in `state` (named `state_name`), recording them in `redo` first.
@@ -83,36 +121,16 @@ pub(crate) fn write(
     state_name: &str,
     changes: &Changes,
 ) -> Result<(), StoreError> {
-    let chunks = chunks(changes);
-    let count = u32::try_from(chunks.len()).expect("fewer than 2^32 redo chunks");
-    for (chunk, bytes) in (0..count).zip(chunks) {
-        redo.insert(chunk_key(chunk), bytes)?;
-    }
-    let header = Header {
-        tree: state_name.to_string(),
-        chunks: count,
-    };
-    redo.insert(HEADER_KEY, crate::record::seal(&header))?;
-    make(
-        state,
-        changes.iter().map(|(key, value)| (key, value.as_deref())),
-    )?;
-    redo.remove(HEADER_KEY)?;
-    for chunk in 0..count {
-        redo.remove(chunk_key(chunk))?;
-    }
-    Ok(())
-}
-
-fn make<'a>(
-    state: &sled::Tree,
-    changes: impl Iterator<Item = (&'a Vec<u8>, Option<&'a [u8]>)>,
-) -> Result<(), StoreError> {
+    let more_chunks = write_redo(redo, state_name, changes, true)?;
     for (key, value) in changes {
         match value {
-            Some(value) => state.insert(key.as_slice(), value)?,
+            Some(value) => state.insert(key.as_slice(), value.as_slice())?,
             None => state.remove(key.as_slice())?,
         };
+    }
+    redo.remove(HEADER_KEY)?;
+    for chunk in 1..=more_chunks {
+        redo.remove(chunk_key(chunk))?;
     }
     Ok(())
 }
@@ -123,27 +141,30 @@ pub(crate) fn finish_interrupted(db: &sled::Db, current_tree: &str) -> Result<us
     let redo = db.open_tree(REDO_TREE)?;
     let mut made = 0;
     if let Some(bytes) = redo.get(HEADER_KEY)? {
-        let header: Header = crate::record::unseal(&bytes, "redo header")?;
+        let header: StoredHeader = crate::record::unseal(&bytes, "redo header")?;
         if header.tree != current_tree {
             return Err(StoreError::corrupt(format!(
                 "an interrupted apply was for state tree {}, but the current one is {current_tree}",
                 header.tree
             )));
         }
-        let state = db.open_tree(&header.tree)?;
-        for chunk in 0..header.chunks {
+        let mut chunks = vec![header.first];
+        for chunk in 1..=header.more_chunks {
             let bytes = redo
                 .get(chunk_key(chunk))?
                 .ok_or_else(|| StoreError::corrupt(format!("redo chunk {chunk} is missing")))?;
-            let pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> =
-                crate::record::unseal(&bytes, &format!("redo chunk {chunk}"))?;
-            made += pairs.len();
-            for (key, value) in pairs {
-                match value {
-                    Some(value) => state.insert(key, value)?,
-                    None => state.remove(key)?,
-                };
-            }
+            chunks.push(crate::record::unseal(
+                &bytes,
+                &format!("redo chunk {chunk}"),
+            )?);
+        }
+        let state = db.open_tree(&header.tree)?;
+        for (key, value) in chunks.into_iter().flatten() {
+            made += 1;
+            match value {
+                Some(value) => state.insert(key, value)?,
+                None => state.remove(key)?,
+            };
         }
         tracing::warn!(
             changes = made,
@@ -157,8 +178,8 @@ pub(crate) fn finish_interrupted(db: &sled::Db, current_tree: &str) -> Result<us
     Ok(made)
 }
 
-/// Changes as `write` would leave after its chunks and header: for tests of a crash between
-/// the redo and the changes.
+/// What `write` leaves before it makes the changes (with the header) or before its header
+/// (without): for tests of a crash in between.
 #[cfg(test)]
 pub(crate) fn write_redo_only(
     redo: &sled::Tree,
@@ -166,17 +187,5 @@ pub(crate) fn write_redo_only(
     changes: &Changes,
     with_header: bool,
 ) -> Result<(), StoreError> {
-    let chunks = chunks(changes);
-    let count = u32::try_from(chunks.len()).expect("fewer than 2^32 redo chunks");
-    for (chunk, bytes) in (0..count).zip(chunks) {
-        redo.insert(chunk_key(chunk), bytes)?;
-    }
-    if with_header {
-        let header = Header {
-            tree: state_name.to_string(),
-            chunks: count,
-        };
-        redo.insert(HEADER_KEY, crate::record::seal(&header))?;
-    }
-    Ok(())
+    write_redo(redo, state_name, changes, with_header).map(drop)
 }

@@ -2,7 +2,8 @@
 //! groups them, built from the input over a small universe of users, locations and
 //! jurisdictions so the rules meet each other often. It must never panic, must be deterministic
 //! (two replicas reach the same bytes), must answer a retried request id with its first result
-//! (in a later entry or in the same one), must decide an entry's writes exactly as the same
+//! (in a later entry or in the same one), must answer exactly as the leader's check before
+//! proposing answered on the same state, must decide an entry's writes exactly as the same
 //! writes one per entry would be decided (the outcome of each; revisions aside), and must never
 //! leave a placement in breach of its policy (I1): an access check from the user's own
 //! jurisdiction never finds the location unavailable or in a jurisdiction the policy forbids.
@@ -173,7 +174,11 @@ fuzz_target!(|data: &[u8]| {
         if commands.is_empty() {
             break;
         }
+        // The leader's check before proposing answers each write as apply then does.
+        let checked = residency_core::check(&replica_a, revision, &commands)
+            .expect("memory state never fails to read");
         let results = replica_a.apply_entry(revision, &commands);
+        assert_eq!(checked, results, "the check and apply answered an entry differently");
         let again = replica_b.apply_entry(revision, &commands);
         assert_eq!(
             results, again,

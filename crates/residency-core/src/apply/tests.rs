@@ -953,14 +953,14 @@ fn an_entry_of_writes_leaves_the_data_of_the_same_writes_one_by_one() {
         assert_eq!(event.revision, revision);
         assert_eq!(event.index as usize, position, "numbered across the writes");
     }
-    let chunks: u32 = crate::codec::decode(
+    let chunk: crate::apply::EventChunk = crate::codec::decode(
         &grouped
             .state
-            .get_for_test(&crate::keys::event_chunk_count_key(revision))
-            .expect("counted once"),
+            .get_for_test(&crate::keys::event_chunk_key(revision, 0))
+            .expect("kept"),
     )
     .expect("decodes");
-    assert_eq!(chunks, 1, "the entry's events in one key");
+    assert!(!chunk.more, "the entry's events in one key");
     // Paging through them, a few at a time, gives each once, in order.
     let mut paged = Vec::new();
     let mut after = None;
@@ -988,13 +988,14 @@ fn the_events_of_a_large_entry_span_several_keys_and_age_out_together() {
         .collect();
     registry.entry(batches);
     let revision = Revision(registry.revision);
-    let chunks: u32 = crate::codec::decode(
-        &registry
-            .state
-            .get_for_test(&crate::keys::event_chunk_count_key(revision))
-            .expect("counted"),
-    )
-    .expect("decodes");
+    let chunks = (0..)
+        .take_while(|chunk| {
+            registry
+                .state
+                .get_for_test(&crate::keys::event_chunk_key(revision, *chunk))
+                .is_some()
+        })
+        .count() as u32;
     assert!(chunks > 1, "1,000 placements pass one key's bound");
     let mut paged = Vec::new();
     let mut after = None;
@@ -1017,10 +1018,6 @@ fn the_events_of_a_large_entry_span_several_keys_and_age_out_together() {
             None
         );
     }
-    assert_eq!(
-        state.get_for_test(&crate::keys::event_chunk_count_key(revision)),
-        None
-    );
 }
 
 #[test]
@@ -1137,5 +1134,41 @@ fn every_applied_change_becomes_one_event_in_order_and_old_ones_age_out() {
     assert_eq!(
         crate::query::compacted_revision(Revision(7 + window)),
         Revision(7)
+    );
+}
+
+/// The leader's check before proposing answers every write of an entry exactly as applying
+/// the entry then does, and writes nothing.
+#[test]
+fn the_check_before_proposing_answers_as_apply_does() {
+    let mut registry = Registry::seeded();
+    registry.ok(assign("kim", "us-east-1/pg-1"));
+    let revision = Revision(registry.revision + 1);
+    let commands: Vec<Command> = [
+        ("c-1", assign("lee", "us-west-2/pg-2")),
+        ("c-2", assign("max", "eu-central-1/pg-9")),
+        ("c-1", assign("lee", "us-west-2/pg-2")),
+        ("c-3", forget("kim", None)),
+        ("c-4", forget("kim", None)),
+        ("c-5", begin_move("lee", "us-central-1/pg-3")),
+    ]
+    .into_iter()
+    .map(|(request_id, body)| registry.command(request_id, body))
+    .collect();
+    let before = registry.state.digest();
+    let checked = crate::check(&registry.state, revision, &commands).expect("reads");
+    assert_eq!(registry.state.digest(), before, "a check writes nothing");
+    let applied = registry.state.apply_entry(revision, &commands);
+    assert_eq!(checked, applied);
+    assert!(matches!(
+        checked[1].outcome,
+        Some(Outcome::Rejected(
+            Rejection::StorageJurisdictionNotAllowed { .. }
+        ))
+    ));
+    assert_eq!(checked[0], checked[2], "a retry in the entry");
+    assert_eq!(
+        checked[4].outcome,
+        Some(Outcome::Rejected(Rejection::UserNotFound))
     );
 }

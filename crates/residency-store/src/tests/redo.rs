@@ -95,8 +95,15 @@ fn a_redo_cut_short_before_its_header_changes_nothing() {
         let state = db.open_tree("state-0").expect("tree");
         state.insert("a", "stale").expect("insert");
         let redo_tree = db.open_tree(REDO_TREE).expect("tree");
-        let set = changes(&[("a", Some("1")), ("b", Some("2"))]);
+        let mut set = changes(&[("a", Some("1")), ("b", Some("2"))]);
+        for n in 0..5 {
+            set.insert(format!("big-{n}").into_bytes(), Some(vec![b'v'; 40_000]));
+        }
         redo::write_redo_only(&redo_tree, "state-0", &set, false).expect("chunks written");
+        assert!(
+            !redo_tree.is_empty(),
+            "the chunks after the first are written first"
+        );
         db.flush().expect("flushed");
     }
     let db = open(dir.path());
