@@ -2,8 +2,9 @@
 //!
 //! sled makes a `Batch` atomic by rolling its IO buffer twice per batch, and each roll is a
 //! write handed to sled's thread pool, which wakes every waiting pool thread: at one write per
-//! entry that cost more CPU than the write itself (docs/performance.md). Instead an apply
-//! first records its whole change set, the *redo*, in the `sm_redo` tree, then makes the
+//! entry that cost more CPU than the write itself (docs/performance.md). Instead an apply of
+//! up to `REDO_CHANGES_MAX` changes (`state_machine.rs`; a larger one shares a batch's fixed
+//! cost) first records its whole change set, the *redo*, in the `sm_redo` tree, then makes the
 //! changes key by key, then drops the redo.
 //!
 //! Why that is as atomic as a batch: sled recovers a prefix of its log, in the order the writes
