@@ -178,7 +178,10 @@ fuzz_target!(|data: &[u8]| {
         let checked = residency_core::check(&replica_a, revision, &commands)
             .expect("memory state never fails to read");
         let results = replica_a.apply_entry(revision, &commands);
-        assert_eq!(checked, results, "the check and apply answered an entry differently");
+        assert_eq!(
+            checked, results,
+            "the check and apply answered an entry differently"
+        );
         let again = replica_b.apply_entry(revision, &commands);
         assert_eq!(
             results, again,
