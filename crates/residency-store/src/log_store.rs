@@ -95,6 +95,26 @@ impl CommittedIndex {
     }
 }
 
+/// A vote as a restarted node may resume it: its term and candidate, never as committed.
+///
+/// openraft 0.9 restarts a node whose saved vote is committed for itself as the leader of that
+/// term, at once, and takes that term's first entry as the barrier of linearizable reads
+/// (`max(first entry of the term, committed)`). The committed index it then knows is the one
+/// saved before the crash, which is saved lazily and may lag the writes the node acknowledged
+/// before it: a fault-suite run had a leader killed and restarted within the followers'
+/// election timeout answer linearizable reads two entries below writes it had acknowledged.
+/// Not committed, the vote makes the node start as a follower. It still votes for no one else
+/// in that term, and it leads again only after winning an election in a later term, whose
+/// blank entry is then the read barrier, as for any new leader (Raft §6.4). A follower's
+/// vote for another leader loses nothing by it either: that leader's next message carries the
+/// committed vote, which openraft takes as greater and saves.
+fn resumable_vote(vote: Vote) -> Vote {
+    Vote {
+        committed: false,
+        ..vote
+    }
+}
+
 fn key_index(key: &[u8]) -> Result<u64, StoreError> {
     let bytes: [u8; 8] = key
         .try_into()
@@ -311,10 +331,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
+    /// The saved vote, always handed back as not committed (`resumable_vote`).
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
         let vote: Option<Vote> = self
             .read_meta(VOTE_KEY)
             .map_err(|error| error.into_storage(openraft::ErrorSubject::Vote, ErrorVerb::Read))?;
+        let vote = vote.map(resumable_vote);
         *self.vote.lock().expect("vote lock poisoned") = vote;
         Ok(vote)
     }

@@ -64,7 +64,11 @@ async fn a_reopened_store_keeps_its_vote_log_and_state() {
     drop(store);
 
     let mut store = open_store(dir.path()).await;
-    assert_eq!(store.log.read_vote().await.expect("vote read"), Some(vote));
+    assert_eq!(
+        store.log.read_vote().await.expect("vote read"),
+        Some(Vote::new(1, 1)),
+        "the vote's term and candidate come back, not as committed"
+    );
     assert_eq!(
         store.log.get_log_state().await.expect("log state"),
         LogState {
@@ -207,7 +211,42 @@ async fn an_acknowledged_append_and_vote_survive_a_killed_process() {
     let mut store = open_store(dir.path()).await;
     assert_eq!(
         store.log.read_vote().await.expect("vote"),
-        Some(child_vote())
+        Some(Vote::new(
+            child_vote().leader_id.term,
+            child_vote().leader_id.node_id
+        ))
+    );
+}
+
+/// openraft 0.9 makes a node whose vote reads back committed for itself the leader of that
+/// term at once, with the commit index it saved before it stopped, which may lag what it
+/// acknowledged; its linearizable reads could then miss those writes. So a vote always reads
+/// back not committed, whoever it names, and a later committed vote is taken and kept as
+/// usual.
+#[tokio::test]
+async fn a_restarted_node_never_resumes_leading_in_its_old_term() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut store = open_store(dir.path()).await;
+    store
+        .log
+        .save_vote(&Vote::new_committed(4, 1))
+        .await
+        .expect("vote saved");
+    drop(store);
+
+    let mut store = open_store(dir.path()).await;
+    let vote = store.log.read_vote().await.expect("vote read");
+    assert_eq!(vote, Some(Vote::new(4, 1)));
+    assert!(!vote.expect("a vote").is_committed());
+    store
+        .log
+        .save_vote(&Vote::new_committed(5, 2))
+        .await
+        .expect("a later leader's vote saved");
+    assert_eq!(
+        store.log.read_vote().await.expect("vote read"),
+        Some(Vote::new(5, 2)),
+        "read back in the same process it is not committed either"
     );
 }
 
