@@ -103,7 +103,13 @@ fn bench_apply(c: &mut Criterion) {
                 (Revision(revision), command(next, assign(next)))
             },
             |(at, command)| {
-                residency_core::apply(&state, at, std::slice::from_ref(&command)).expect("reads")
+                residency_core::apply(
+                    &state,
+                    state.request_index(),
+                    at,
+                    std::slice::from_ref(&command),
+                )
+                .expect("reads")
             },
             BatchSize::SmallInput,
         );
@@ -122,6 +128,7 @@ fn bench_apply(c: &mut Criterion) {
         b.iter(|| {
             residency_core::apply(
                 &state,
+                state.request_index(),
                 Revision(revision + 1),
                 std::slice::from_ref(black_box(&foreign)),
             )
@@ -149,7 +156,13 @@ fn bench_apply(c: &mut Criterion) {
                 )
             },
             |(at, command)| {
-                residency_core::apply(&state, at, std::slice::from_ref(&command)).expect("reads")
+                residency_core::apply(
+                    &state,
+                    state.request_index(),
+                    at,
+                    std::slice::from_ref(&command),
+                )
+                .expect("reads")
             },
             BatchSize::SmallInput,
         );

@@ -1,122 +1,14 @@
 //! The write path: decide one log entry's writes against the state, in order, deterministically.
 
-use residency_types::command::AssignedItem;
-use residency_types::limits::{
-    REQUEST_DEDUP_WINDOW_REQUESTS, REQUEST_RECORD_BYTES_MAX, WATCH_HISTORY_REVISIONS,
-};
+use residency_types::limits::WATCH_HISTORY_REVISIONS;
 use residency_types::{
-    ApplyResult, CallerId, Change, Command, Event, LocationId, Outcome, Placement, PlacementState,
-    ReasonText, Rejection, RequestId, Revision, WriteBody,
+    ApplyResult, Change, Command, Event, LocationId, Outcome, Rejection, Revision, WriteBody,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::requests::{EntryRequests, IndexChange, RequestIndex};
 use crate::staged::Staged;
 use crate::{CoreError, KvRead, catalog_rules, keys, placement_rules};
-
-/// What the registry remembers of an applied request id: the write, and its first result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RequestRecord {
-    pub body: WriteBody,
-    pub result: StoredResult,
-}
-
-/// A first result as kept for retries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum StoredResult {
-    /// Most answers are small: kept whole.
-    Whole(ApplyResult),
-    /// A batch's answer repeats every placement; kept as only what its body does not say, and
-    /// rebuilt exactly on a retry (see `answer`).
-    Batch {
-        revision: Revision,
-        stamped_at_ms: u64,
-        caller: CallerId,
-        caller_authenticated: bool,
-        reason: ReasonText,
-        items: Vec<BatchItemResult>,
-    },
-}
-
-/// What a batch item's placement had that its request did not say.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchItemResult {
-    pub created: bool,
-    pub epoch: u64,
-    pub create_revision: Revision,
-}
-
-impl StoredResult {
-    fn of(command: &Command, result: &ApplyResult) -> StoredResult {
-        let Some(Outcome::BatchAssigned { items }) = &result.outcome else {
-            return StoredResult::Whole(result.clone());
-        };
-        StoredResult::Batch {
-            revision: result.revision,
-            stamped_at_ms: command.stamped_at_ms,
-            caller: command.caller.clone(),
-            caller_authenticated: command.caller_authenticated,
-            reason: command.reason.clone(),
-            items: items
-                .iter()
-                .map(|item| BatchItemResult {
-                    created: item.created,
-                    epoch: item.placement.epoch,
-                    create_revision: item.placement.create_revision,
-                })
-                .collect(),
-        }
-    }
-
-    /// The first result, as it was answered.
-    fn answer(&self, body: &WriteBody) -> ApplyResult {
-        let (
-            StoredResult::Batch {
-                revision,
-                stamped_at_ms,
-                caller,
-                caller_authenticated,
-                reason,
-                items,
-            },
-            WriteBody::BatchAssign { items: requested },
-        ) = (self, body)
-        else {
-            let StoredResult::Whole(result) = self else {
-                unreachable!("a batch result is only ever stored for a batch body");
-            };
-            return result.clone();
-        };
-        assert_eq!(
-            items.len(),
-            requested.len(),
-            "a batch record does not match its body"
-        );
-        let items = requested
-            .iter()
-            .zip(items)
-            .map(|(request, kept)| AssignedItem {
-                placement: Placement {
-                    user_id: request.user_id.clone(),
-                    residency: request.residency,
-                    location_id: request.location_id.clone(),
-                    state: PlacementState::Active,
-                    epoch: kept.epoch,
-                    create_revision: kept.create_revision,
-                    mod_revision: *revision,
-                    updated_at_ms: *stamped_at_ms,
-                    updated_by: caller.clone(),
-                    updated_by_authenticated: *caller_authenticated,
-                    reason: reason.clone(),
-                },
-                created: kept.created,
-            })
-            .collect();
-        ApplyResult {
-            revision: *revision,
-            outcome: Some(Outcome::BatchAssigned { items }),
-        }
-    }
-}
 
 /// One change to the key space, applied by the store in order and atomically with the rest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,11 +17,13 @@ pub enum Mutation {
     Delete { key: Vec<u8> },
 }
 
-/// The answers for one entry (one per write, in order) and the mutations that make them so.
+/// The answers for one entry (one per write, in order), the mutations that make them so, and
+/// what changes in the index of remembered request ids (`requests.rs`) once they are made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     pub results: Vec<ApplyResult>,
     pub mutations: Vec<Mutation>,
+    pub index_changes: Vec<IndexChange>,
 }
 
 /// Who wrote, and when: the parts of a command every rule records.
@@ -141,9 +35,11 @@ pub struct WriteContext<'a> {
 
 /// Applies the log entry at `revision`: its writes in order, each deciding on the state the
 /// ones before it left and each answered on its own. Blank and membership entries carry no
-/// write (`commands` is empty); they still age the watch history.
-pub fn apply<V: KvRead>(
+/// write (`commands` is empty); they still age the watch history. `requests` says where the
+/// state's remembered request ids are; it must not yet hold this entry's.
+pub fn apply<V: KvRead, I: RequestIndex>(
     view: &V,
+    requests: &I,
     revision: Revision,
     commands: &[Command],
 ) -> Result<Applied, CoreError<V::Error>> {
@@ -152,22 +48,24 @@ pub fn apply<V: KvRead>(
     let mut journal = EntryJournal {
         revision,
         events: Some(Vec::new()),
-        remembered: Vec::new(),
+        requests: EntryRequests::new(revision),
     };
-    let results = decide_entry(&mut staged, &mut journal, commands)?;
-    journal.finish(&mut staged)?;
+    let results = decide_entry(&mut staged, requests, &mut journal, commands)?;
+    let index_changes = journal.finish(&mut staged)?;
     Ok(Applied {
         results,
         mutations: staged.into_mutations(),
+        index_changes,
     })
 }
 
 /// What `apply` would answer for each write if `commands` were the entry at `revision`, without
-/// the bookkeeping that decides nothing: no watch events are made, no request ids indexed or
-/// aged out (each write's request record is still staged, so a retry later in the same entry
+/// the bookkeeping that decides nothing: no watch events are made, no request ids stored or
+/// aged out (each write's record is still kept in memory, so a retry later in the same entry
 /// is answered as `apply` would answer it). The leader's check before proposing.
-pub fn check<V: KvRead>(
+pub fn check<V: KvRead, I: RequestIndex>(
     view: &V,
+    requests: &I,
     revision: Revision,
     commands: &[Command],
 ) -> Result<Vec<ApplyResult>, CoreError<V::Error>> {
@@ -175,46 +73,38 @@ pub fn check<V: KvRead>(
     let mut journal = EntryJournal {
         revision,
         events: None,
-        remembered: Vec::new(),
+        requests: EntryRequests::new(revision),
     };
-    decide_entry(&mut staged, &mut journal, commands)
+    decide_entry(&mut staged, requests, &mut journal, commands)
 }
 
 /// Decides the writes of an entry in order, on one staged state.
-fn decide_entry<V: KvRead>(
+fn decide_entry<V: KvRead, I: RequestIndex>(
     staged: &mut Staged<'_, V>,
+    requests: &I,
     journal: &mut EntryJournal,
     commands: &[Command],
 ) -> Result<Vec<ApplyResult>, CoreError<V::Error>> {
     // The id a state from before grouping remembered exactly 1,000,000 revisions ago is gone
     // before this entry's writes look.
-    forget_expired_legacy_request(staged, journal.revision)?;
+    journal.requests.forget_expired_legacy(staged)?;
     let mut results = Vec::with_capacity(commands.len());
     for command in commands {
-        results.push(apply_write(staged, journal, command)?);
+        results.push(apply_write(staged, requests, journal, command)?);
     }
     Ok(results)
 }
 
 /// One write of the entry at `journal.revision`.
-fn apply_write<V: KvRead>(
+fn apply_write<V: KvRead, I: RequestIndex>(
     staged: &mut Staged<'_, V>,
+    requests: &I,
     journal: &mut EntryJournal,
     command: &Command,
 ) -> Result<ApplyResult, CoreError<V::Error>> {
     let revision = journal.revision;
-    // A record is present exactly while its id is within the window (`remember_request`
-    // deletes it as it ages out), so its presence alone decides.
-    let remembered: Option<RequestRecord> = staged.read(&keys::request_key(&command.request_id))?;
-    if let Some(record) = remembered {
-        return Ok(if record.body == command.body {
-            record.result.answer(&record.body)
-        } else {
-            ApplyResult {
-                revision,
-                outcome: Some(Outcome::Rejected(Rejection::RequestIdReused)),
-            }
-        });
+    if let Some(first) = journal.requests.answer_retry(staged, requests, command)? {
+        return Ok(first);
     }
 
     // A forget's event says where the data was; the rule deletes that, so read it first.
@@ -237,9 +127,7 @@ fn apply_write<V: KvRead>(
     let outcome = match verdict {
         Ok(outcome) => {
             staged.keep_decision();
-            if journal.events.is_some() {
-                journal.record(changes_of(&outcome, forgotten_location));
-            }
+            journal.record(changes_of(&outcome, forgotten_location));
             outcome
         }
         Err(rejection) => {
@@ -251,9 +139,7 @@ fn apply_write<V: KvRead>(
         revision,
         outcome: Some(outcome),
     };
-    if remember_request(staged, command, &result) {
-        journal.remembered.push(command.request_id.clone());
-    }
+    journal.requests.remember(command, &result);
     Ok(result)
 }
 
@@ -325,12 +211,12 @@ fn changes_of(outcome: &Outcome, forgotten_location: Option<LocationId>) -> Vec<
 
 /// What one entry leaves besides its writes' own changes: their events, numbered in order
 /// across all its writes and counted once at the end (so a watcher gets them together and the
-/// window drops them together), and the request ids it remembered, indexed once at the end.
+/// window drops them together), and the request ids it remembered, stored once at the end.
 struct EntryJournal {
     revision: Revision,
     /// `None` for a check, which makes no events.
     events: Option<Vec<Event>>,
-    remembered: Vec<RequestId>,
+    requests: EntryRequests,
 }
 
 /// One `w/` key: some of the events of one entry, in order, and whether another chunk of the
@@ -347,7 +233,9 @@ const EVENT_CHUNK_BYTES_MAX: usize = 32 * 1024;
 
 impl EntryJournal {
     fn record(&mut self, changes: Vec<Change>) {
-        let events = self.events.get_or_insert_with(Vec::new);
+        let Some(events) = &mut self.events else {
+            return;
+        };
         for change in changes {
             let index =
                 u32::try_from(events.len()).expect("an entry makes fewer than 2^32 changes");
@@ -359,7 +247,10 @@ impl EntryJournal {
         }
     }
 
-    fn finish<V: KvRead>(self, staged: &mut Staged<'_, V>) -> Result<(), CoreError<V::Error>> {
+    fn finish<V: KvRead>(
+        self,
+        staged: &mut Staged<'_, V>,
+    ) -> Result<Vec<IndexChange>, CoreError<V::Error>> {
         let mut chunks: Vec<Vec<Event>> = Vec::new();
         let mut bytes = 0;
         for event in self.events.unwrap_or_default() {
@@ -383,7 +274,7 @@ impl EntryJournal {
                 },
             );
         }
-        index_remembered(staged, self.revision, self.remembered)
+        self.requests.finish(staged)
     }
 }
 
@@ -418,154 +309,6 @@ fn forget_expired_events<V: KvRead>(
         staged.delete(count_key);
     }
     Ok(())
-}
-
-/// How many revisions a request id was remembered for in states written before writes were
-/// grouped into entries, when one revision was one write. Such a state's ids are indexed by
-/// revision under `q/` and still age out that way; every id remembered since is indexed by
-/// sequence under `Q/` and ages out by count (`REQUEST_DEDUP_WINDOW_REQUESTS`).
-const LEGACY_REQUEST_DEDUP_WINDOW_REVISIONS: u64 = 1_000_000;
-
-/// Drops the request id a state from before grouping applied exactly
-/// `LEGACY_REQUEST_DEDUP_WINDOW_REVISIONS` ago, if any. Every revision passes through here
-/// once, so every such id is dropped exactly when it ages out; a state without `q/` keys reads
-/// one absent key per entry.
-fn forget_expired_legacy_request<V: KvRead>(
-    staged: &mut Staged<'_, V>,
-    revision: Revision,
-) -> Result<(), CoreError<V::Error>> {
-    let Some(expired) = revision
-        .0
-        .checked_sub(LEGACY_REQUEST_DEDUP_WINDOW_REVISIONS)
-    else {
-        return Ok(());
-    };
-    let index_key = keys::request_by_revision_key(Revision(expired));
-    if let Some(request_id) = staged.read::<RequestId>(&index_key)? {
-        staged.delete(keys::request_key(&request_id));
-        staged.delete(index_key);
-    }
-    Ok(())
-}
-
-/// Remembers a write's first result under its request id; `false` if it was too large to
-/// keep (see below), so nothing was remembered.
-fn remember_request<V: KvRead>(
-    staged: &mut Staged<'_, V>,
-    command: &Command,
-    result: &ApplyResult,
-) -> bool {
-    let record = RequestRecord {
-        body: command.body.clone(),
-        result: StoredResult::of(command, result),
-    };
-    let encoded = crate::codec::encode(&record);
-    if encoded.len() > REQUEST_RECORD_BYTES_MAX {
-        // Only a refused batch naming many long ids gets here (the size is the same on every
-        // replica, so so is this choice): its retry is decided afresh, which is safe.
-        assert!(
-            matches!(result.outcome, Some(Outcome::Rejected(_))),
-            "an applied write's record is over its bound"
-        );
-        return false;
-    }
-    staged.put_raw(keys::request_key(&command.request_id), encoded);
-    true
-}
-
-/// How many remembered ids one `Q/` key holds at most, so that an entry's index stays far
-/// below sled's inline value bound whatever the number of writes per entry (256 ids of at most
-/// 128 bytes: about 33 KiB).
-const REQUEST_IDS_PER_KEY: usize = 256;
-/// How many revisions the window's start moves past in one entry, at most: a bounded number
-/// of reads per entry even after a long stretch of entries that remembered nothing (it then
-/// catches up over the next entries).
-const REQUEST_WINDOW_STEPS_MAX: u64 = 4_096;
-
-/// The request-id window: how many ids it holds, and the first revision whose ids it may still
-/// hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RequestWindow {
-    pub remembered: u64,
-    pub oldest: Revision,
-}
-
-/// One `Q/` key: a chunk of the ids an entry remembered, and whether another chunk follows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct RequestIds {
-    ids: Vec<RequestId>,
-    more: bool,
-}
-
-/// Indexes the ids the entry at `revision` remembered, under that revision (a few keys per
-/// entry, not one per write), then ages out whole entries' ids from the oldest on while the
-/// window still holds at least `REQUEST_DEDUP_WINDOW_REQUESTS` without them: the newest
-/// `REQUEST_DEDUP_WINDOW_REQUESTS` ids are always remembered, and at most one entry's more.
-fn index_remembered<V: KvRead>(
-    staged: &mut Staged<'_, V>,
-    revision: Revision,
-    remembered: Vec<RequestId>,
-) -> Result<(), CoreError<V::Error>> {
-    let stored: Option<RequestWindow> = staged.read(keys::REQUEST_WINDOW_KEY)?;
-    if remembered.is_empty() && stored.is_none() {
-        return Ok(());
-    }
-    let mut window = stored.unwrap_or(RequestWindow {
-        remembered: 0,
-        oldest: revision,
-    });
-    window.remembered += remembered.len() as u64;
-    let chunks: Vec<&[RequestId]> = remembered.chunks(REQUEST_IDS_PER_KEY).collect();
-    for (chunk, ids) in chunks.iter().enumerate() {
-        let chunk = u32::try_from(chunk).expect("an entry has fewer than 2^32 chunks");
-        staged.put(
-            keys::request_ids_key(revision, chunk),
-            &RequestIds {
-                ids: ids.to_vec(),
-                more: (chunk as usize) + 1 < chunks.len(),
-            },
-        );
-    }
-    let mut steps = 0;
-    while window.remembered > REQUEST_DEDUP_WINDOW_REQUESTS
-        && window.oldest < revision
-        && steps < REQUEST_WINDOW_STEPS_MAX
-    {
-        let (ids, keys_read) = entry_ids(staged, window.oldest)?;
-        let count = ids.len() as u64;
-        if window.remembered - count < REQUEST_DEDUP_WINDOW_REQUESTS {
-            break;
-        }
-        for id in &ids {
-            staged.delete(keys::request_key(id));
-        }
-        for chunk in 0..keys_read {
-            staged.delete(keys::request_ids_key(window.oldest, chunk));
-        }
-        window.remembered -= count;
-        window.oldest = Revision(window.oldest.0 + 1);
-        steps += 1;
-    }
-    staged.put(keys::REQUEST_WINDOW_KEY.to_vec(), &window);
-    Ok(())
-}
-
-/// The ids the entry at `revision` remembered (none if it has no index), and how many keys
-/// hold them.
-fn entry_ids<V: KvRead>(
-    staged: &Staged<'_, V>,
-    revision: Revision,
-) -> Result<(Vec<RequestId>, u32), CoreError<V::Error>> {
-    let mut ids = Vec::new();
-    let mut chunk = 0;
-    while let Some(stored) = staged.read::<RequestIds>(&keys::request_ids_key(revision, chunk))? {
-        ids.extend(stored.ids);
-        chunk += 1;
-        if !stored.more {
-            break;
-        }
-    }
-    Ok((ids, chunk))
 }
 
 #[cfg(test)]

@@ -7,9 +7,10 @@
 //! | `P/` | residency jurisdiction | a `Policy` |
 //! | `c/` | location id | u64: placements at the location or moving to it |
 //! | `j/` | residency `/` location jurisdiction | u64: placements of that residency stored (or moving) there |
-//! | `i/` | location id, NUL, user id | empty: which users a location holds or awaits |
-//! | `r/` | request id | a `RequestRecord`: the write's body and its first result |
-//! | `Q/` | revision (BE u64), chunk (BE u32) | the request ids that entry remembered, in order, in chunks (for pruning) |
+//! | `i/` | location id, NUL, user id | empty: only in states written before 2026-12-07, which indexed the users of each location; no longer read or written |
+//! | `r/` | request id | a `RequestRecord`: the write's body and its first result: only in states written before records were kept per entry; pruned with their entry or revision |
+//! | `Q/` | revision (BE u64), chunk (BE u32) | the request ids that entry remembered, in order, in chunks (for the in-memory index and for pruning) |
+//! | `R/` | revision (BE u64), chunk (BE u32) | `RequestRecords`: for each id that entry remembered, a SHA-256 of the write's body and its first result, in chunks |
 //! | `n/requests` | | a `RequestWindow`: how many ids are remembered, and from which revision on |
 //! | `q/` | revision, big-endian u64 | the request id applied at that revision: only in states written before writes were grouped into entries; pruned by revision |
 //! | `n/placements` | | u64: how many placements exist (for the placements metric) |
@@ -19,8 +20,8 @@
 //! | `X/` | revision (BE u64) | u32: how many `x/` events that revision made (for pruning) |
 //! | `m/` | name | the store's own metadata (applied log id, membership) |
 //!
-//! Location ids may contain `/`, so the `i/` index separates location and user with a NUL,
-//! which no id may contain.
+//! A placement is one pair (`p/`): what else a write leaves is kept per entry (`Q/`, `R/`,
+//! `w/`) or is a counter shared by many placements (`c/`, `j/`, `n/placements`).
 
 use residency_types::{Jurisdiction, LocationId, RequestId, Revision, UserId};
 
@@ -29,9 +30,9 @@ pub const LOCATION_PREFIX: &[u8] = b"L/";
 pub const POLICY_PREFIX: &[u8] = b"P/";
 pub const LOCATION_COUNT_PREFIX: &[u8] = b"c/";
 pub const RESIDENCY_COUNT_PREFIX: &[u8] = b"j/";
-pub const LOCATION_USERS_PREFIX: &[u8] = b"i/";
 pub const REQUEST_PREFIX: &[u8] = b"r/";
 pub const REQUEST_IDS_PREFIX: &[u8] = b"Q/";
+pub const REQUEST_RECORDS_PREFIX: &[u8] = b"R/";
 pub const REQUEST_WINDOW_KEY: &[u8] = b"n/requests";
 /// Only in states written before writes were grouped into log entries (see `apply.rs`).
 pub const REQUEST_BY_REVISION_PREFIX: &[u8] = b"q/";
@@ -113,20 +114,6 @@ pub fn residency_count_key(
     )
 }
 
-/// The prefix of every `i/` key of one location.
-pub fn location_users_prefix(location_id: &LocationId) -> Vec<u8> {
-    prefixed(
-        LOCATION_USERS_PREFIX,
-        &[location_id.as_str().as_bytes(), b"\0"],
-    )
-}
-
-pub fn location_user_key(location_id: &LocationId, user_id: &UserId) -> Vec<u8> {
-    let mut key = location_users_prefix(location_id);
-    key.extend_from_slice(user_id.as_str().as_bytes());
-    key
-}
-
 pub fn request_key(request_id: &RequestId) -> Vec<u8> {
     prefixed(REQUEST_PREFIX, &[request_id.as_str().as_bytes()])
 }
@@ -134,6 +121,13 @@ pub fn request_key(request_id: &RequestId) -> Vec<u8> {
 pub fn request_ids_key(revision: Revision, chunk: u32) -> Vec<u8> {
     prefixed(
         REQUEST_IDS_PREFIX,
+        &[&revision.0.to_be_bytes(), &chunk.to_be_bytes()],
+    )
+}
+
+pub fn request_records_key(revision: Revision, chunk: u32) -> Vec<u8> {
+    prefixed(
+        REQUEST_RECORDS_PREFIX,
         &[&revision.0.to_be_bytes(), &chunk.to_be_bytes()],
     )
 }

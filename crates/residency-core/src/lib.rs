@@ -10,6 +10,7 @@
 //! - [`codec`]: the versioned disk encoding of values (not the wire format).
 //! - [`apply`]: the write path, deciding through [`placement_rules`] and [`catalog_rules`]
 //!   over a [`staged`] view; [`query`]: the read path, the access decision and dry runs.
+//! - [`requests`]: what is remembered of each request id for retries, and the index of where.
 //! - [`digest`]: a SHA-256 over the whole key space in key order, to compare replicas.
 //! - [`memory`]: an in-memory state for tests and for checking histories against a model.
 
@@ -21,6 +22,7 @@ pub mod keys;
 pub mod memory;
 pub mod placement_rules;
 pub mod query;
+pub mod requests;
 pub mod staged;
 
 pub use apply::{Applied, Mutation, apply, check};
@@ -30,6 +32,7 @@ pub use query::{
     DryRun, PlacementFacts, check_access, decide, dry_run_policy, list_locations, list_policies,
     lookup,
 };
+pub use requests::{HashedRequestIndex, IndexChange, RequestIndex, RequestPlace};
 
 /// Reads the current state. The store implements it over sled; tests over a `BTreeMap`.
 pub trait KvRead {

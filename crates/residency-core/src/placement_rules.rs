@@ -127,8 +127,8 @@ fn assign_one<V: KvRead>(
                 Ok(old) => old,
                 Err(rejection) => return Ok(Err(rejection)),
             };
-            staged.reference(&item.user_id, current.residency, &old, false)?;
-            staged.reference(&item.user_id, item.residency, &location, true)?;
+            staged.reference(current.residency, &old, false)?;
+            staged.reference(item.residency, &location, true)?;
             // The data now belongs elsewhere: storage services holding the old epoch must stop.
             let epoch = current.epoch + 1;
             stamped(
@@ -141,7 +141,7 @@ fn assign_one<V: KvRead>(
             )
         }
         None => {
-            staged.reference(&item.user_id, item.residency, &location, true)?;
+            staged.reference(item.residency, &location, true)?;
             staged.count_placements(1)?;
             let created = Placement {
                 user_id: item.user_id.clone(),
@@ -226,7 +226,7 @@ pub fn forget<V: KvRead>(
         Ok(location) => location,
         Err(rejection) => return Ok(Err(rejection)),
     };
-    staged.reference(user_id, current.residency, &location, false)?;
+    staged.reference(current.residency, &location, false)?;
     staged.count_placements(-1)?;
     staged.delete(keys::placement_key(user_id));
     Ok(Ok(Outcome::Forgotten {
@@ -270,7 +270,7 @@ pub fn begin_move<V: KvRead>(
     };
     // The target is reserved from now on: it cannot be retired, nor its jurisdiction dropped
     // from the policy, while the move is under way.
-    staged.reference(user_id, current.residency, &location, true)?;
+    staged.reference(current.residency, &location, true)?;
     let placement = stamped(
         Placement {
             state: PlacementState::Moving {
@@ -319,7 +319,7 @@ pub fn complete_move<V: KvRead>(
         Ok(location) => location,
         Err(rejection) => return Ok(Err(rejection)),
     };
-    staged.reference(user_id, current.residency, &source, false)?;
+    staged.reference(current.residency, &source, false)?;
     let epoch = current.epoch + 1;
     let placement = stamped(
         Placement {
@@ -344,7 +344,7 @@ pub fn abort_move<V: KvRead>(
         Ok(found) => found,
         Err(rejection) => return Ok(Err(rejection)),
     };
-    staged.reference(user_id, current.residency, &target_location, false)?;
+    staged.reference(current.residency, &target_location, false)?;
     let placement = stamped(
         Placement {
             state: PlacementState::Active,

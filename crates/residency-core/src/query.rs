@@ -1,18 +1,18 @@
 //! The read path of the core: placements, the access decision, the catalog and policy dry runs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use residency_types::limits::{POLICY_DRY_RUN_SAMPLE_MAX, WATCH_HISTORY_REVISIONS};
 use residency_types::{
     AccessOperation, Decision, DenyReason, Event, Jurisdiction, Location, LocationId,
-    LocationState, Placement, Policy, Revision, UserId,
+    LocationState, Placement, PlacementState, Policy, Revision, UserId,
 };
 
 use crate::staged::Staged;
 use crate::{CoreError, KvRead, KvScan, catalog_rules, codec, keys};
 
-/// Keys a dry run may read while looking for sample placements, at most.
-const DRY_RUN_SCANNED_KEYS_MAX: usize = 100_000;
+/// Placements a dry run may read while looking for sample placements in breach, at most.
+const DRY_RUN_SCANNED_PLACEMENTS_MAX: usize = 100_000;
 /// Keys read per scan call.
 const SCAN_BATCH_KEYS: usize = 1_000;
 
@@ -262,9 +262,10 @@ pub struct DryRun {
     pub placements_in_breach: u64,
     /// The storage jurisdictions they are in.
     pub jurisdictions: Vec<Jurisdiction>,
-    /// Up to `POLICY_DRY_RUN_SAMPLE_MAX` of those users, in location then user order.
+    /// Up to `POLICY_DRY_RUN_SAMPLE_MAX` of those users, in user id order.
     pub sample: Vec<UserId>,
-    /// Whether the sample search stopped at its bound before looking everywhere.
+    /// Whether the sample search stopped at its bound (`DRY_RUN_SCANNED_PLACEMENTS_MAX`
+    /// placements read) before looking everywhere.
     pub sample_truncated: bool,
 }
 
@@ -277,48 +278,49 @@ pub fn dry_run_policy<V: KvScan>(
     let (placements_in_breach, jurisdictions) =
         catalog_rules::breaches(&Staged::new(view), residency, storage)?;
     let mut sample = Vec::new();
-    let mut scanned = 0;
     let mut truncated = false;
     if placements_in_breach > 0 {
-        let mut after = None;
-        'locations: loop {
-            let locations = list_locations(view, after.as_ref(), SCAN_BATCH_KEYS)?;
-            let Some(last) = locations.last() else { break };
-            after = Some(last.id.clone());
-            for location in locations
-                .iter()
-                .filter(|location| jurisdictions.contains(&location.jurisdiction))
-            {
-                let prefix = keys::location_users_prefix(&location.id);
-                let mut from: Option<Vec<u8>> = None;
-                loop {
-                    let pairs = view
-                        .scan_prefix(&prefix, from.as_deref(), SCAN_BATCH_KEYS)
-                        .map_err(CoreError::Read)?;
-                    let Some((last_key, _)) = pairs.last() else {
-                        break;
+        // The jurisdiction of each location met, read once per location.
+        let mut location_jurisdictions: BTreeMap<LocationId, Option<Jurisdiction>> =
+            BTreeMap::new();
+        let mut in_breach_at = |location_id: &LocationId| -> Result<bool, CoreError<V::Error>> {
+            if !location_jurisdictions.contains_key(location_id) {
+                let found = location(view, location_id)?.map(|location| location.jurisdiction);
+                location_jurisdictions.insert(location_id.clone(), found);
+            }
+            Ok(location_jurisdictions[location_id]
+                .is_some_and(|jurisdiction| jurisdictions.contains(&jurisdiction)))
+        };
+        let mut scanned = 0;
+        let mut after: Option<Vec<u8>> = None;
+        'placements: loop {
+            let pairs = view
+                .scan_prefix(keys::PLACEMENT_PREFIX, after.as_deref(), SCAN_BATCH_KEYS)
+                .map_err(CoreError::Read)?;
+            let Some((last_key, _)) = pairs.last() else {
+                break;
+            };
+            after = Some(last_key.clone());
+            for (_, value) in &pairs {
+                if scanned == DRY_RUN_SCANNED_PLACEMENTS_MAX {
+                    truncated = true;
+                    break 'placements;
+                }
+                scanned += 1;
+                let placement: Placement = codec::decode(value)?;
+                if placement.residency != residency {
+                    continue;
+                }
+                // A moving placement counts where it is and where it is going.
+                let in_breach = in_breach_at(&placement.location_id)?
+                    || match &placement.state {
+                        PlacementState::Moving { target } => in_breach_at(target)?,
+                        PlacementState::Active => false,
                     };
-                    from = Some(last_key.clone());
-                    for (key, _) in &pairs {
-                        scanned += 1;
-                        let user = std::str::from_utf8(&key[prefix.len()..])
-                            .ok()
-                            .and_then(|text| UserId::parse(text).ok());
-                        let Some(user) = user else { continue };
-                        // A moving user is indexed at its source and its target: list it once.
-                        let in_breach = !sample.contains(&user)
-                            && lookup(view, &user)?
-                                .is_some_and(|placement| placement.residency == residency);
-                        if in_breach {
-                            sample.push(user);
-                        }
-                        if sample.len() == POLICY_DRY_RUN_SAMPLE_MAX {
-                            break 'locations;
-                        }
-                        if scanned >= DRY_RUN_SCANNED_KEYS_MAX {
-                            truncated = true;
-                            break 'locations;
-                        }
+                if in_breach {
+                    sample.push(placement.user_id);
+                    if sample.len() == POLICY_DRY_RUN_SAMPLE_MAX {
+                        break 'placements;
                     }
                 }
             }

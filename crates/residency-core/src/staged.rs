@@ -160,11 +160,11 @@ impl<'a, V: KvRead> Staged<'a, V> {
         Ok(())
     }
 
-    /// Records that `user_id` (of `residency`) is at, or moving to, `location`; or no longer,
-    /// with `present` false. Keeps the counters that retire and policy checks rely on.
+    /// Counts a placement of `residency` at, or moving to, `location`; or no longer, with
+    /// `present` false. The counters that retire and policy checks rely on; which users a
+    /// location holds is not indexed (one pair per placement: a dry run scans placements).
     pub fn reference(
         &mut self,
-        user_id: &UserId,
         residency: Jurisdiction,
         location: &Location,
         present: bool,
@@ -175,12 +175,6 @@ impl<'a, V: KvRead> Staged<'a, V> {
             keys::residency_count_key(residency, location.jurisdiction),
             delta,
         )?;
-        let index_key = keys::location_user_key(&location.id, user_id);
-        if present {
-            self.put_raw(index_key, Vec::new());
-        } else {
-            self.delete(index_key);
-        }
         Ok(())
     }
 

@@ -92,7 +92,17 @@ impl StateReader {
     pub async fn evaluate(&self, commands: &[Command]) -> Result<Vec<ApplyResult>, StoreError> {
         let tree = self.shared.state.read().await;
         let next = Revision(self.applied_revision().0 + 1);
-        Ok(residency_core::check(&TreeView(&tree), next, commands)?)
+        let requests = self
+            .shared
+            .requests
+            .read()
+            .expect("request index lock poisoned");
+        Ok(residency_core::check(
+            &TreeView(&tree),
+            &*requests,
+            next,
+            commands,
+        )?)
     }
 
     /// Runs `read` against one applied state and returns its result with that state's revision.

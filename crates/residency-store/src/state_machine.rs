@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorVerb, RaftSnapshotBuilder};
-use residency_core::{KvRead, Mutation, codec, keys};
+use residency_core::{HashedRequestIndex, KvRead, Mutation, codec, keys};
 use residency_types::{ProposalResult, Revision};
 use tokio::sync::RwLock;
 
@@ -103,6 +103,8 @@ struct Overlay<'a> {
     tree: &'a sled::Tree,
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     seen: std::cell::RefCell<BTreeMap<Vec<u8>, Option<sled::IVec>>>,
+    /// The request index, with the changes of the entries applied so far in this call.
+    requests: &'a mut HashedRequestIndex,
 }
 
 impl KvRead for Overlay<'_> {
@@ -178,6 +180,10 @@ pub(crate) struct Shared {
     /// Where an apply records its changes before it makes them (`redo.rs`).
     redo: sled::Tree,
     pub(crate) state: Arc<RwLock<sled::Tree>>,
+    /// Where the state's remembered request ids are (`residency_core::requests`): derived from
+    /// the state's `Q/` and `q/` keys when it is opened or replaced, and changed by each apply
+    /// under the state write lock, so that it always describes the tree in `state`.
+    pub(crate) requests: std::sync::RwLock<HashedRequestIndex>,
     /// One more than the index of the last applied entry (0 before any: index 0 is a real
     /// entry, the initial membership). Updated under the state write lock.
     pub(crate) applied_next: AtomicU64,
@@ -246,6 +252,7 @@ impl StateMachineStore {
         }
         let tree = db.open_tree(&current_name)?;
         let applied = read_applied(&tree)?;
+        let requests = load_request_index(&tree)?;
         let snapshot_dir = durable.dir().join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)?;
         let current_snapshot = find_current_snapshot(&snapshot_dir, applied)?;
@@ -263,6 +270,7 @@ impl StateMachineStore {
             read_tree: std::sync::RwLock::new(tree.clone()),
             change_seq: AtomicU64::new(0),
             state: Arc::new(RwLock::new(tree)),
+            requests: std::sync::RwLock::new(requests),
             applied_next: AtomicU64::new(applied.map_or(0, |log_id| log_id.index + 1)),
             applied_notify: tokio::sync::watch::Sender::new(
                 applied.map_or(0, |log_id| log_id.index),
@@ -303,10 +311,31 @@ impl StateMachineStore {
         // A capture at its bound holds applies off until its walk ends (see `capture.rs`).
         self.shared.capture.wait_for_room().await;
         let tree = self.shared.state.write().await;
+        let mut requests = self
+            .shared
+            .requests
+            .write()
+            .expect("request index lock poisoned");
+        let applied = self.apply_locked(&tree, &mut requests, entries);
+        if applied.is_err() {
+            // The index may hold changes the tree does not: derive it again from the tree.
+            *requests = load_request_index(&tree)?;
+        }
+        applied
+    }
+
+    /// `apply_entries` under the state write lock and the request index's.
+    fn apply_locked(
+        &self,
+        tree: &sled::Tree,
+        requests: &mut HashedRequestIndex,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<ProposalResult>, StoreError> {
         let mut overlay = Overlay {
-            tree: &tree,
+            tree,
             pending: BTreeMap::new(),
             seen: std::cell::RefCell::default(),
+            requests,
         };
         let mut results = Vec::with_capacity(entries.len());
         let mut last_applied = None;
@@ -314,10 +343,17 @@ impl StateMachineStore {
         for entry in entries {
             let revision = Revision(entry.log_id.index);
             let applied = match &entry.payload {
-                EntryPayload::Blank => residency_core::apply(&overlay, revision, &[])?,
+                EntryPayload::Blank => {
+                    residency_core::apply(&overlay, &*overlay.requests, revision, &[])?
+                }
                 EntryPayload::Normal(proposal) => {
                     writes += proposal.commands.len() as u64;
-                    residency_core::apply(&overlay, revision, &proposal.commands)?
+                    residency_core::apply(
+                        &overlay,
+                        &*overlay.requests,
+                        revision,
+                        &proposal.commands,
+                    )?
                 }
                 EntryPayload::Membership(membership) => {
                     // Every id ever in a membership is remembered: a wiped node must rejoin under a new id.
@@ -326,9 +362,10 @@ impl StateMachineStore {
                     }
                     let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
                     overlay.put(membership_key(), codec::encode(&stored));
-                    residency_core::apply(&overlay, revision, &[])?
+                    residency_core::apply(&overlay, &*overlay.requests, revision, &[])?
                 }
             };
+            overlay.requests.apply(&applied.index_changes);
             overlay.extend(applied.mutations);
             overlay.put(applied_key(), codec::encode(&entry.log_id));
             results.push(ProposalResult {
@@ -336,14 +373,14 @@ impl StateMachineStore {
             });
             last_applied = Some(entry.log_id);
         }
-        self.shared.capture.record(&tree, overlay.pending.keys())?;
+        self.shared.capture.record(tree, overlay.pending.keys())?;
         let _change = StateChange::begin(&self.shared);
         let changes = overlay.into_changes();
         if changes.len() <= REDO_CHANGES_MAX {
             // Key by key behind a redo record: as atomic as a sled batch, and for a small
             // apply far cheaper (`redo.rs`).
             let tree_name = String::from_utf8_lossy(&tree.name()).into_owned();
-            crate::redo::write(&self.shared.redo, &tree, &tree_name, &changes)?;
+            crate::redo::write(&self.shared.redo, tree, &tree_name, &changes)?;
         } else {
             // A large apply: the batch's fixed cost is shared by many changes, while a redo
             // would write each of them twice.
@@ -633,8 +670,9 @@ impl Shared {
             }
             Ok(applied)
         });
-        let applied = match loaded {
-            Ok(applied) => applied,
+        let loaded = loaded.and_then(|applied| Ok((applied, load_request_index(&tree)?)));
+        let (applied, requests) = match loaded {
+            Ok(loaded) => loaded,
             Err(error) => {
                 db.drop_tree(&name)?;
                 return Err(error);
@@ -648,6 +686,7 @@ impl Shared {
             let _change = StateChange::begin(self);
             *self.read_tree.write().expect("read tree lock poisoned") = tree.clone();
             let old = std::mem::replace(&mut *current, tree);
+            *self.requests.write().expect("request index lock poisoned") = requests;
             self.applied_next.store(
                 applied.map_or(0, |log_id| log_id.index + 1),
                 Ordering::SeqCst,
@@ -667,6 +706,21 @@ impl Shared {
         );
         Ok(())
     }
+}
+
+/// The request index of the state in `tree`.
+fn load_request_index(tree: &sled::Tree) -> Result<HashedRequestIndex, StoreError> {
+    let started = std::time::Instant::now();
+    let mut index = HashedRequestIndex::default();
+    residency_core::requests::load_index(&TreeView(tree), |request_id, place| {
+        index.insert(&request_id, place);
+    })?;
+    tracing::debug!(
+        ids = index.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "request index loaded"
+    );
+    Ok(index)
 }
 
 fn load_pairs(reader: &mut SnapshotReader, tree: &sled::Tree) -> Result<(), StoreError> {

@@ -12,6 +12,7 @@ use residency_types::{
 };
 
 use crate::memory::MemoryState;
+use crate::requests::RequestIndex;
 use crate::{check_access, dry_run_policy};
 
 fn user(text: &str) -> UserId {
@@ -135,7 +136,18 @@ impl Registry {
         self.revision += 1;
         let command = self.command(request_id, body);
         let result = self.state.apply(Revision(self.revision), Some(&command));
+        self.assert_index_is_what_the_state_holds();
         result.outcome.expect("a write has an outcome")
+    }
+
+    /// The request index kept from each entry's changes is the one loaded from the pairs.
+    fn assert_index_is_what_the_state_holds(&self) {
+        assert_eq!(
+            self.state.request_index(),
+            &self.state.loaded_request_index(),
+            "the request index drifted from the state at revision {}",
+            self.revision
+        );
     }
 
     /// Applies several writes as one log entry, at one revision; one answer per write.
@@ -145,7 +157,9 @@ impl Registry {
             .into_iter()
             .map(|(request_id, body)| self.command(request_id.as_ref(), body))
             .collect();
-        self.state.apply_entry(Revision(self.revision), &commands)
+        let results = self.state.apply_entry(Revision(self.revision), &commands);
+        self.assert_index_is_what_the_state_holds();
+        results
     }
 
     fn write(&mut self, body: WriteBody) -> Outcome {
@@ -666,7 +680,7 @@ fn the_same_log_gives_the_same_digest_and_a_different_log_does_not() {
 
 #[test]
 fn request_ids_age_out_after_the_window_counted_in_writes() {
-    use crate::apply::RequestWindow;
+    use crate::requests::RequestWindow;
     let window = |registry: &Registry| -> RequestWindow {
         crate::codec::decode(
             &registry
@@ -758,12 +772,52 @@ fn an_entry_of_many_writes_indexes_its_ids_in_chunks_and_ages_out_whole() {
     );
 }
 
+/// Rewrites the record of `request_id`, remembered by the entry at `revision` for `body`, the
+/// way states kept it before records were kept per entry: one `r/` key with the whole body.
+fn keep_record_the_old_way(
+    registry: &mut Registry,
+    request_id: &str,
+    revision: Revision,
+    body: WriteBody,
+) {
+    use crate::requests::{RequestRecord, RequestRecords};
+    let records_key = crate::keys::request_records_key(revision, 0);
+    let records: RequestRecords = crate::codec::decode(
+        &registry
+            .state
+            .get_for_test(&records_key)
+            .expect("the entry kept its records"),
+    )
+    .expect("decodes");
+    let id = RequestId::parse(request_id).expect("valid");
+    let kept = records
+        .records
+        .into_iter()
+        .find(|record| record.request_id == id)
+        .expect("the id is among them");
+    registry.state.remove_for_test(&records_key);
+    registry.state.put_for_test(
+        &crate::keys::request_key(&id),
+        crate::codec::encode(&RequestRecord {
+            body,
+            result: kept.result,
+        }),
+    );
+}
+
 #[test]
 fn request_ids_of_a_state_from_before_grouping_age_out_by_revision() {
     let mut registry = Registry::seeded();
     let first = registry.write_as("legacy", assign("gina", "us-east-1/pg-1"));
     let applied_at = registry.revision;
-    // Rewrite the id's index the way states kept it when one revision was one write.
+    // Rewrite the id's index and record the way states kept them when one revision was one
+    // write.
+    keep_record_the_old_way(
+        &mut registry,
+        "legacy",
+        Revision(applied_at),
+        assign("gina", "us-east-1/pg-1"),
+    );
     let index_key = crate::keys::request_ids_key(Revision(applied_at), 0);
     assert!(registry.state.get_for_test(&index_key).is_some());
     registry.state.remove_for_test(&index_key);
@@ -772,13 +826,64 @@ fn request_ids_of_a_state_from_before_grouping_age_out_by_revision() {
         crate::codec::encode(&RequestId::parse("legacy").expect("valid")),
     );
     let window = 1_000_000;
-    registry.revision = applied_at + window - 2;
+    registry.revision = applied_at + window - 3;
+    let reused = registry.write_as("legacy", assign("gina", "us-west-2/pg-2"));
+    assert_eq!(reused, Outcome::Rejected(Rejection::RequestIdReused));
     let retry = registry.write_as("legacy", assign("gina", "us-east-1/pg-1"));
     assert_eq!(retry, first, "inside the legacy window: the first result");
     let again = registry.write_as("legacy", assign("gina", "us-east-1/pg-1"));
     assert!(
         matches!(&again, Outcome::Assigned { placement, .. } if placement.mod_revision == Revision(applied_at + window)),
         "at the end of the legacy window the write is new: {again:?}"
+    );
+    assert_eq!(
+        registry.state.get_for_test(&crate::keys::request_key(
+            &RequestId::parse("legacy").expect("valid")
+        )),
+        None,
+        "the old record went with its window"
+    );
+}
+
+/// A state written after writes were grouped but before records were kept per entry: its ids
+/// are indexed per entry (`Q/`), its records are one `r/` key each. Retries find them, and
+/// they age out with their entry.
+#[test]
+fn request_records_of_a_state_from_before_records_per_entry_answer_and_age_out() {
+    use crate::requests::RequestWindow;
+    let mut registry = Registry::seeded();
+    let first = registry.write_as("older", assign("gina", "us-east-1/pg-1"));
+    let applied_at = Revision(registry.revision);
+    keep_record_the_old_way(
+        &mut registry,
+        "older",
+        applied_at,
+        assign("gina", "us-east-1/pg-1"),
+    );
+    let retry = registry.write_as("older", assign("gina", "us-east-1/pg-1"));
+    assert_eq!(retry, first, "the old record answers the retry");
+    let reused = registry.write_as("older", forget("gina", None));
+    assert_eq!(reused, Outcome::Rejected(Rejection::RequestIdReused));
+    // Make the window full, so that the next write pushes out everything up to "older".
+    registry.state.put_for_test(
+        crate::keys::REQUEST_WINDOW_KEY,
+        crate::codec::encode(&RequestWindow {
+            remembered: REQUEST_DEDUP_WINDOW_REQUESTS + 7,
+            oldest: Revision(1),
+        }),
+    );
+    registry.ok(assign("hal", "us-east-1/pg-1"));
+    let id = RequestId::parse("older").expect("valid");
+    assert_eq!(
+        registry.state.get_for_test(&crate::keys::request_key(&id)),
+        None,
+        "the old record aged out with its entry"
+    );
+    assert!(registry.state.request_index().places(&id).is_empty());
+    let again = registry.write_as("older", assign("gina", "us-east-1/pg-1"));
+    assert!(
+        matches!(&again, Outcome::Assigned { placement, .. } if placement.mod_revision == Revision(registry.revision)),
+        "past the window the write is new: {again:?}"
     );
 }
 
@@ -1045,13 +1150,12 @@ fn a_retried_batch_answers_its_first_result_from_a_compact_record() {
     };
     assert_eq!(assigned[0].placement.epoch, 2, "u-0 moved: its epoch rose");
     assert!(!assigned[0].created && assigned[1].created);
+    let applied_at = Revision(registry.revision);
     let retry = registry.write_as("big-batch", WriteBody::BatchAssign { items });
     assert_eq!(retry, first, "the rebuilt answer is the first answer");
     let record = registry
         .state
-        .get_for_test(&crate::keys::request_key(
-            &RequestId::parse("big-batch").expect("valid"),
-        ))
+        .get_for_test(&crate::keys::request_records_key(applied_at, 0))
         .expect("the batch's record is kept");
     assert!(
         record.len() < 100 * 1024,
@@ -1156,7 +1260,7 @@ fn the_check_before_proposing_answers_as_apply_does() {
     .map(|(request_id, body)| registry.command(request_id, body))
     .collect();
     let before = registry.state.digest();
-    let checked = crate::check(&registry.state, revision, &commands).expect("reads");
+    let checked = registry.state.check(revision, &commands);
     assert_eq!(registry.state.digest(), before, "a check writes nothing");
     let applied = registry.state.apply_entry(revision, &commands);
     assert_eq!(checked, applied);

@@ -126,6 +126,65 @@ async fn a_snapshot_installs_on_another_store_with_the_same_digest() {
     assert_eq!(snapshot_bytes(current).await, bytes);
 }
 
+/// The store that installed a snapshot knows the request ids the snapshot remembers: a retry
+/// of a write the source applied gets its first answer, in the check before proposing and in
+/// the apply, and changes nothing; a reuse of the id for another write is refused.
+#[tokio::test]
+async fn an_installed_snapshot_remembers_its_request_ids() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let mut store_a = source_store(dir_a.path()).await;
+    let (meta, bytes) = build_snapshot(&mut store_a).await;
+    let retry = assign("req-2", "bruno", "CA", "ca-central-1/pg-7");
+    let first = store_a
+        .reader
+        .evaluate(std::slice::from_ref(&retry))
+        .await
+        .expect("evaluated")
+        .pop()
+        .expect("one answer");
+    assert_eq!(
+        first.revision,
+        Revision(SEEDED + 1),
+        "the source remembers it"
+    );
+
+    let mut store_b = open_store(dir_b.path()).await;
+    receive(&mut store_b, &meta, &bytes)
+        .await
+        .expect("snapshot installed");
+    let checked = store_b
+        .reader
+        .evaluate(std::slice::from_ref(&retry))
+        .await
+        .expect("evaluated");
+    assert_eq!(
+        checked,
+        vec![first.clone()],
+        "the check answers the first result"
+    );
+    let reused = assign("req-2", "dora", "US", "us-east-1/pg-1");
+    let applied = store_b
+        .state_machine
+        .apply([super::group_entry(2, CARLA, vec![retry, reused])])
+        .await
+        .expect("entry applied");
+    assert_eq!(
+        applied[0].results[0], first,
+        "the apply answers the first result"
+    );
+    assert!(matches!(
+        applied[0].results[1].outcome,
+        Some(Outcome::Rejected(
+            residency_types::Rejection::RequestIdReused
+        ))
+    ));
+    let (dora, _) = store_b.reader.lookup(&user("dora")).await.expect("lookup");
+    assert_eq!(dora, None, "the reused id wrote nothing");
+}
+
 #[tokio::test]
 async fn a_corrupt_snapshot_is_refused_and_changes_nothing() {
     let (dir_a, dir_b) = (
