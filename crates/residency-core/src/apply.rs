@@ -1,6 +1,8 @@
 //! The write path: decide one log entry's writes against the state, in order, deterministically.
 
-use residency_types::limits::WATCH_HISTORY_REVISIONS;
+use residency_types::limits::{
+    WATCH_HISTORY_BYTES_MAX, WATCH_HISTORY_EVENTS_MAX, WATCH_HISTORY_REVISIONS,
+};
 use residency_types::{
     ApplyResult, Change, Command, Event, LocationId, Outcome, Rejection, Revision, WriteBody,
 };
@@ -44,14 +46,14 @@ pub fn apply<V: KvRead, I: RequestIndex>(
     commands: &[Command],
 ) -> Result<Applied, CoreError<V::Error>> {
     let mut staged = Staged::new(view);
-    forget_expired_events(&mut staged, revision)?;
+    let expired = forget_events_at(&mut staged, expired_revision(revision))?;
     let mut journal = EntryJournal {
         revision,
         events: Some(Vec::new()),
         requests: EntryRequests::new(revision),
     };
     let results = decide_entry(&mut staged, requests, &mut journal, commands)?;
-    let index_changes = journal.finish(&mut staged)?;
+    let index_changes = journal.finish(&mut staged, expired)?;
     Ok(Applied {
         results,
         mutations: staged.into_mutations(),
@@ -247,14 +249,20 @@ impl EntryJournal {
         }
     }
 
+    /// Stages the entry's events and request records, and keeps the watch history within its
+    /// bounds, given what the revision bound already dropped from it in this entry.
     fn finish<V: KvRead>(
         self,
         staged: &mut Staged<'_, V>,
+        expired: HistoryHeld,
     ) -> Result<Vec<IndexChange>, CoreError<V::Error>> {
         let mut chunks: Vec<Vec<Event>> = Vec::new();
         let mut bytes = 0;
+        let mut made = HistoryHeld::default();
         for event in self.events.unwrap_or_default() {
             let size = crate::codec::encoded_len(&event);
+            made.events += 1;
+            made.bytes += size as u64;
             match chunks.last_mut() {
                 Some(chunk) if bytes + size <= EVENT_CHUNK_BYTES_MAX => chunk.push(event),
                 _ => {
@@ -274,41 +282,119 @@ impl EntryJournal {
                 },
             );
         }
+        keep_history_bounded(staged, self.revision, made, expired)?;
         self.requests.finish(staged)
     }
 }
 
-/// Drops the events made exactly `WATCH_HISTORY_REVISIONS` ago: like request ids, every
-/// revision passes here once, so the history is always exactly that window.
-fn forget_expired_events<V: KvRead>(
+/// Events and their encoded bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryHeld {
+    pub events: u64,
+    pub bytes: u64,
+}
+
+/// The watch history (`n/events`): what it holds, counted from `counted_from` on (events of
+/// older entries, written before the history was counted, are not in `held`), and the oldest
+/// revision whose events it may still hold. Watchers can resume after `oldest - 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventWindow {
+    pub held: HistoryHeld,
+    pub counted_from: Revision,
+    pub oldest: Revision,
+}
+
+/// How many revisions the history's start moves past in one entry, at most: a bounded number
+/// of reads per entry (it catches up over the next entries).
+const HISTORY_STEPS_MAX: u64 = 4_096;
+
+/// The revision whose events age out by the revision bound when `revision` is applied.
+fn expired_revision(revision: Revision) -> Option<Revision> {
+    revision
+        .0
+        .checked_sub(WATCH_HISTORY_REVISIONS)
+        .map(Revision)
+}
+
+/// Adds the entry's events to the history's count, then drops whole entries' events from the
+/// oldest on while it holds more than `WATCH_HISTORY_EVENTS_MAX` events or
+/// `WATCH_HISTORY_BYTES_MAX` bytes (the entry's own are never dropped). The revision bound was
+/// applied first (`expired` is what it dropped); a state written before the history was counted
+/// starts counting here, with its older events left to that bound.
+fn keep_history_bounded<V: KvRead>(
     staged: &mut Staged<'_, V>,
     revision: Revision,
+    made: HistoryHeld,
+    expired: HistoryHeld,
 ) -> Result<(), CoreError<V::Error>> {
-    let Some(expired) = revision.0.checked_sub(WATCH_HISTORY_REVISIONS) else {
-        return Ok(());
+    let by_revisions = Revision(expired_revision(revision).map_or(0, |expired| expired.0 + 1));
+    let mut window = staged
+        .read::<EventWindow>(keys::EVENT_WINDOW_KEY)?
+        .unwrap_or(EventWindow {
+            held: HistoryHeld::default(),
+            counted_from: revision,
+            oldest: by_revisions,
+        });
+    let counted = |at: Revision, window: &EventWindow| at >= window.counted_from;
+    if expired_revision(revision).is_some_and(|at| counted(at, &window)) {
+        window.held.events -= expired.events;
+        window.held.bytes -= expired.bytes;
+    }
+    window.held.events += made.events;
+    window.held.bytes += made.bytes;
+    window.oldest = window.oldest.max(by_revisions);
+    let mut steps = 0;
+    while (window.held.events > WATCH_HISTORY_EVENTS_MAX
+        || window.held.bytes > WATCH_HISTORY_BYTES_MAX)
+        && window.oldest < revision
+        && steps < HISTORY_STEPS_MAX
+    {
+        let dropped = forget_events_at(staged, Some(window.oldest))?;
+        if counted(window.oldest, &window) {
+            window.held.events -= dropped.events;
+            window.held.bytes -= dropped.bytes;
+        }
+        window.oldest = Revision(window.oldest.0 + 1);
+        steps += 1;
+    }
+    staged.put(keys::EVENT_WINDOW_KEY.to_vec(), &window);
+    Ok(())
+}
+
+/// Drops the events of the entry at `at` (none if `None`), and returns what they were.
+fn forget_events_at<V: KvRead>(
+    staged: &mut Staged<'_, V>,
+    at: Option<Revision>,
+) -> Result<HistoryHeld, CoreError<V::Error>> {
+    let mut dropped = HistoryHeld::default();
+    let Some(at) = at else {
+        return Ok(dropped);
     };
-    let expired = Revision(expired);
     let mut chunk = 0;
     loop {
-        let key = keys::event_chunk_key(expired, chunk);
+        let key = keys::event_chunk_key(at, chunk);
         let Some(stored) = staged.read::<EventChunk>(&key)? else {
             break;
         };
+        for event in &stored.events {
+            dropped.events += 1;
+            dropped.bytes += crate::codec::encoded_len(event) as u64;
+        }
         staged.delete(key);
         if !stored.more {
             break;
         }
         chunk += 1;
     }
-    // A state from before events were kept per entry keeps one key per event.
-    let count_key = keys::event_count_key(expired);
+    // A state from before events were kept per entry keeps one key per event (never counted).
+    let count_key = keys::event_count_key(at);
     if let Some(count) = staged.read::<u32>(&count_key)? {
         for index in 0..count {
-            staged.delete(keys::event_key(expired, index));
+            staged.delete(keys::event_key(at, index));
         }
         staged.delete(count_key);
     }
-    Ok(())
+    Ok(dropped)
 }
 
 #[cfg(test)]

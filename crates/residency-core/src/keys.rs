@@ -14,6 +14,7 @@
 //! | `n/requests` | | a `RequestWindow`: how many ids are remembered, and from which revision on |
 //! | `q/` | revision, big-endian u64 | the request id applied at that revision: only in states written before writes were grouped into entries; pruned by revision |
 //! | `n/placements` | | u64: how many placements exist (for the placements metric) |
+//! | `n/events` | | an `EventWindow`: how many events (and bytes) the watch history holds, and from which revision on |
 //! | `e/` | node id, big-endian u64 | empty: the node has been a member (its id is never reused) |
 //! | `w/` | revision (BE u64), chunk (BE u32) | an `EventChunk`: some of the `Event`s of one entry for watchers, in order, and whether another chunk follows |
 //! | `x/` | revision (BE u64), index (BE u32) | one `Event`: only in states written before events were kept per entry; pruned by revision |
@@ -38,6 +39,7 @@ pub const REQUEST_WINDOW_KEY: &[u8] = b"n/requests";
 pub const REQUEST_BY_REVISION_PREFIX: &[u8] = b"q/";
 pub const META_PREFIX: &[u8] = b"m/";
 pub const PLACEMENT_COUNT_KEY: &[u8] = b"n/placements";
+pub const EVENT_WINDOW_KEY: &[u8] = b"n/events";
 pub const FORMER_MEMBER_PREFIX: &[u8] = b"e/";
 pub const EVENT_CHUNK_PREFIX: &[u8] = b"w/";
 /// Only in states written before events were kept per entry (see `apply.rs`).

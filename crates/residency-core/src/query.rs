@@ -34,9 +34,20 @@ pub fn lookup<V: KvRead>(
     Ok(Some(placement))
 }
 
-/// The newest revision whose events watchers can no longer get, once `applied` is applied.
-pub fn compacted_revision(applied: Revision) -> Revision {
-    Revision(applied.0.saturating_sub(WATCH_HISTORY_REVISIONS))
+/// The newest revision whose events watchers can no longer get, in a state at `applied` whose
+/// `history_floor` is `floor`: past the revision bound, or dropped by the event and byte
+/// bounds of the history.
+pub fn compacted_revision(applied: Revision, floor: Revision) -> Revision {
+    Revision(applied.0.saturating_sub(WATCH_HISTORY_REVISIONS)).max(floor)
+}
+
+/// The newest revision whose events the history's event and byte bounds dropped (0 if none).
+pub fn history_floor<V: KvRead>(view: &V) -> Result<Revision, CoreError<V::Error>> {
+    let window: Option<crate::apply::EventWindow> =
+        Staged::new(view).read(keys::EVENT_WINDOW_KEY)?;
+    Ok(Revision(
+        window.map_or(0, |window| window.oldest.0.saturating_sub(1)),
+    ))
 }
 
 /// Where a page of events ended: the (revision, index) of its last event.

@@ -244,7 +244,7 @@ impl Node {
     pub async fn list_state(&self, allow_recent: bool) -> Result<ListStateStream, ApiError> {
         use residency_proto::pb::ListStateChunk;
         let recent = if allow_recent {
-            self.recent_snapshot()?
+            self.recent_snapshot().await?
         } else {
             None
         };
@@ -276,7 +276,7 @@ impl Node {
 
     /// The node's newest snapshot, if it is within the newer half of the watch history: a
     /// watcher starting from its revision then has half the history's span to catch up.
-    fn recent_snapshot(&self) -> Result<Option<(u64, std::fs::File)>, ApiError> {
+    async fn recent_snapshot(&self) -> Result<Option<(u64, std::fs::File)>, ApiError> {
         let Some((meta, file)) = self
             .reader
             .open_current_snapshot()
@@ -285,8 +285,13 @@ impl Node {
             return Ok(None);
         };
         let revision = meta.last_log_id.map_or(0, |log_id| log_id.index);
-        let applied = self.reader.applied_revision().0;
-        let half_history = residency_types::limits::WATCH_HISTORY_REVISIONS / 2;
-        Ok((revision + half_history >= applied).then_some((revision, file)))
+        let (floor, applied) = self
+            .reader
+            .query(|view| Ok(residency_core::query::history_floor(view)?))
+            .await
+            .map_err(ApiError::internal)?;
+        let compacted = residency_core::query::compacted_revision(applied, floor).0;
+        let half_history = (applied.0 - compacted) / 2;
+        Ok((revision >= compacted + half_history).then_some((revision, file)))
     }
 }

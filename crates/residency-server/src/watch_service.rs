@@ -173,22 +173,25 @@ async fn run(node: Arc<Node>, mut next: u64, filter: Filter, mut outbox: Outbox,
             let read = node
                 .reader
                 .query(|view| {
-                    Ok(residency_core::query::events(
-                        view,
-                        Revision(next),
-                        after,
-                        WATCH_PAGE_EVENTS,
-                    )?)
+                    Ok((
+                        residency_core::query::events(
+                            view,
+                            Revision(next),
+                            after,
+                            WATCH_PAGE_EVENTS,
+                        )?,
+                        residency_core::query::history_floor(view)?,
+                    ))
                 })
                 .await;
-            let (page, at) = match read {
+            let ((page, floor), at) = match read {
                 Ok(read) => read,
                 Err(error) => {
                     outbox.fail(ApiError::internal(error).into());
                     return;
                 }
             };
-            let compacted = residency_core::query::compacted_revision(at);
+            let compacted = residency_core::query::compacted_revision(at, floor);
             if next <= compacted.0 && after.is_none() {
                 // The history moved past this watcher while it read.
                 outbox.fail(ApiError::WatchCompacted { compacted }.into());
@@ -287,13 +290,18 @@ impl Watch for WatchService {
                 .into());
             }
         };
-        let applied = self.node.reader.applied_revision();
+        let (floor, applied) = self
+            .node
+            .reader
+            .query(|view| Ok(residency_core::query::history_floor(view)?))
+            .await
+            .map_err(ApiError::internal)?;
         let from = if request.from_revision == 0 {
             applied.0 + 1
         } else {
             request.from_revision
         };
-        let compacted = residency_core::query::compacted_revision(applied);
+        let compacted = residency_core::query::compacted_revision(applied, floor);
         if from <= compacted.0 {
             return Err(ApiError::WatchCompacted { compacted }.into());
         }

@@ -26,9 +26,16 @@ pub const BATCH_ASSIGN_ITEMS_MAX: usize = 500;
 pub const POLICY_DRY_RUN_SAMPLE_MAX: usize = 20;
 /// How many locations or policies one list call returns at most.
 pub const CATALOG_PAGE_MAX: usize = 1_000;
-/// How many revisions of change history watchers can resume from. Older events are dropped as
-/// new revisions are applied; a watch asking for one gets the compaction revision and re-lists.
+/// How many revisions of change history watchers can resume from, at most. Older events are
+/// dropped as new revisions are applied; a watch asking for one gets the compaction revision and
+/// re-lists.
 pub const WATCH_HISTORY_REVISIONS: u64 = 100_000;
+/// How many events the change history holds, at most: whole entries' events are dropped from
+/// the oldest on while it holds more. One entry may carry many writes, so a bound in revisions
+/// alone would not bound the history's size. At 10,000 writes/s this is the last 100 s.
+pub const WATCH_HISTORY_EVENTS_MAX: u64 = 1_000_000;
+/// How many bytes of encoded events the change history holds, at most, the same way.
+pub const WATCH_HISTORY_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// How many user ids one `BatchLookup` may name.
 pub const BATCH_LOOKUP_IDS_MAX: usize = 1_000;
 /// How many request ids are remembered: the newest this many. A retry that arrives after this

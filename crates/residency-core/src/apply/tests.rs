@@ -1235,8 +1235,9 @@ fn every_applied_change_becomes_one_event_in_order_and_old_ones_age_out() {
         aged.iter().all(|event| event.revision.0 != 7),
         "revision 7's event outlived the window"
     );
+    let floor = crate::query::history_floor(&state).expect("reads");
     assert_eq!(
-        crate::query::compacted_revision(Revision(7 + window)),
+        crate::query::compacted_revision(Revision(7 + window), floor),
         Revision(7)
     );
 }
@@ -1275,4 +1276,86 @@ fn the_check_before_proposing_answers_as_apply_does() {
         checked[4].outcome,
         Some(Outcome::Rejected(Rejection::UserNotFound))
     );
+}
+
+/// The watch history holds at most `WATCH_HISTORY_EVENTS_MAX` events and
+/// `WATCH_HISTORY_BYTES_MAX` bytes: past either, whole entries' events go from the oldest on,
+/// and watchers learn the new floor. The entry being applied keeps its own.
+#[test]
+fn the_watch_history_is_bounded_by_events_and_bytes_as_well_as_revisions() {
+    use crate::apply::{EventWindow, HistoryHeld};
+    use residency_types::limits::{WATCH_HISTORY_BYTES_MAX, WATCH_HISTORY_EVENTS_MAX};
+    let mut registry = Registry::seeded();
+    let window = |registry: &Registry| -> EventWindow {
+        crate::codec::decode(
+            &registry
+                .state
+                .get_for_test(crate::keys::EVENT_WINDOW_KEY)
+                .expect("a window"),
+        )
+        .expect("decodes")
+    };
+    let seeded = window(&registry);
+    assert_eq!(
+        seeded.held.events, 6,
+        "the seeding's six writes, one event each"
+    );
+    assert_eq!(seeded.oldest, Revision(0), "nothing dropped yet");
+    let floor = |registry: &Registry| crate::query::history_floor(&registry.state).expect("reads");
+    assert_eq!(floor(&registry), Revision(0));
+
+    // Stand in for a long history: the window says it holds three events more than it may.
+    registry.state.put_for_test(
+        crate::keys::EVENT_WINDOW_KEY,
+        crate::codec::encode(&EventWindow {
+            held: HistoryHeld {
+                events: WATCH_HISTORY_EVENTS_MAX + 3,
+                bytes: seeded.held.bytes,
+            },
+            ..seeded
+        }),
+    );
+    registry.ok(assign("ann", "us-east-1/pg-1"));
+    // One more event: four over, so the entries at revisions 1 to 4 (one event each) go.
+    assert_eq!(window(&registry).oldest, Revision(5));
+    assert_eq!(window(&registry).held.events, WATCH_HISTORY_EVENTS_MAX);
+    assert_eq!(floor(&registry), Revision(4));
+    let events = crate::query::events(&registry.state, Revision(1), None, 100).expect("events");
+    let revisions: Vec<u64> = events.iter().map(|event| event.revision.0).collect();
+    assert_eq!(revisions, vec![5, 6, 7]);
+    assert_eq!(
+        crate::query::compacted_revision(Revision(registry.revision), floor(&registry)),
+        Revision(4)
+    );
+
+    // The same by bytes: over by any amount, the oldest entries go until it is not.
+    let now = window(&registry);
+    registry.state.put_for_test(
+        crate::keys::EVENT_WINDOW_KEY,
+        crate::codec::encode(&EventWindow {
+            held: HistoryHeld {
+                events: 10,
+                bytes: WATCH_HISTORY_BYTES_MAX + 1,
+            },
+            ..now
+        }),
+    );
+    registry.ok(assign("ben", "us-east-1/pg-1"));
+    assert!(window(&registry).oldest >= Revision(6));
+    assert!(window(&registry).held.bytes <= WATCH_HISTORY_BYTES_MAX);
+    // Never the entry being applied: with everything else gone, it stays over.
+    registry.state.put_for_test(
+        crate::keys::EVENT_WINDOW_KEY,
+        crate::codec::encode(&EventWindow {
+            held: HistoryHeld {
+                events: WATCH_HISTORY_EVENTS_MAX * 2,
+                bytes: WATCH_HISTORY_BYTES_MAX / 2,
+            },
+            ..window(&registry)
+        }),
+    );
+    registry.ok(assign("cat", "us-east-1/pg-1"));
+    assert_eq!(window(&registry).oldest, Revision(registry.revision));
+    let events = crate::query::events(&registry.state, Revision(1), None, 100).expect("events");
+    assert_eq!(events.len(), 1, "only the newest entry's event is left");
 }
