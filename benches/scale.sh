@@ -45,6 +45,7 @@ ensure_cargo
 cargo build --release --bin residencyd --bin residencyctl --bin residency-bench
 learner_pid=""
 stop_all() {
+    stop_samplers
     RESIDENCY_DATA="$data" RESIDENCY_PROFILE=release ./cluster/local.sh down >/dev/null 2>&1 || true
     [ -n "$learner_pid" ] && kill -TERM "$learner_pid" 2>/dev/null || true
 }
@@ -71,6 +72,25 @@ time_until_ready() {
 }
 
 rss_mib() { awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+# Samples the resident memory of process $1 every half second and keeps its peak (MiB) in file
+# $2, until the process ends or the sampler is killed.
+samplers=()
+sample_peak() {
+    local pid="$1" file="$2" peak=0 now
+    echo 0 >"$file"
+    while kill -0 "$pid" 2>/dev/null; do
+        now="$(rss_mib "$pid" 2>/dev/null || true)"
+        if [ "${now:-0}" -gt "$peak" ]; then
+            peak="$now"
+            echo "$peak" >"$file"
+        fi
+        sleep 0.5
+    done
+}
+stop_samplers() {
+    for sampler in "${samplers[@]}"; do kill "$sampler" 2>/dev/null || true; done
+    samplers=()
+}
 pid_of() { cat "$data/node$1/residencyd.pid"; }
 report() { printf '%s\n' "$*" | tee -a "$out/scale.md"; }
 
@@ -82,15 +102,20 @@ RESIDENCY_DATA="$data" RESIDENCY_PROFILE=release ./cluster/local.sh up >"$out/up
 
 report "# Scale run, $(date -u +%Y-%m-%d), $users users, $(nproc) CPUs"
 report ""
+for n in 1 2 3; do
+    sample_peak "$(pid_of "$n")" "$out/peak-node$n" &
+    samplers+=($!)
+done
 "$bin/residency-bench" load --users "$users" | tee "$out/load.txt"
 report "- import: $(tail -1 "$out/load.txt" | sed 's/^load: //')"
 
 # Let a snapshot and log purge settle so the disk figure is the steady state, then measure.
 sleep 5
+stop_samplers
 for n in 1 2 3; do
     pid="$(pid_of "$n")"
     bytes="$(du -sb "$data/node$n" | cut -f1)"
-    report "- node $n: resident memory $(rss_mib "$pid") MiB; disk $((bytes / 1048576)) MiB ($((bytes / users)) bytes per placement)"
+    report "- node $n: resident memory $(rss_mib "$pid") MiB (peak during the import $(cat "$out/peak-node$n") MiB); disk $((bytes / 1048576)) MiB ($((bytes / users)) bytes per placement)"
 done
 du -sh "$data"/node1/* | sed 's/^/  node 1: /' | tee -a "$out/scale.md"
 
@@ -122,13 +147,18 @@ nohup "$bin/residencyd" --config cluster/local/node1.toml --node-id 4 --data-dir
     --listen-client 127.0.0.1:7104 --listen-peer 127.0.0.1:7204 --listen-metrics 127.0.0.1:7304 \
     >>"$data/node4/residencyd.log" 2>&1 &
 learner_pid=$!
+sample_peak "$learner_pid" "$out/peak-learner" &
+samplers+=($!)
 until (exec 3<>/dev/tcp/127.0.0.1/7204) 2>/dev/null; do sleep 0.1; done
 "$bin/residencyctl" member add-learner 127.0.0.1:7204 >/dev/null
 caught_up="$(time_until_ready 7304)"
 how="from the log alone"
 grep -q "receiving a snapshot" "$data/node4/residencyd.log" && how="by snapshot, then the log"
 report "- new learner caught up ($how): $caught_up s"
-report "- learner resident memory: $(rss_mib "$learner_pid") MiB"
+report "- learner resident memory: $(rss_mib "$learner_pid") MiB when ready, peak $(cat "$out/peak-learner") MiB while catching up"
+sleep 20
+report "- learner resident memory 20 s later: $(rss_mib "$learner_pid") MiB"
+stop_samplers
 "$bin/residencyctl" member remove 4 >/dev/null
 kill -TERM "$learner_pid"; learner_pid=""
 
