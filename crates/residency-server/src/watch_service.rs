@@ -162,6 +162,18 @@ fn watch_stream(
     }))
 }
 
+/// Whether events a watcher still needs are gone: those of `next` on, or, part way through a
+/// revision's events (`after`), the rest of that revision's. Once the history's bounds drop a
+/// revision the watcher is in, a page read after it would skip to later revisions: a gap.
+fn history_lost(
+    next: u64,
+    after: Option<residency_core::query::EventCursor>,
+    compacted: Revision,
+) -> bool {
+    let needed = after.map_or(next, |(revision, _)| revision.0);
+    needed <= compacted.0
+}
+
 /// Streams events from `next` on until the watcher goes or falls behind the history.
 async fn run(node: Arc<Node>, mut next: u64, filter: Filter, mut outbox: Outbox, _slot: Slot) {
     let mut applied = node.reader.subscribe_applied();
@@ -192,7 +204,7 @@ async fn run(node: Arc<Node>, mut next: u64, filter: Filter, mut outbox: Outbox,
                 }
             };
             let compacted = residency_core::query::compacted_revision(at, floor);
-            if next <= compacted.0 && after.is_none() {
+            if history_lost(next, after, compacted) {
                 // The history moved past this watcher while it read.
                 outbox.fail(ApiError::WatchCompacted { compacted }.into());
                 return;
@@ -342,5 +354,25 @@ impl Watch for WatchService {
             .await
             .map_err(Status::from)?;
         Ok(Response::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+
+    #[test]
+    fn a_watcher_part_way_through_a_dropped_revision_has_lost_events() {
+        let compacted = Revision(10);
+        assert!(
+            history_lost(10, None, compacted),
+            "it starts at a dropped revision"
+        );
+        assert!(!history_lost(11, None, compacted));
+        assert!(
+            history_lost(11, Some((Revision(10), 3)), compacted),
+            "part way through revision 10, whose rest is gone"
+        );
+        assert!(!history_lost(11, Some((Revision(11), 3)), compacted));
     }
 }
