@@ -256,22 +256,13 @@ impl EntryJournal {
         staged: &mut Staged<'_, V>,
         expired: HistoryHeld,
     ) -> Result<Vec<IndexChange>, CoreError<V::Error>> {
-        let mut chunks: Vec<Vec<Event>> = Vec::new();
-        let mut bytes = 0;
-        let mut made = HistoryHeld::default();
-        for event in self.events.unwrap_or_default() {
-            let size = crate::codec::encoded_len(&event);
-            made.events += 1;
-            made.bytes += size as u64;
-            match chunks.last_mut() {
-                Some(chunk) if bytes + size <= EVENT_CHUNK_BYTES_MAX => chunk.push(event),
-                _ => {
-                    bytes = 0;
-                    chunks.push(vec![event]);
-                }
-            }
-            bytes += size;
-        }
+        let events = self.events.unwrap_or_default();
+        let made_events = events.len() as u64;
+        let (chunks, bytes) = crate::codec::split_by_encoded_bytes(events, EVENT_CHUNK_BYTES_MAX);
+        let made = HistoryHeld {
+            events: made_events,
+            bytes,
+        };
         let count = u32::try_from(chunks.len()).expect("fewer than 2^32 chunks");
         for (chunk, events) in (0..count).zip(chunks) {
             staged.put(
@@ -370,21 +361,16 @@ fn forget_events_at<V: KvRead>(
     let Some(at) = at else {
         return Ok(dropped);
     };
-    let mut chunk = 0;
-    loop {
-        let key = keys::event_chunk_key(at, chunk);
-        let Some(stored) = staged.read::<EventChunk>(&key)? else {
-            break;
-        };
+    let chunks = staged.read_chunks(
+        |chunk| keys::event_chunk_key(at, chunk),
+        |stored: &EventChunk| stored.more,
+    )?;
+    for (chunk, stored) in (0..).zip(&chunks) {
         for event in &stored.events {
             dropped.events += 1;
             dropped.bytes += crate::codec::encoded_len(event) as u64;
         }
-        staged.delete(key);
-        if !stored.more {
-            break;
-        }
-        chunk += 1;
+        staged.delete(keys::event_chunk_key(at, chunk));
     }
     // A state from before events were kept per entry keeps one key per event (never counted).
     let count_key = keys::event_count_key(at);

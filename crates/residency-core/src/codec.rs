@@ -31,6 +31,27 @@ pub fn encoded_len<T: Serialize>(value: &T) -> usize {
     1 + postcard::experimental::serialized_size(value).expect("state values always serialize")
 }
 
+/// `items` cut, in order, into runs of at most `bytes_max` encoded bytes (a single larger item
+/// stands alone), with the encoded size of all of them.
+pub fn split_by_encoded_bytes<T: Serialize>(items: Vec<T>, bytes_max: usize) -> (Vec<Vec<T>>, u64) {
+    let mut chunks: Vec<Vec<T>> = Vec::new();
+    let mut bytes = 0;
+    let mut total = 0;
+    for item in items {
+        let size = encoded_len(&item);
+        total += size as u64;
+        match chunks.last_mut() {
+            Some(chunk) if bytes + size <= bytes_max => chunk.push(item),
+            _ => {
+                bytes = 0;
+                chunks.push(vec![item]);
+            }
+        }
+        bytes += size;
+    }
+    (chunks, total)
+}
+
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (format, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     if *format != VALUE_FORMAT_V1 {

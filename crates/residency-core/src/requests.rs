@@ -484,15 +484,16 @@ impl EntryRequests {
             .iter()
             .map(|record| record.request_id.clone())
             .collect();
-        stage_chunks(staged, &ids, |chunk, ids, more| {
-            (
+        let id_chunks: Vec<&[RequestId]> = ids.chunks(REQUEST_IDS_PER_KEY).collect();
+        for (chunk, part) in (0..).zip(&id_chunks) {
+            staged.put(
                 keys::request_ids_key(revision, chunk),
-                codec::encode(&RequestIds {
-                    ids: ids.to_vec(),
-                    more,
-                }),
-            )
-        });
+                &RequestIds {
+                    ids: part.to_vec(),
+                    more: (chunk as usize) + 1 < id_chunks.len(),
+                },
+            );
+        }
         for id in ids {
             self.changes.push(IndexChange::Remember {
                 request_id: id,
@@ -527,17 +528,15 @@ impl EntryRequests {
         ids: Vec<RequestId>,
         id_keys: u32,
     ) -> Result<(), CoreError<V::Error>> {
-        let mut chunk = 0;
-        let mut has_records = false;
-        while let Some(stored) =
-            staged.read::<RequestRecords>(&keys::request_records_key(revision, chunk))?
-        {
-            has_records = true;
+        let record_keys = staged
+            .read_chunks(
+                |chunk| keys::request_records_key(revision, chunk),
+                |stored: &RequestRecords| stored.more,
+            )?
+            .len();
+        let has_records = record_keys > 0;
+        for chunk in 0..record_keys as u32 {
             staged.delete(keys::request_records_key(revision, chunk));
-            chunk += 1;
-            if !stored.more {
-                break;
-            }
         }
         for chunk in 0..id_keys {
             staged.delete(keys::request_ids_key(revision, chunk));
@@ -583,40 +582,13 @@ impl EntryRequests {
     }
 }
 
-/// Stages `items` in chunks of at most `REQUEST_IDS_PER_KEY`, each made by `pair`.
-fn stage_chunks<V: KvRead, T>(
-    staged: &mut Staged<'_, V>,
-    items: &[T],
-    pair: impl Fn(u32, &[T], bool) -> (Vec<u8>, Vec<u8>),
-) {
-    let chunks: Vec<&[T]> = items.chunks(REQUEST_IDS_PER_KEY).collect();
-    for (chunk, part) in chunks.iter().enumerate() {
-        let more = chunk + 1 < chunks.len();
-        let chunk = u32::try_from(chunk).expect("an entry has fewer than 2^32 chunks");
-        let (key, value) = pair(chunk, part, more);
-        staged.put_raw(key, value);
-    }
-}
-
 /// Stages an entry's records in chunks of at most `REQUEST_RECORDS_CHUNK_BYTES_MAX`.
 fn stage_record_chunks<V: KvRead>(
     staged: &mut Staged<'_, V>,
     revision: Revision,
     records: Vec<RememberedRequest>,
 ) {
-    let mut chunks: Vec<Vec<RememberedRequest>> = Vec::new();
-    let mut bytes = 0;
-    for record in records {
-        let size = codec::encoded_len(&record);
-        match chunks.last_mut() {
-            Some(chunk) if bytes + size <= REQUEST_RECORDS_CHUNK_BYTES_MAX => chunk.push(record),
-            _ => {
-                bytes = 0;
-                chunks.push(vec![record]);
-            }
-        }
-        bytes += size;
-    }
+    let (chunks, _) = codec::split_by_encoded_bytes(records, REQUEST_RECORDS_CHUNK_BYTES_MAX);
     let count = u32::try_from(chunks.len()).expect("fewer than 2^32 chunks");
     for (chunk, records) in (0..count).zip(chunks) {
         staged.put(
@@ -635,18 +607,16 @@ fn entry_records<V: KvRead>(
     staged: &Staged<'_, V>,
     revision: Revision,
 ) -> Result<Option<Vec<RememberedRequest>>, CoreError<V::Error>> {
-    let mut records = Vec::new();
-    let mut chunk = 0;
-    while let Some(stored) =
-        staged.read::<RequestRecords>(&keys::request_records_key(revision, chunk))?
-    {
-        records.extend(stored.records);
-        chunk += 1;
-        if !stored.more {
-            break;
-        }
-    }
-    Ok((chunk > 0).then_some(records))
+    let chunks = staged.read_chunks(
+        |chunk| keys::request_records_key(revision, chunk),
+        |stored: &RequestRecords| stored.more,
+    )?;
+    Ok((!chunks.is_empty()).then(|| {
+        chunks
+            .into_iter()
+            .flat_map(|stored| stored.records)
+            .collect()
+    }))
 }
 
 /// How many revisions a request id was remembered for in states written before writes were
@@ -685,16 +655,15 @@ fn entry_ids<V: KvRead>(
     staged: &Staged<'_, V>,
     revision: Revision,
 ) -> Result<(Vec<RequestId>, u32), CoreError<V::Error>> {
-    let mut ids = Vec::new();
-    let mut chunk = 0;
-    while let Some(stored) = staged.read::<RequestIds>(&keys::request_ids_key(revision, chunk))? {
-        ids.extend(stored.ids);
-        chunk += 1;
-        if !stored.more {
-            break;
-        }
-    }
-    Ok((ids, chunk))
+    let chunks = staged.read_chunks(
+        |chunk| keys::request_ids_key(revision, chunk),
+        |stored: &RequestIds| stored.more,
+    )?;
+    let keys = chunks.len() as u32;
+    Ok((
+        chunks.into_iter().flat_map(|stored| stored.ids).collect(),
+        keys,
+    ))
 }
 
 #[cfg(test)]

@@ -126,6 +126,24 @@ impl<'a, V: KvRead> Staged<'a, V> {
         Ok(bytes.as_deref().map(codec::decode).transpose()?)
     }
 
+    /// The chunks of one entry's chunked value (events, request ids, request records), in
+    /// order: `key(0)`, `key(1)`, ... while each says (`more`) that another follows.
+    pub fn read_chunks<T: DeserializeOwned>(
+        &self,
+        key: impl Fn(u32) -> Vec<u8>,
+        more: impl Fn(&T) -> bool,
+    ) -> Result<Vec<T>, V> {
+        let mut chunks = Vec::new();
+        while let Some(chunk) = self.read::<T>(&key(chunks.len() as u32))? {
+            let another = more(&chunk);
+            chunks.push(chunk);
+            if !another {
+                break;
+            }
+        }
+        Ok(chunks)
+    }
+
     pub fn placement(&self, user_id: &UserId) -> Result<Option<Placement>, V> {
         self.read(&keys::placement_key(user_id))
     }
