@@ -23,8 +23,8 @@ mod t97_large_batches;
 mod t98_readiness;
 mod t99_watch;
 
-use residency_client::Client;
-use residency_types::{Jurisdiction, LocationId, Placement, UserId};
+use residency_client::{Client, WriteOptions};
+use residency_types::{AssignItem, Jurisdiction, LocationId, Placement, UserId};
 
 /// The `[raft]` section most tests use: the shipped defaults.
 pub const DEFAULT_RAFT: &str =
@@ -50,4 +50,32 @@ pub async fn assign(client: &Client, user_id: &str, location_id: &str) -> Placem
         .await
         .unwrap_or_else(|error| panic!("assign {user_id}: {error}"))
         .placement
+}
+
+/// Writes `batches` batches of 500 US placements, the `n`th user of batch `b` named
+/// `user_of(b, n)` and placed in `us_location(n)`, each batch under request id `{tag}-{b}`.
+pub async fn assign_batches(
+    client: &Client,
+    tag: &str,
+    batches: usize,
+    user_of: impl Fn(usize, usize) -> String,
+) {
+    for batch in 0..batches {
+        let items: Vec<AssignItem> = (0..500)
+            .map(|n| AssignItem {
+                user_id: user(&user_of(batch, n)),
+                residency: Jurisdiction::US,
+                location_id: location(residency_tests::us_location(n)),
+                expected_mod_revision: None,
+            })
+            .collect();
+        let options = WriteOptions {
+            request_id: Some(format!("{tag}-{batch}")),
+            ..WriteOptions::default()
+        };
+        client
+            .batch_assign(&items, Some(options))
+            .await
+            .unwrap_or_else(|error| panic!("batch {tag}-{batch}: {error}"));
+    }
 }

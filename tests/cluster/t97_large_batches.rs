@@ -2,13 +2,12 @@
 //! a follower that missed more than a client message's worth of large batches catches up from
 //! the log (replication messages are sized for the largest commands).
 
-use residency_client::WriteOptions;
 use residency_proto::metadata;
 use residency_proto::pb::{AssignItem as PbItem, BatchAssignRequest, WriteContext};
 use residency_tests::{Cluster, serially};
-use residency_types::{AssignItem, Consistency, Jurisdiction, ReasonCode};
+use residency_types::{Consistency, ReasonCode};
 
-use crate::{DEFAULT_RAFT, location, user};
+use crate::{DEFAULT_RAFT, assign_batches, user};
 
 #[test]
 fn an_oversized_batch_is_refused_before_the_log() {
@@ -65,26 +64,10 @@ fn a_follower_behind_many_large_batches_catches_up_from_the_log() {
         let client = cluster.client();
         // 100 batches of 500 placements with longish ids: about 4 MB of log, more than one
         // client-sized (4 MiB) message and many replication messages.
-        for batch in 0..100 {
-            let items: Vec<AssignItem> = (0..500)
-                .map(|n| AssignItem {
-                    user_id: user(&format!(
-                        "large-batch-user-{batch:04}-{n:04}-padding-padding"
-                    )),
-                    residency: Jurisdiction::US,
-                    location_id: location("us-east-1/pg-1"),
-                    expected_mod_revision: None,
-                })
-                .collect();
-            let options = WriteOptions {
-                request_id: Some(format!("large-{batch}")),
-                ..WriteOptions::default()
-            };
-            client
-                .batch_assign(&items, Some(options))
-                .await
-                .expect("batch applied");
-        }
+        assign_batches(&client, "large", 100, |batch, n| {
+            format!("large-batch-user-{batch:04}-{n:04}-padding-padding")
+        })
+        .await;
         let leader = cluster.wait_for_leader(None).await;
         let last = cluster
             .member_status(leader)

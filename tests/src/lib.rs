@@ -681,11 +681,18 @@ impl Cluster {
         self.wait_applied_within(id, index, LEADER_WAIT).await;
     }
 
-    /// Waits until node `id` has applied at least `index`, for at most `patience`.
+    /// Waits until node `id` has applied at least `index`, for at most `patience`. A node that
+    /// does not list itself yet (a learner before its first snapshot) has applied nothing.
     pub async fn wait_applied_within(&self, id: u64, index: u64, patience: Duration) {
         let deadline = Instant::now() + patience;
         loop {
-            let applied = self.member_status(id).await.applied_index.unwrap_or(0);
+            let status = self.client_for(id).status().await.expect("status");
+            let applied = status
+                .members
+                .into_iter()
+                .find(|member| member.id == id)
+                .and_then(|member| member.applied_index)
+                .unwrap_or(0);
             if applied >= index {
                 return;
             }
@@ -729,6 +736,11 @@ impl Cluster {
             .values()
             .map(|node| fs::read_to_string(&node.log_path).unwrap_or_default())
             .collect()
+    }
+
+    /// What node `id` has logged so far.
+    pub fn node_log(&self, id: u64) -> String {
+        fs::read_to_string(&self.nodes[&id].log_path).unwrap_or_default()
     }
 
     /// GETs `path` from node `id`'s metrics listener; returns the status line and the body.

@@ -23,7 +23,11 @@ pub struct RaftConfig {
     /// Entries kept in the log behind a snapshot, so a briefly lagging follower needs no snapshot.
     pub max_in_snapshot_log_to_keep: u64,
     pub snapshot_chunk_bytes_max: u64,
+    /// How long each snapshot chunk but the last may take to reach a receiver and be answered.
     pub install_snapshot_timeout_ms: u64,
+    /// How long a snapshot's last chunk waits for the receiver to install the snapshot (its
+    /// answer comes once the install is durable); a large state takes minutes.
+    pub snapshot_install_wait_ms: u64,
     pub max_payload_entries: u64,
 }
 
@@ -43,6 +47,7 @@ impl Default for RaftConfig {
             max_in_snapshot_log_to_keep: 1_000,
             snapshot_chunk_bytes_max: 1024 * 1024,
             install_snapshot_timeout_ms: 10_000,
+            snapshot_install_wait_ms: 1_800_000,
             // The network layer also cuts every AppendEntries to about 256 KiB of entries (see
             // `network.rs`), so this count only bounds messages of small entries.
             max_payload_entries: 300,
@@ -454,6 +459,12 @@ impl Config {
                 "must be positive",
             ));
         }
+        if raft.snapshot_install_wait_ms < raft.install_snapshot_timeout_ms {
+            return Err(invalid(
+                "raft.snapshot_install_wait_ms",
+                "must be at least raft.install_snapshot_timeout_ms",
+            ));
+        }
         if self.storage.cache_capacity_bytes < 1024 * 1024 {
             return Err(invalid(
                 "storage.cache_capacity_bytes",
@@ -601,6 +612,10 @@ enabled = false
             (
                 format!("{MINIMAL}[limits]\nstatus_member_timeout_ms = 0\n"),
                 "limits",
+            ),
+            (
+                format!("{MINIMAL}[raft]\nsnapshot_install_wait_ms = 9999\n"),
+                "raft.snapshot_install_wait_ms",
             ),
         ];
         for (text, field) in cases {

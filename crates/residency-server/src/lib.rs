@@ -32,6 +32,7 @@ pub mod peer_service;
 pub mod proposer;
 pub mod read_index;
 pub mod registry_service;
+pub mod snapshot_sender;
 pub mod tls;
 pub mod watch_service;
 pub mod watchdog;
@@ -167,7 +168,11 @@ pub async fn run(
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config(&config)?),
-        NetworkFactory::new(peers.clone(), log_progress.clone()),
+        NetworkFactory::new(
+            peers.clone(),
+            log_progress.clone(),
+            Duration::from_millis(config.raft.snapshot_install_wait_ms),
+        ),
         log_store,
         state_machine,
     )

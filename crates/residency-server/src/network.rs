@@ -8,12 +8,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use std::future::Future;
+
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::{Snapshot, Vote};
 use residency_proto::peer_pb::RaftPayload;
 use residency_proto::peer_pb::peer_client::PeerClient;
 use residency_store::{LogProgress, NodeId, NodeInfo, TypeConfig};
@@ -21,6 +27,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::snapshot_sender::{self, ChunkResult, ChunkSink, Deadlines};
 use crate::tls::PeerConnector;
 
 /// How long to wait for a TCP connection to a peer (and, with TLS, for its handshake).
@@ -83,13 +90,19 @@ impl PeerChannels {
 pub struct NetworkFactory {
     channels: PeerChannels,
     log: LogProgress,
+    install_wait: Duration,
 }
 
 impl NetworkFactory {
     /// `log` is this node's log: the commit index sent to followers never passes what it holds
-    /// on disk (`LogProgress::commit_bound`).
-    pub fn new(channels: PeerChannels, log: LogProgress) -> NetworkFactory {
-        NetworkFactory { channels, log }
+    /// on disk (`LogProgress::commit_bound`). `install_wait` is how long a snapshot's last chunk
+    /// waits for the receiver's install (`snapshot_sender.rs`).
+    pub fn new(channels: PeerChannels, log: LogProgress, install_wait: Duration) -> NetworkFactory {
+        NetworkFactory {
+            channels,
+            log,
+            install_wait,
+        }
     }
 }
 
@@ -101,6 +114,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             client: self.channels.client(&node.peer_addr),
             log: self.log.clone(),
+            install_wait: self.install_wait,
         }
     }
 }
@@ -110,6 +124,7 @@ pub struct PeerConnection {
     target: NodeId,
     client: Result<PeerClient<Channel>, tonic::transport::Error>,
     log: LogProgress,
+    install_wait: Duration,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
@@ -119,7 +134,7 @@ impl PeerConnection {
         &mut self,
         kind: RpcKind,
         request: &Req,
-        option: &RPCOption,
+        deadline: Duration,
     ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
@@ -140,7 +155,7 @@ impl PeerConnection {
                 RpcKind::InstallSnapshot => client.install_snapshot(payload).await,
             }
         };
-        let response = match tokio::time::timeout(option.hard_ttl(), call).await {
+        let response = match tokio::time::timeout(deadline, call).await {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
@@ -172,6 +187,16 @@ fn entries_within(entries: &[residency_store::Entry], budget: usize) -> usize {
     entries.len()
 }
 
+impl ChunkSink for PeerConnection {
+    async fn send_chunk(
+        &mut self,
+        request: &InstallSnapshotRequest<TypeConfig>,
+        deadline: Duration,
+    ) -> ChunkResult {
+        self.call(RpcKind::InstallSnapshot, request, deadline).await
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum RpcKind {
     AppendEntries,
@@ -196,7 +221,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let truncated = keep < request.entries.len();
         request.entries.truncate(keep);
         let last_sent = request.entries.last().map(|entry| entry.log_id);
-        let response = self.call(RpcKind::AppendEntries, &request, &option).await?;
+        let response = self
+            .call(RpcKind::AppendEntries, &request, option.hard_ttl())
+            .await?;
         Ok(match response {
             AppendEntriesResponse::Success if truncated => {
                 AppendEntriesResponse::PartialSuccess(last_sent)
@@ -210,7 +237,34 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         request: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(RpcKind::InstallSnapshot, &request, &option).await
+        self.call(RpcKind::InstallSnapshot, &request, option.hard_ttl())
+            .await
+    }
+
+    /// openraft's own chunked sender gives the last chunk, whose answer waits for the install,
+    /// the same deadline as every other chunk; this one waits `install_wait` for it.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let deadlines = Deadlines {
+            chunk: option.hard_ttl(),
+            install: self.install_wait.max(option.hard_ttl()),
+        };
+        let target = self.target;
+        snapshot_sender::send_snapshot(
+            self,
+            target,
+            vote,
+            snapshot,
+            cancel,
+            snapshot_sender::chunk_bytes(&option),
+            deadlines,
+        )
+        .await
     }
 
     async fn vote(
@@ -218,6 +272,6 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         request: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call(RpcKind::Vote, &request, &option).await
+        self.call(RpcKind::Vote, &request, option.hard_ttl()).await
     }
 }

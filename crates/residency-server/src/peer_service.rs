@@ -2,6 +2,7 @@
 //! status for the other nodes. Only peers should reach this port.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::error::ApiError;
 use crate::network::{decode, encode};
 use crate::node::{ForwardedWrite, Node};
+use crate::snapshot_sender::SNAPSHOT_PROGRESS_LOG_BYTES;
 
 #[derive(Debug, Clone)]
 pub struct PeerService {
@@ -74,7 +76,26 @@ impl Peer for PeerService {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let request: InstallSnapshotRequest<TypeConfig> = payload(request)?;
+        let received = request.data.len() as u64;
+        let end = request.offset + received;
+        let done = request.done;
+        metrics::counter!("residency_snapshot_received_bytes_total").increment(received);
+        // A line per SNAPSHOT_PROGRESS_LOG_BYTES received, and one for the install.
+        if request.offset / SNAPSHOT_PROGRESS_LOG_BYTES != end / SNAPSHOT_PROGRESS_LOG_BYTES {
+            tracing::info!(received = end, snapshot = %request.meta.snapshot_id, "receiving a snapshot");
+        }
+        let started = Instant::now();
+        if done {
+            tracing::info!(bytes = end, snapshot = %request.meta.snapshot_id, "snapshot received; installing it");
+        }
         let answer = self.node.raft.install_snapshot(request).await;
+        if done {
+            tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                installed = answer.is_ok(),
+                "snapshot install answered"
+            );
+        }
         if answer.is_ok() {
             self.node.note_leader_contact();
         }
