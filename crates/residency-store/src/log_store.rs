@@ -124,13 +124,13 @@ fn key_index(key: &[u8]) -> Result<u64, StoreError> {
 
 impl LogStore {
     /// Opens the log and verifies every record: checksum, index, and no gaps after the last
-    /// purged entry. A node with a corrupt log refuses to start rather than serve from it.
+    /// purged entry (committed entries by checksum and log id, the rest decoded whole). A node with a corrupt log refuses to start rather than serve from it.
     pub fn open(durable: Durable) -> Result<LogStore, StoreError> {
         let meta = durable.db().open_tree(META_TREE)?;
         read_sealed::<Vote>(&meta, VOTE_KEY)?;
-        read_sealed::<LogId>(&meta, COMMITTED_KEY)?;
+        let committed: Option<LogId> = read_sealed(&meta, COMMITTED_KEY)?;
         let last_purged: Option<LogId> = read_sealed(&meta, LAST_PURGED_KEY)?;
-        let files = LogFiles::open(&durable.dir().join(LOG_DIR), last_purged)?;
+        let files = LogFiles::open(&durable.dir().join(LOG_DIR), last_purged, committed)?;
         durable.attach_log_files(files.clone());
         let store = LogStore {
             durable,

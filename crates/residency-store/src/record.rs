@@ -71,6 +71,17 @@ pub fn seal_entry(entry: &Entry) -> Vec<u8> {
     seal_as(ENTRY_FORMAT_GROUPED, entry)
 }
 
+/// The log id of a log entry in either format, once the record's checksum holds, without
+/// decoding the rest: an entry begins with its log id in both.
+pub fn entry_log_id(bytes: &[u8], what: &str) -> Result<crate::LogId, StoreError> {
+    match checked_body(bytes, what)? {
+        (ENTRY_FORMAT_GROUPED | RECORD_FORMAT_V1, body) => postcard::take_from_bytes(body)
+            .map(|(log_id, _rest)| log_id)
+            .map_err(|error| StoreError::corrupt(format!("{what}: {error}"))),
+        (format, _) => Err(unknown_format(what, format)),
+    }
+}
+
 /// A log entry in either format; one from before grouping comes back as a proposal of one.
 pub fn unseal_entry(bytes: &[u8], what: &str) -> Result<Entry, StoreError> {
     match checked_body(bytes, what)? {
