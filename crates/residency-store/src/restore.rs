@@ -80,17 +80,7 @@ pub fn restore(
         .db()
         .open_tree(crate::state_machine::INITIAL_STATE_TREE)?;
     let (mut reader, _) = SnapshotReader::open(File::open(backup)?)?;
-    let mut batch = sled::Batch::default();
-    let mut in_batch = 0_usize;
-    while let Some((key, value)) = reader.next_pair()? {
-        batch.insert(key, value);
-        in_batch += 1;
-        if in_batch == crate::state_machine::INSTALL_BATCH_PAIRS_MAX {
-            state.apply_batch(std::mem::take(&mut batch))?;
-            in_batch = 0;
-        }
-    }
-    state.apply_batch(batch)?;
+    crate::state_machine::load_pairs(&mut reader, &state)?;
     let applied = read_applied(&state)?
         .ok_or_else(|| StoreError::corrupt("restored state has no applied revision"))?;
     assert_eq!(
