@@ -5,10 +5,9 @@
 //! so channels are cached here: a new connection per call made reads slow and flaky.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::future::Future;
 
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, ReplicationClosed,

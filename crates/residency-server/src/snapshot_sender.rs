@@ -156,35 +156,35 @@ impl<S: ChunkSink> Transfer<'_, S> {
         let mut offset = 0_u64;
         let mut failures = 0_u32;
         let mut logged_at = 0_u64;
-        let mut chunk: Vec<u8> = Vec::with_capacity(chunk_bytes);
-        let mut chunk_offset: Option<u64> = None;
+        // The chunk in hand, kept for a retry; its buffer is reused for the next one.
+        let mut request: Option<InstallSnapshotRequest<TypeConfig>> = None;
         loop {
-            // Read the chunk at `offset` unless it is the one already in hand (a retry).
-            if chunk_offset != Some(offset) {
+            if request.as_ref().map(|request| request.offset) != Some(offset) {
+                let mut data = request.take().map(|old| old.data).unwrap_or_default();
                 snapshot
                     .snapshot
                     .seek(std::io::SeekFrom::Start(offset))
                     .await
                     .map_err(|error| read_error(&snapshot.meta, error))?;
-                chunk.clear();
                 let wanted = usize::try_from((total - offset).min(chunk_bytes as u64))
                     .expect("a chunk fits in memory");
-                chunk.resize(wanted, 0);
+                data.clear();
+                data.resize(wanted, 0);
                 snapshot
                     .snapshot
-                    .read_exact(&mut chunk)
+                    .read_exact(&mut data)
                     .await
                     .map_err(|error| read_error(&snapshot.meta, error))?;
-                chunk_offset = Some(offset);
+                request = Some(InstallSnapshotRequest {
+                    vote,
+                    meta: snapshot.meta.clone(),
+                    offset,
+                    done: offset + data.len() as u64 == total,
+                    data,
+                });
             }
-            let done = offset + chunk.len() as u64 == total;
-            let request = InstallSnapshotRequest {
-                vote,
-                meta: snapshot.meta.clone(),
-                offset,
-                data: chunk.clone(),
-                done,
-            };
+            let request = request.as_ref().expect("a chunk in hand");
+            let done = request.done;
             let deadline = if done {
                 tracing::info!(
                     target_node = target,
@@ -196,7 +196,7 @@ impl<S: ChunkSink> Transfer<'_, S> {
             } else {
                 deadlines.chunk
             };
-            let error = match sink.send_chunk(&request, deadline).await {
+            let error = match sink.send_chunk(request, deadline).await {
                 Ok(response) => {
                     failures = 0;
                     metrics::counter!("residency_snapshot_sent_bytes_total")
