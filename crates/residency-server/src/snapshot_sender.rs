@@ -100,6 +100,8 @@ pub(crate) async fn send_snapshot(
         target,
     };
     let sent = tokio::select! {
+        // A stream already closed stops the transfer before it sends anything.
+        biased;
         closed = &mut cancel => Err(StreamingError::Closed(closed)),
         sent = transfer.run() => sent,
     };
