@@ -42,6 +42,17 @@ fn client_with(cluster: &Cluster, identity: Option<(Vec<u8>, Vec<u8>)>) -> Clien
 async fn fingerprint(cluster: &Cluster) -> (Vec<String>, u64) {
     let client = cluster.client();
     let status = client.status().await.expect("status");
+    // Every node at the furthest revision first: one still applying the cluster's setup would
+    // show a change where there was none.
+    let applied = status
+        .members
+        .iter()
+        .filter_map(|member| member.applied_index)
+        .max()
+        .unwrap_or(0);
+    for node in cluster.nodes.values().filter(|node| node.is_running()) {
+        cluster.wait_applied(node.id, applied).await;
+    }
     let mut digests = Vec::new();
     for node in cluster.nodes.values().filter(|node| node.is_running()) {
         let digest = cluster.client_for(node.id).digest().await.expect("digest");

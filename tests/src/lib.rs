@@ -81,13 +81,22 @@ fn binary_path(name: &str) -> PathBuf {
 const TEST_PORT_FIRST: u16 = 20_000;
 const TEST_PORTS_COUNT: u16 = 12_000;
 
+/// How far apart two test processes start looking: more ports than one process takes. The
+/// processes that run at once (nextest runs each test in its own) have pids a few apart, each
+/// test's nodes taking some between them; starting `pid` ports in, as before, put two such
+/// processes on the same ports, and one node in a while lost its port to another test's node
+/// between the harness's check and its bind.
+const TEST_PORTS_PER_PROCESS: u32 = 64;
+
 static NEXT_TEST_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
 /// A port no one listens on now, outside the ephemeral range; each test process starts at its
-/// own offset (by pid) and walks forward, so two test processes rarely try the same ports.
+/// own offset (`TEST_PORTS_PER_PROCESS` per pid) and walks forward, so two test processes
+/// running at once do not try the same ports.
 fn free_port() -> u16 {
     use std::sync::atomic::Ordering;
-    let seed = u16::try_from(std::process::id() % u32::from(TEST_PORTS_COUNT))
+    let spread = u64::from(std::process::id()) * u64::from(TEST_PORTS_PER_PROCESS);
+    let seed = u16::try_from(spread % u64::from(TEST_PORTS_COUNT))
         .expect("the offset is below TEST_PORTS_COUNT");
     let _ = NEXT_TEST_PORT.compare_exchange(0, seed.max(1), Ordering::SeqCst, Ordering::SeqCst);
     for _ in 0..TEST_PORTS_COUNT {

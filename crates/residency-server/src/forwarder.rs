@@ -3,10 +3,13 @@
 //! reach the leader's proposer together and share its entries.
 //!
 //! One call is in flight at a time. A write that arrives while none is goes at once, alone. The
-//! leader answers each write on its own, in order (`PeerService::forward_writes`). A call that
-//! fails on the way (the leader went, the connection broke) answers every write of it with
-//! `NOT_LEADER` naming that leader, and a call past `peer_rpc_timeout_ms` with
-//! `DEADLINE_EXCEEDED`: the leader may still apply them.
+//! calls travel on one long-lived stream to the leader (`Peer/ForwardWritesStream`,
+//! `call_stream.rs`), or as unary `Peer/ForwardWrites` calls to a leader without it. The leader
+//! answers each write on its own, in order (`peer_service::forward`). A call that fails on the
+//! way (the leader went, the connection broke) answers every write of it with `NOT_LEADER`
+//! naming that leader, and a call past `peer_rpc_timeout_ms` with `DEADLINE_EXCEEDED`: the
+//! leader may still apply them. Either drops the stream; a group whose stream had closed before
+//! it was sent goes on a new one.
 
 use std::time::Duration;
 
@@ -14,6 +17,7 @@ use residency_proto::peer_pb::RaftPayload;
 use residency_store::{NodeId, NodeInfo, Raft};
 use residency_types::ApplyResult;
 
+use crate::call_stream::CallStream;
 use crate::error::ApiError;
 use crate::network::{PeerChannels, decode, encode};
 use crate::node::{ForwardedWrite, forwarded_status, leader_of};
@@ -54,7 +58,11 @@ impl Forwarder {
     }
 }
 
+/// The stream to the leader, and the leader's peer address it goes to.
+type LeaderStream = Option<(String, CallStream)>;
+
 async fn run(parts: ForwarderParts, mut groups: Groups<ForwardedWrite>) {
+    let mut stream: LeaderStream = None;
     while let Some(group) = groups.next().await {
         metrics::histogram!("residency_forward_writes").record(group.len() as f64);
         let (writes, answers): (Vec<ForwardedWrite>, Vec<Answer>) = group
@@ -80,7 +88,7 @@ async fn run(parts: ForwarderParts, mut groups: Groups<ForwardedWrite>) {
                 }
             }
             Some((leader_id, Some(leader))) => {
-                let results = call(&parts, leader_id, &leader, &writes).await;
+                let results = call(&parts, leader_id, &leader, &writes, &mut stream).await;
                 for (answer, result) in answers.into_iter().zip(results) {
                     let _ = answer.send(result);
                 }
@@ -91,26 +99,34 @@ async fn run(parts: ForwarderParts, mut groups: Groups<ForwardedWrite>) {
     }
 }
 
-/// One `ForwardWrites` call: one answer per write, in order.
+/// One group for the leader: one answer per write, in order.
 async fn call(
     parts: &ForwarderParts,
     leader_id: NodeId,
     leader: &NodeInfo,
     writes: &[ForwardedWrite],
+    stream: &mut LeaderStream,
 ) -> Vec<Result<ApplyResult, ApiError>> {
     let every = |error: ApiError| vec![Err(error); writes.len()];
-    let mut client = match parts.peers.client(&leader.peer_addr) {
-        Ok(client) => client,
-        Err(error) => return every(ApiError::internal(error)),
-    };
-    let call = client.forward_writes(RaftPayload {
+    let payload = RaftPayload {
         data: encode(&writes).into(),
-    });
-    let response = match tokio::time::timeout(parts.call_timeout, call).await {
-        Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(status)) => return every(forwarded_status(status, leader_id, leader)),
+    };
+    let sent = send_group(
+        &parts.peers,
+        &leader.peer_addr,
+        payload,
+        stream,
+        parts.call_timeout,
+    )
+    .await;
+    let response = match sent {
+        Ok(response) => response,
+        Err(Unanswered::Failed(status)) => {
+            return every(forwarded_status(status, leader_id, leader));
+        }
+        Err(Unanswered::Client(error)) => return every(ApiError::internal(error)),
         // The leader may have applied them: the clients must treat these as unknown.
-        Err(_) => {
+        Err(Unanswered::TimedOut) => {
             let waited_ms = u64::try_from(parts.call_timeout.as_millis()).unwrap_or(u64::MAX);
             return every(ApiError::DeadlineExceeded(waited_ms));
         }
@@ -123,5 +139,155 @@ async fn call(
             writes.len()
         ))),
         Err(error) => every(ApiError::internal(error)),
+    }
+}
+
+/// How a group went without an answer.
+#[derive(Debug)]
+enum Unanswered {
+    /// No client for the leader's address.
+    Client(tonic::transport::Error),
+    /// The leader or the way to it failed: nothing, or all, may have been applied.
+    Failed(tonic::Status),
+    /// No answer within the deadline: the leader may still apply them.
+    TimedOut,
+}
+
+/// Sends one group (`payload`) to the leader at `peer_addr` and takes its answer: on `stream`
+/// if it goes there (a group whose stream had closed before it was sent goes on a new one), on
+/// a new stream, or as one `ForwardWrites` call to a leader without streams. `stream` holds the
+/// stream afterwards, unless it failed.
+async fn send_group(
+    peers: &PeerChannels,
+    peer_addr: &str,
+    payload: RaftPayload,
+    stream: &mut LeaderStream,
+    deadline: Duration,
+) -> Result<RaftPayload, Unanswered> {
+    let mut client = peers.client(peer_addr).map_err(Unanswered::Client)?;
+    let held = match stream.take() {
+        Some((addr, held)) if addr == peer_addr => Some(held),
+        _ => None,
+    };
+    let payload_again = payload.clone();
+    let streamed = !peers.unary_calls(peer_addr);
+    let exchange = async {
+        if !streamed {
+            return client
+                .forward_writes(payload)
+                .await
+                .map(|response| (None, response.into_inner()));
+        }
+        let answered = match held {
+            Some(held) => match held.call(payload.clone()).await {
+                Ok(answered) => Ok(answered),
+                Err(failed) if failed.unsent => {
+                    CallStream::open(payload, |requests| client.forward_writes_stream(requests))
+                        .await
+                }
+                Err(failed) => Err(failed.status),
+            },
+            None => {
+                CallStream::open(payload, |requests| client.forward_writes_stream(requests)).await
+            }
+        };
+        answered.map(|(held, response)| (Some(held), response))
+    };
+    match tokio::time::timeout(deadline, exchange).await {
+        Ok(Ok((held, response))) => {
+            *stream = held.map(|held| (peer_addr.to_string(), held));
+            Ok(response)
+        }
+        Ok(Err(status)) if streamed && status.code() == tonic::Code::Unimplemented => {
+            // Refused before anything was proposed: the leader has no streams. As one call.
+            peers.use_unary_calls(peer_addr);
+            let mut client = peers.client(peer_addr).map_err(Unanswered::Client)?;
+            match tokio::time::timeout(deadline, client.forward_writes(payload_again)).await {
+                Ok(Ok(response)) => Ok(response.into_inner()),
+                Ok(Err(status)) => Err(Unanswered::Failed(status)),
+                Err(_) => Err(Unanswered::TimedOut),
+            }
+        }
+        Ok(Err(status)) => Err(Unanswered::Failed(status)),
+        Err(_) => Err(Unanswered::TimedOut),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The transport of a group against a scripted leader on loopback; the cluster tests
+    //! forward real writes across processes.
+
+    use super::*;
+    use crate::test_peer::{DEADLINE, Script, start};
+
+    fn group(bytes: &[u8]) -> RaftPayload {
+        RaftPayload {
+            data: bytes.to_vec().into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn groups_share_one_stream_and_each_gets_its_own_answer() {
+        let script = Script::default();
+        let (addr, _stop) = start(script.clone()).await;
+        let peers = PeerChannels::new(1 << 20, None);
+        let mut stream = None;
+        for n in 0..4u8 {
+            let answer = send_group(&peers, &addr, group(&[n; 3]), &mut stream, DEADLINE)
+                .await
+                .unwrap();
+            assert_eq!(&answer.data[..], &[n; 3]);
+        }
+        assert_eq!((script.streams(), script.unary()), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_leader_without_streams_gets_one_call_per_group() {
+        let script = Script {
+            no_stream: true,
+            ..Script::default()
+        };
+        let (addr, _stop) = start(script.clone()).await;
+        let peers = PeerChannels::new(1 << 20, None);
+        let mut stream = None;
+        for n in 0..3u8 {
+            let answer = send_group(&peers, &addr, group(&[n]), &mut stream, DEADLINE)
+                .await
+                .unwrap();
+            assert_eq!(&answer.data[..], &[n]);
+        }
+        assert_eq!((script.streams(), script.unary()), (1, 3), "asked once");
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_leader_ended_is_replaced() {
+        let script = Script {
+            answers_per_stream: Some(1),
+            ..Script::default()
+        };
+        let (addr, _stop) = start(script.clone()).await;
+        let peers = PeerChannels::new(1 << 20, None);
+        let mut stream = None;
+        assert!(
+            send_group(&peers, &addr, group(b"a"), &mut stream, DEADLINE)
+                .await
+                .is_ok()
+        );
+        // The ended stream either refuses the group before it leaves (then a new stream takes
+        // it) or ends without its answer (then it fails, as a broken call does): never an
+        // answer that is not its own.
+        match send_group(&peers, &addr, group(b"b"), &mut stream, DEADLINE).await {
+            Ok(answer) => assert_eq!(&answer.data[..], b"b"),
+            Err(Unanswered::Failed(status)) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+        let answer = send_group(&peers, &addr, group(b"c"), &mut stream, DEADLINE)
+            .await
+            .unwrap();
+        assert_eq!(&answer.data[..], b"c");
+        assert!(script.streams() >= 2);
     }
 }

@@ -7,7 +7,8 @@
 //!   [`proposer`]: many writes per log entry on the leader; [`forwarder`]: a follower's writes
 //!   to the leader in groups.
 //! - [`read_index`]: linearizable reads sharing read-index rounds.
-//! - [`network`] / [`peer_service`]: Raft and node-to-node traffic on the peer listener.
+//! - [`network`] / [`peer_service`]: Raft and node-to-node traffic on the peer listener;
+//!   [`call_stream`]: peer calls made one at a time, on one long-lived stream.
 //! - [`registry_service`], [`catalog_service`], [`cluster_service`]: the public gRPC API on the
 //!   client listener.
 //! - [`tls`], [`auth`], [`audit_log`]: mutual TLS, who may call what and load shedding, the
@@ -18,6 +19,7 @@
 pub mod audit_log;
 pub mod auth;
 pub mod backup;
+pub mod call_stream;
 pub mod catalog_service;
 pub mod cluster_service;
 pub mod config;
@@ -33,6 +35,8 @@ pub mod proposer;
 pub mod read_index;
 pub mod registry_service;
 pub mod snapshot_sender;
+#[cfg(test)]
+mod test_peer;
 pub mod tls;
 pub mod watch_service;
 pub mod watchdog;

@@ -3,11 +3,18 @@
 //!
 //! openraft 0.9 calls `new_client` for every replication stream and for every linearizable read,
 //! so channels are cached here: a new connection per call made reads slow and flaky.
+//!
+//! AppendEntries travel on long-lived gRPC streams (`Peer/AppendEntriesStream`): a request, its
+//! answer, the next request. A connection holds its stream while it lives and leaves it, idle,
+//! for the next connection to that peer (openraft makes a new one for every read-index round).
+//! A stream that fails or misses a deadline is dropped, so an answer is never taken for another
+//! request's (`call_stream.rs`). A peer that does not serve the stream (an older version) gets
+//! unary calls for `UNARY_CALLS_RETRY_MS` before streams are tried again.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, ReplicationClosed,
@@ -26,6 +33,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::call_stream::CallStream;
 use crate::snapshot_sender::{self, ChunkResult, ChunkSink, Deadlines};
 use crate::tls::PeerConnector;
 
@@ -33,6 +41,11 @@ use crate::tls::PeerConnector;
 pub const PEER_CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// HTTP/2 keepalive towards peers, so a dead connection is noticed between heartbeats.
 const PEER_KEEPALIVE_INTERVAL_MS: u64 = 5_000;
+/// Idle append streams kept per peer for the next connection; more are closed.
+const IDLE_APPEND_STREAMS_PER_PEER_MAX: usize = 4;
+/// How long a peer that answered a stream UNIMPLEMENTED gets unary calls before streams are
+/// tried again (it may have been upgraded meanwhile).
+const UNARY_CALLS_RETRY_MS: u64 = 60_000;
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("raft messages always serialize")
@@ -42,13 +55,22 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
     postcard::from_bytes(bytes)
 }
 
-/// One lazily connected channel per peer address, shared by Raft and by forwarding.
+/// One lazily connected channel per peer address, shared by Raft and by forwarding, and the
+/// append streams on it that no connection holds.
 #[derive(Debug, Clone)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     message_bytes_max: usize,
     /// Mutual TLS towards peers; `None` when TLS is off.
     connector: Option<PeerConnector>,
+    appends: Arc<Mutex<AppendStreams>>,
+}
+
+/// Append streams by peer address: idle ones, and peers that serve no streams until a moment.
+#[derive(Debug, Default)]
+struct AppendStreams {
+    idle: HashMap<String, Vec<CallStream>>,
+    unary_until: HashMap<String, Instant>,
 }
 
 impl PeerChannels {
@@ -57,7 +79,51 @@ impl PeerChannels {
             channels: Arc::default(),
             message_bytes_max,
             connector,
+            appends: Arc::default(),
         }
+    }
+
+    fn appends(&self) -> std::sync::MutexGuard<'_, AppendStreams> {
+        self.appends.lock().expect("append stream lock poisoned")
+    }
+
+    /// An idle stream to `peer_addr`, if one is left.
+    fn take_idle(&self, peer_addr: &str) -> Option<CallStream> {
+        self.appends().idle.get_mut(peer_addr)?.pop()
+    }
+
+    /// Keeps `stream` for the next connection to `peer_addr`, if there is room.
+    fn leave_idle(&self, peer_addr: &str, stream: CallStream) {
+        let mut appends = self.appends();
+        let idle = appends.idle.entry(peer_addr.to_string()).or_default();
+        if idle.len() < IDLE_APPEND_STREAMS_PER_PEER_MAX {
+            idle.push(stream);
+        }
+    }
+
+    /// Whether calls to `peer_addr` go unary for now, not on streams.
+    pub(crate) fn unary_calls(&self, peer_addr: &str) -> bool {
+        let mut appends = self.appends();
+        match appends.unary_until.get(peer_addr) {
+            Some(until) if Instant::now() < *until => true,
+            Some(_) => {
+                appends.unary_until.remove(peer_addr);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// `peer_addr` answered a stream UNIMPLEMENTED: unary calls to it for a while.
+    pub(crate) fn use_unary_calls(&self, peer_addr: &str) {
+        tracing::info!(
+            peer = peer_addr,
+            "the peer serves no call streams (an older version?); one call per message for now"
+        );
+        let until = Instant::now() + Duration::from_millis(UNARY_CALLS_RETRY_MS);
+        let mut appends = self.appends();
+        appends.unary_until.insert(peer_addr.to_string(), until);
+        appends.idle.remove(peer_addr);
     }
 
     /// A client for the peer at `peer_addr` (`host:port`), reusing its channel.
@@ -114,6 +180,9 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             client: self.channels.client(&node.peer_addr),
             log: self.log.clone(),
             install_wait: self.install_wait,
+            peer_addr: node.peer_addr.clone(),
+            channels: self.channels.clone(),
+            stream: None,
         }
     }
 }
@@ -124,6 +193,28 @@ pub struct PeerConnection {
     client: Result<PeerClient<Channel>, tonic::transport::Error>,
     log: LogProgress,
     install_wait: Duration,
+    peer_addr: String,
+    channels: PeerChannels,
+    /// The append stream this connection holds between appends (none during one: a request
+    /// cut off by a deadline or a drop takes its stream with it).
+    stream: Option<CallStream>,
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            self.channels.leave_idle(&self.peer_addr, stream);
+        }
+    }
+}
+
+/// What a failed call's status means to openraft.
+fn rpc_error<E: std::error::Error>(status: &tonic::Status) -> RPCError<NodeId, NodeInfo, E> {
+    if status.code() == tonic::Code::Unavailable {
+        RPCError::Unreachable(Unreachable::new(status))
+    } else {
+        RPCError::Network(NetworkError::new(status))
+    }
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
@@ -156,17 +247,84 @@ impl PeerConnection {
         };
         let response = match tokio::time::timeout(deadline, call).await {
             Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                return Err(RPCError::Unreachable(Unreachable::new(&status)));
-            }
-            Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
+            Ok(Err(status)) => return Err(rpc_error(&status)),
             Err(elapsed) => return Err(RPCError::Network(NetworkError::new(&elapsed))),
         };
+        self.answer(&response)
+    }
+
+    /// The peer's answer, decoded: its own error as a remote one.
+    #[allow(
+        clippy::result_large_err,
+        reason = "openraft's own error type, which every RaftNetwork method returns"
+    )]
+    fn answer<Resp, E>(&self, response: &RaftPayload) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let answer: Result<Resp, RaftError<NodeId, E>> =
             decode(&response.data).map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
         answer.map_err(|error| {
             RPCError::RemoteError(openraft::error::RemoteError::new(self.target, error))
         })
+    }
+
+    /// One AppendEntries on this connection's stream: the one it holds, an idle one, or a new
+    /// one. A stream that fails before the request left, or one taken idle that fails at once
+    /// (its connection may have closed while it waited), is replaced by a new one for a second
+    /// try within the same deadline: an AppendEntries may be sent twice. Any other failure,
+    /// the deadline included, drops the stream.
+    async fn append(
+        &mut self,
+        request: &AppendEntriesRequest<TypeConfig>,
+        deadline: Duration,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        if self.channels.unary_calls(&self.peer_addr) {
+            return self.call(RpcKind::AppendEntries, request, deadline).await;
+        }
+        let payload = RaftPayload {
+            data: encode(request).into(),
+        };
+        let (held, idle) = match self.stream.take() {
+            Some(stream) => (Some(stream), false),
+            None => (self.channels.take_idle(&self.peer_addr), true),
+        };
+        let exchange = async {
+            let client = match &mut self.client {
+                Ok(client) => client,
+                Err(error) => return Err(tonic::Status::unavailable(error.to_string())),
+            };
+            let held = match held {
+                Some(held) => held,
+                None => {
+                    return CallStream::open(payload, |requests| {
+                        client.append_entries_stream(requests)
+                    })
+                    .await;
+                }
+            };
+            match held.call(payload.clone()).await {
+                Ok(answered) => Ok(answered),
+                Err(failed) if idle || failed.unsent => {
+                    CallStream::open(payload, |requests| client.append_entries_stream(requests))
+                        .await
+                }
+                Err(failed) => Err(failed.status),
+            }
+        };
+        match tokio::time::timeout(deadline, exchange).await {
+            Ok(Ok((stream, response))) => {
+                self.stream = Some(stream);
+                self.answer(&response)
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                self.channels.use_unary_calls(&self.peer_addr);
+                self.call(RpcKind::AppendEntries, request, deadline).await
+            }
+            Ok(Err(status)) => Err(rpc_error(&status)),
+            Err(elapsed) => Err(RPCError::Network(NetworkError::new(&elapsed))),
+        }
     }
 }
 
@@ -220,9 +378,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let truncated = keep < request.entries.len();
         request.entries.truncate(keep);
         let last_sent = request.entries.last().map(|entry| entry.log_id);
-        let response = self
-            .call(RpcKind::AppendEntries, &request, option.hard_ttl())
-            .await?;
+        let response = self.append(&request, option.hard_ttl()).await?;
         Ok(match response {
             AppendEntriesResponse::Success if truncated => {
                 AppendEntriesResponse::PartialSuccess(last_sent)
@@ -272,5 +428,177 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call(RpcKind::Vote, &request, option.hard_ttl()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The append stream against a scripted peer server on loopback (one piece alone; the
+    //! cluster tests run the real peer service across processes).
+
+    use openraft::{CommittedLeaderId, LogId};
+    use residency_store::{Durable, LogStore, StoreOptions};
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::test_peer::{DEADLINE, SLOW_INDEX, Script, start};
+
+    /// A scripted peer on loopback and a network factory towards it: the factory, the peer's
+    /// node record, what stops the peer, and the directory the factory's log lives in.
+    async fn peer(
+        script: Script,
+    ) -> (
+        NetworkFactory,
+        NodeInfo,
+        oneshot::Sender<()>,
+        tempfile::TempDir,
+    ) {
+        let (addr, stop) = start(script).await;
+        let dir = tempfile::tempdir().unwrap();
+        let durable = Durable::open(
+            dir.path(),
+            StoreOptions {
+                cache_capacity_bytes: 1 << 20,
+            },
+        )
+        .unwrap();
+        let log = LogStore::open(durable).unwrap().progress();
+        let factory = NetworkFactory::new(
+            PeerChannels::new(1 << 20, None),
+            log,
+            Duration::from_secs(1),
+        );
+        let node = NodeInfo {
+            client_addr: String::new(),
+            peer_addr: addr,
+            jurisdiction: "US".to_string(),
+        };
+        (factory, node, stop, dir)
+    }
+
+    /// One connection to a scripted peer.
+    async fn connect(script: Script) -> (PeerConnection, tempfile::TempDir) {
+        let (mut factory, node, stop, dir) = peer(script).await;
+        std::mem::forget(stop);
+        (factory.new_client(2, &node).await, dir)
+    }
+
+    fn append_after(index: u64) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), index)),
+            entries: Vec::new(),
+            leader_commit: None,
+        }
+    }
+
+    async fn send(
+        connection: &mut PeerConnection,
+        index: u64,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        connection
+            .append_entries(append_after(index), RPCOption::new(DEADLINE))
+            .await
+    }
+
+    #[tokio::test]
+    async fn appends_share_one_stream() {
+        let script = Script::default();
+        let (mut connection, _dir) = connect(script.clone()).await;
+        for index in 1..=5 {
+            assert!(matches!(
+                send(&mut connection, index).await,
+                Ok(AppendEntriesResponse::Success)
+            ));
+        }
+        assert_eq!(script.streams(), 1);
+        assert_eq!(script.unary(), 0);
+    }
+
+    /// Appends `count` times, each on a new connection, and expects `Success` every time.
+    async fn appends_on_new_connections(factory: &mut NetworkFactory, node: &NodeInfo, count: u64) {
+        for index in 1..=count {
+            let mut connection = factory.new_client(2, node).await;
+            assert!(matches!(
+                send(&mut connection, index).await,
+                Ok(AppendEntriesResponse::Success)
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_takes_the_stream_the_last_one_left() {
+        let script = Script::default();
+        let (mut factory, node, _stop, _dir) = peer(script.clone()).await;
+        appends_on_new_connections(&mut factory, &node, 3).await;
+        assert_eq!(script.streams(), 1);
+        // Two at once: the second opens its own, and both are left idle.
+        let mut first = factory.new_client(2, &node).await;
+        let mut second = factory.new_client(2, &node).await;
+        assert!(send(&mut first, 4).await.is_ok());
+        assert!(send(&mut second, 5).await.is_ok());
+        assert_eq!(script.streams(), 2);
+        drop((first, second));
+        assert_eq!(factory.channels.appends().idle[&node.peer_addr].len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_the_peer_ended_is_replaced_within_the_append() {
+        let script = Script {
+            answers_per_stream: Some(1),
+            ..Script::default()
+        };
+        let (mut factory, node, _stop, _dir) = peer(script.clone()).await;
+        appends_on_new_connections(&mut factory, &node, 3).await;
+        // The first stream, then for each later append the ended one and a new one.
+        assert_eq!(script.streams(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_append_past_its_deadline_drops_the_stream_and_its_late_answer() {
+        let script = Script::default();
+        let (mut connection, _dir) = connect(script.clone()).await;
+        assert!(send(&mut connection, 1).await.is_ok());
+        assert!(matches!(
+            send(&mut connection, SLOW_INDEX).await,
+            Err(RPCError::Network(_))
+        ));
+        // The slow append's late Conflict belongs to the dropped stream: the next append gets
+        // its own answer on a new one.
+        assert!(matches!(
+            send(&mut connection, 8).await,
+            Ok(AppendEntriesResponse::Success)
+        ));
+        assert_eq!(script.streams(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_stream_gets_one_call_per_append() {
+        let script = Script {
+            no_stream: true,
+            ..Script::default()
+        };
+        let (mut connection, _dir) = connect(script.clone()).await;
+        for index in 1..=3 {
+            assert!(matches!(
+                send(&mut connection, index).await,
+                Ok(AppendEntriesResponse::Success)
+            ));
+        }
+        assert_eq!(script.streams(), 1, "asked once");
+        assert_eq!(script.unary(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_peer_is_unreachable() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let (mut connection, _dir) = connect(Script::default()).await;
+        connection.client = PeerChannels::new(1 << 20, None).client(&addr.to_string());
+        assert!(matches!(
+            send(&mut connection, 1).await,
+            Err(RPCError::Unreachable(_))
+        ));
     }
 }

@@ -1,8 +1,12 @@
 //! The peer listener's service: Raft messages in, plus read index, forwarded writes and local
 //! status for the other nodes. Only peers should reach this port.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
+
+use futures::{Stream, StreamExt};
 
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
@@ -13,7 +17,7 @@ use residency_proto::peer_pb::{
     LocalStatusRequest, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
 use residency_store::{NodeId, TypeConfig};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ApiError;
 use crate::network::{decode, encode};
@@ -39,9 +43,13 @@ pub fn peer_status(error: ApiError) -> Status {
     Status::with_details(code, message, encode(&error).into())
 }
 
-fn payload<T: serde::de::DeserializeOwned>(request: Request<RaftPayload>) -> Result<T, Status> {
-    decode(&request.into_inner().data)
+fn decoded<T: serde::de::DeserializeOwned>(data: &[u8]) -> Result<T, Status> {
+    decode(data)
         .map_err(|error| Status::invalid_argument(format!("undecodable peer message: {error}")))
+}
+
+fn payload<T: serde::de::DeserializeOwned>(request: Request<RaftPayload>) -> Result<T, Status> {
+    decoded(&request.into_inner().data)
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
@@ -50,20 +58,88 @@ fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status
     }))
 }
 
+/// One AppendEntries, whether it came alone or on a stream: the encoded answer.
+async fn append(node: &Node, data: &[u8]) -> Result<RaftPayload, Status> {
+    let request: AppendEntriesRequest<TypeConfig> = decoded(data)?;
+    let answer = node.raft.append_entries(request).await;
+    // A deposed leader (answered HigherVote) is not contact with the leader.
+    if matches!(&answer, Ok(response) if !matches!(response, AppendEntriesResponse::HigherVote(_)))
+    {
+        node.note_leader_contact();
+    }
+    Ok(RaftPayload {
+        data: encode(&answer).into(),
+    })
+}
+
+/// A follower's group of writes: proposed here only (a forwarded write is never forwarded
+/// again, so it cannot loop), queued in their order so that they share the next entry, and
+/// answered each on its own, in the same order.
+async fn forward(node: &Node, data: &[u8]) -> Result<RaftPayload, Status> {
+    let writes: Vec<ForwardedWrite> = decoded(data)?;
+    let queued: Vec<_> = writes
+        .into_iter()
+        .map(|write| node.enqueue(write))
+        .collect();
+    let mut answers = Vec::with_capacity(queued.len());
+    for queued in queued {
+        answers.push(match queued {
+            Ok(answered) => answered.await.unwrap_or(Err(ApiError::ShuttingDown)),
+            Err(error) => Err(error),
+        });
+    }
+    Ok(RaftPayload {
+        data: encode(&answers).into(),
+    })
+}
+
+/// The answers of a call stream, in the order of its requests.
+pub type PeerAnswers = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send>>;
+
+/// Answers each message of a call stream (`call_stream.rs`) with `handle`, one at a time and in
+/// order (`then` polls one at a time), on the task that writes the answers: no task and no
+/// channel of its own. A failed message ends the stream with its error; the sender then opens
+/// a new one.
+fn answer_each<F, Fut>(
+    node: &Arc<Node>,
+    request: Request<Streaming<RaftPayload>>,
+    handle: F,
+) -> Response<PeerAnswers>
+where
+    F: Fn(Arc<Node>, RaftPayload) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<RaftPayload, Status>> + Send + 'static,
+{
+    let node = node.clone();
+    let answers = request.into_inner().then(move |message| {
+        let answered = message.map(|message| handle(node.clone(), message));
+        async move { answered?.await }
+    });
+    Response::new(Box::pin(answers))
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let request: AppendEntriesRequest<TypeConfig> = payload(request)?;
-        let answer = self.node.raft.append_entries(request).await;
-        // A deposed leader (answered HigherVote) is not contact with the leader.
-        if matches!(&answer, Ok(response) if !matches!(response, AppendEntriesResponse::HigherVote(_)))
-        {
-            self.node.note_leader_contact();
-        }
-        reply(&answer)
+        Ok(Response::new(
+            append(&self.node, &request.into_inner().data).await?,
+        ))
+    }
+
+    type AppendEntriesStreamStream = PeerAnswers;
+
+    /// Each request is stored and answered before the next is read.
+    async fn append_entries_stream(
+        &self,
+        request: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<PeerAnswers>, Status> {
+        Ok(answer_each(
+            &self.node,
+            request,
+            |node, message| async move { append(&node, &message.data).await },
+        ))
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -110,26 +186,27 @@ impl Peer for PeerService {
         Ok(Response::new(ReadIndexResponse { read_index }))
     }
 
-    /// A follower's group of writes: proposed here only (a forwarded write is never forwarded
-    /// again, so it cannot loop), queued in their order so that they share the next entry, and
-    /// answered each on its own, in the same order.
     async fn forward_writes(
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let writes: Vec<ForwardedWrite> = payload(request)?;
-        let queued: Vec<_> = writes
-            .into_iter()
-            .map(|write| self.node.enqueue(write))
-            .collect();
-        let mut answers = Vec::with_capacity(queued.len());
-        for queued in queued {
-            answers.push(match queued {
-                Ok(answered) => answered.await.unwrap_or(Err(ApiError::ShuttingDown)),
-                Err(error) => Err(error),
-            });
-        }
-        reply(&answers)
+        Ok(Response::new(
+            forward(&self.node, &request.into_inner().data).await?,
+        ))
+    }
+
+    type ForwardWritesStreamStream = PeerAnswers;
+
+    /// Each group is answered before the next is read.
+    async fn forward_writes_stream(
+        &self,
+        request: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<PeerAnswers>, Status> {
+        Ok(answer_each(
+            &self.node,
+            request,
+            |node, message| async move { forward(&node, &message.data).await },
+        ))
     }
 
     async fn local_status(
