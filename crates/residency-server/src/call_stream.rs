@@ -43,8 +43,10 @@ impl From<Status> for Failed {
 
 impl CallStream {
     /// Opens a stream with `open` (a client's streaming method), its first request sent with
-    /// the opening, and waits for that request's answer.
+    /// the opening, and waits for that request's answer. `rpc` names the stream in
+    /// `residency_peer_streams_opened_total`.
     pub async fn open<F, Fut>(
+        rpc: &'static str,
         payload: RaftPayload,
         open: F,
     ) -> Result<(CallStream, RaftPayload), Status>
@@ -52,6 +54,7 @@ impl CallStream {
         F: FnOnce(Requests) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Streaming<RaftPayload>>, Status>>,
     {
+        metrics::counter!("residency_peer_streams_opened_total", "rpc" => rpc).increment(1);
         // One request outstanding at a time: the channel never holds more than one.
         let (requests, unsent) = mpsc::channel(1);
         requests

@@ -182,13 +182,18 @@ async fn send_group(
             Some(held) => match held.call(payload.clone()).await {
                 Ok(answered) => Ok(answered),
                 Err(failed) if failed.unsent => {
-                    CallStream::open(payload, |requests| client.forward_writes_stream(requests))
-                        .await
+                    CallStream::open("forward_writes", payload, |requests| {
+                        client.forward_writes_stream(requests)
+                    })
+                    .await
                 }
                 Err(failed) => Err(failed.status),
             },
             None => {
-                CallStream::open(payload, |requests| client.forward_writes_stream(requests)).await
+                CallStream::open("forward_writes", payload, |requests| {
+                    client.forward_writes_stream(requests)
+                })
+                .await
             }
         };
         answered.map(|(held, response)| (Some(held), response))

@@ -298,7 +298,7 @@ impl PeerConnection {
             let held = match held {
                 Some(held) => held,
                 None => {
-                    return CallStream::open(payload, |requests| {
+                    return CallStream::open("append_entries", payload, |requests| {
                         client.append_entries_stream(requests)
                     })
                     .await;
@@ -307,8 +307,10 @@ impl PeerConnection {
             match held.call(payload.clone()).await {
                 Ok(answered) => Ok(answered),
                 Err(failed) if idle || failed.unsent => {
-                    CallStream::open(payload, |requests| client.append_entries_stream(requests))
-                        .await
+                    CallStream::open("append_entries", payload, |requests| {
+                        client.append_entries_stream(requests)
+                    })
+                    .await
                 }
                 Err(failed) => Err(failed.status),
             }
