@@ -5,9 +5,10 @@
 //! (docs/performance.md). Here writes queue instead. One task takes them: a write that arrives
 //! while no entry is on its way is proposed at once, alone (no timer, no added latency); writes
 //! that arrive while an entry is on its way wait until the log has accepted it (appended and
-//! synced it), then everything queued goes into the next entry, up to `proposal_writes_max`
-//! writes and `proposal_bytes_max` bytes. Each write keeps its request id and gets its own
-//! answer (`residency_core::apply` decides them in order).
+//! synced it), and while `PROPOSAL_ENTRIES_IN_FLIGHT_MAX` entries are proposed and not yet
+//! answered, until the oldest is; then everything queued goes into the next entry, up to
+//! `proposal_writes_max` writes and `proposal_bytes_max` bytes. Each write keeps its request id
+//! and gets its own answer (`residency_core::apply` decides them in order).
 //!
 //! The check before proposing runs once per group, over the leader's applied state plus what
 //! the group's earlier writes would leave (`StateReader::evaluate`): a refusal is answered at
@@ -98,7 +99,15 @@ impl Proposer {
     }
 }
 
-/// The entry last sent to the log: the next group waits until the log has accepted it.
+/// Entries proposed and not yet answered, at most: the next group waits for the oldest. Two
+/// keep a second entry on its way while the first commits; without a bound, writes under load
+/// went in entries one leader sync apart, many and small, each costing the three nodes its
+/// messages, syncs and apply (at 256 in flight 29 writes per entry unbounded, 65 with two, and
+/// 15-20% more writes per second; `docs/performance.md`). It also stops the leader filling its
+/// log with entries that cannot commit while it has no quorum.
+const PROPOSAL_ENTRIES_IN_FLIGHT_MAX: usize = 2;
+
+/// An entry sent to the log and not yet answered.
 struct InFlight {
     /// The log's next index when the entry was sent: the entry is at least there.
     at_least: u64,
@@ -108,13 +117,24 @@ struct InFlight {
 
 async fn run(parts: ProposerParts, mut groups: Groups<Command>) {
     let mut durable = parts.log.durable();
-    let mut in_flight: Option<InFlight> = None;
+    let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
     while groups.wait_for_one().await {
-        if let Some(mut flight) = in_flight.take() {
-            let at_least = flight.at_least;
+        // Answered entries leave; the next group waits for the oldest while too many remain.
+        in_flight.retain_mut(|flight| {
+            !matches!(
+                flight.done.try_recv(),
+                Ok(()) | Err(oneshot::error::TryRecvError::Closed)
+            )
+        });
+        while in_flight.len() >= PROPOSAL_ENTRIES_IN_FLIGHT_MAX {
+            let mut oldest = in_flight.pop_front().expect("at least one in flight");
+            let _ = (&mut oldest.done).await;
+        }
+        if let Some(last) = in_flight.back_mut() {
+            let at_least = last.at_least;
             tokio::select! {
                 _ = durable.wait_for(|&next| next > at_least) => {}
-                _ = &mut flight.done => {}
+                _ = &mut last.done => {}
             }
         }
         let Some(group) = groups.next().await else {
@@ -128,7 +148,7 @@ async fn run(parts: ProposerParts, mut groups: Groups<Command>) {
         let at_least = parts.log.next_index();
         let (done, done_receiver) = oneshot::channel();
         tokio::spawn(submit(parts.raft.clone(), group, done));
-        in_flight = Some(InFlight {
+        in_flight.push_back(InFlight {
             at_least,
             done: done_receiver,
         });
