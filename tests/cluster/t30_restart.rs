@@ -52,3 +52,38 @@ fn a_whole_cluster_restarted_from_disk_keeps_every_write() {
         assert_eq!(stale.placement.as_ref(), written.first());
     });
 }
+
+/// Peers hold their streams to a node open between messages (the leader's AppendEntries to
+/// each follower, a follower's forwarded writes to the leader); a node that stops must end
+/// the streams it serves rather than wait out its listeners' grace period for the peers.
+#[test]
+fn a_node_stopping_ends_the_streams_its_peers_hold_open() {
+    serially(|| async {
+        let mut cluster = Cluster::start(3, DEFAULT_RAFT).await;
+        let leader = cluster.wait_for_leader(None).await;
+        let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+        // Through a follower: it forwards to the leader on a stream; the leader replicates to
+        // both followers on theirs.
+        let written = assign(
+            &cluster.client_for(followers[0]),
+            "streams-held",
+            "us-central-1/pg-3",
+        )
+        .await;
+        for id in 1..=3 {
+            cluster.wait_applied(id, written.mod_revision.0).await;
+        }
+        for id in [followers[1], leader] {
+            cluster.node(id).stop();
+            let log = cluster.node_log(id);
+            assert!(
+                log.contains("stopped"),
+                "node {id} did not stop cleanly: {log}"
+            );
+            assert!(
+                !log.contains("did not stop within the grace period"),
+                "node {id} waited for its peers' streams: {log}"
+            );
+        }
+    });
+}

@@ -118,7 +118,7 @@ fn accepted_without_delay(listener: tokio::net::TcpListener) -> TcpIncoming {
 }
 
 /// Resolves once the shutdown flag is raised.
-async fn stopped(mut flag: watch::Receiver<bool>) {
+pub(crate) async fn stopped(mut flag: watch::Receiver<bool>) {
     let _ = flag.wait_for(|stop| *stop).await;
 }
 
@@ -295,9 +295,12 @@ pub async fn run(
             audit.clone(),
         )))
         .add_service(
-            PeerServer::new(peer_service::PeerService::new(node.clone()))
-                .max_decoding_message_size(config.limits.peer_message_bytes_max)
-                .max_encoding_message_size(config.limits.peer_message_bytes_max),
+            PeerServer::new(peer_service::PeerService::new(
+                node.clone(),
+                stop_flag.clone(),
+            ))
+            .max_decoding_message_size(config.limits.peer_message_bytes_max)
+            .max_encoding_message_size(config.limits.peer_message_bytes_max),
         )
         .serve_with_incoming_shutdown(
             accepted_without_delay(listeners.peer),

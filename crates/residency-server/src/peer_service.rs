@@ -17,6 +17,7 @@ use residency_proto::peer_pb::{
     LocalStatusRequest, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
 use residency_store::{NodeId, TypeConfig};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ApiError;
@@ -27,11 +28,14 @@ use crate::snapshot_sender::SNAPSHOT_PROGRESS_LOG_BYTES;
 #[derive(Debug, Clone)]
 pub struct PeerService {
     node: Arc<Node>,
+    /// Set when the node stops: the call streams it serves end then, so that the listener's
+    /// graceful shutdown does not wait for the peers to close them.
+    stop: watch::Receiver<bool>,
 }
 
 impl PeerService {
-    pub fn new(node: Arc<Node>) -> PeerService {
-        PeerService { node }
+    pub fn new(node: Arc<Node>, stop: watch::Receiver<bool>) -> PeerService {
+        PeerService { node, stop }
     }
 }
 
@@ -99,9 +103,11 @@ pub type PeerAnswers = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + 
 /// Answers each message of a call stream (`call_stream.rs`) with `handle`, one at a time and in
 /// order (`then` polls one at a time), on the task that writes the answers: no task and no
 /// channel of its own. A failed message ends the stream with its error; the sender then opens
-/// a new one.
+/// a new one. The stream also ends when the node stops (a message in hand then goes
+/// unanswered, as on a broken connection): peers hold their streams open between messages,
+/// and the listener's graceful shutdown would otherwise wait out its grace period for them.
 fn answer_each<F, Fut>(
-    node: &Arc<Node>,
+    service: &PeerService,
     request: Request<Streaming<RaftPayload>>,
     handle: F,
 ) -> Response<PeerAnswers>
@@ -109,11 +115,14 @@ where
     F: Fn(Arc<Node>, RaftPayload) -> Fut + Send + 'static,
     Fut: Future<Output = Result<RaftPayload, Status>> + Send + 'static,
 {
-    let node = node.clone();
-    let answers = request.into_inner().then(move |message| {
-        let answered = message.map(|message| handle(node.clone(), message));
-        async move { answered?.await }
-    });
+    let node = service.node.clone();
+    let answers = request
+        .into_inner()
+        .then(move |message| {
+            let answered = message.map(|message| handle(node.clone(), message));
+            async move { answered?.await }
+        })
+        .take_until(crate::stopped(service.stop.clone()));
     Response::new(Box::pin(answers))
 }
 
@@ -135,11 +144,9 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<RaftPayload>>,
     ) -> Result<Response<PeerAnswers>, Status> {
-        Ok(answer_each(
-            &self.node,
-            request,
-            |node, message| async move { append(&node, &message.data).await },
-        ))
+        Ok(answer_each(self, request, |node, message| async move {
+            append(&node, &message.data).await
+        }))
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -202,11 +209,9 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<RaftPayload>>,
     ) -> Result<Response<PeerAnswers>, Status> {
-        Ok(answer_each(
-            &self.node,
-            request,
-            |node, message| async move { forward(&node, &message.data).await },
-        ))
+        Ok(answer_each(self, request, |node, message| async move {
+            forward(&node, &message.data).await
+        }))
     }
 
     async fn local_status(
