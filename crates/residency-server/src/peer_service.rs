@@ -103,9 +103,10 @@ pub type PeerAnswers = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + 
 /// Answers each message of a call stream (`call_stream.rs`) with `handle`, one at a time and in
 /// order (`then` polls one at a time), on the task that writes the answers: no task and no
 /// channel of its own. A failed message ends the stream with its error; the sender then opens
-/// a new one. The stream also ends when the node stops (a message in hand then goes
-/// unanswered, as on a broken connection): peers hold their streams open between messages,
-/// and the listener's graceful shutdown would otherwise wait out its grace period for them.
+/// a new one. Once the node stops, no further message is read: the one in hand is answered
+/// (a forwarded group's writes are applied or refused, not left unknown) and the stream ends.
+/// Peers hold their streams open between messages, and the listener's graceful shutdown would
+/// otherwise wait out its grace period for them.
 fn answer_each<F, Fut>(
     service: &PeerService,
     request: Request<Streaming<RaftPayload>>,
@@ -118,11 +119,11 @@ where
     let node = service.node.clone();
     let answers = request
         .into_inner()
+        .take_until(crate::stopped(service.stop.clone()))
         .then(move |message| {
             let answered = message.map(|message| handle(node.clone(), message));
             async move { answered?.await }
-        })
-        .take_until(crate::stopped(service.stop.clone()));
+        });
     Response::new(Box::pin(answers))
 }
 
