@@ -114,7 +114,8 @@ sleep 5
 stop_samplers
 for n in 1 2 3; do
     pid="$(pid_of "$n")"
-    bytes="$(du -sb "$data/node$n" | cut -f1)"
+    # Blocks in use, not apparent sizes: log segments are preallocated sparse files.
+    bytes="$(du -s -B1 "$data/node$n" | cut -f1)"
     report "- node $n: resident memory $(rss_mib "$pid") MiB (peak during the import $(cat "$out/peak-node$n") MiB); disk $((bytes / 1048576)) MiB ($((bytes / users)) bytes per placement)"
 done
 du -sh "$data"/node1/* | sed 's/^/  node 1: /' | tee -a "$out/scale.md"

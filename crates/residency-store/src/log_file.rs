@@ -16,11 +16,21 @@
 //! last one (after a purge of the whole log an install jumps ahead; openraft's storage tests
 //! append with gaps), then a new one starts. The length has its own checksum so that a damaged
 //! length is told apart from a record whose write was cut short.
+//!
+//! A segment is made `SEGMENT_BYTES_MAX` long when it is created (a sparse file: zeroes not yet
+//! on disk), and appends write over its zeroes. A file whose size does not change needs only
+//! its data written by `fdatasync`; one that grows with every append needs its inode written
+//! too, a second device write before the sync returns (about a third of each sync's time on
+//! this project's machines, docs/performance.md). So the data of a segment ends at the first
+//! frame boundary followed only by zeroes, or at the end of the file.
+//!
 //! Purge deletes whole segments; a segment's entries at or below the purge point stay in the
-//! file, unread. Truncate cuts the file. On open every record is read back and checked: a
-//! record cut short at the end of the last segment is a write that never completed (never
-//! acknowledged, since the sync comes after it) and is cut off; anything else that does not
-//! read back is corruption, and the store refuses to open.
+//! file, unread. Truncate zeroes the file from the cut on. On open every record is read back
+//! and checked: a record cut short at the end of the last segment is a write that never
+//! completed (never acknowledged, since the sync comes after it) and is cut off; anything
+//! else that does not read back is corruption, and the store refuses to open. In a
+//! preallocated segment a write cut short does not end early, it leaves zeroes where its rest
+//! should be: see `cut_short` for how that is told apart from damage.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -41,6 +51,11 @@ pub(crate) const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// (`limits::COMMAND_BYTES_MAX`); a larger length is damage, not an entry.
 const RECORD_BYTES_MAX: u32 = 16 * 1024 * 1024;
 const FRAME_HEADER_BYTES: u64 = 8;
+/// The unit a write cut short leaves whole or not at all: a disk writes whole sectors, and a
+/// process killed inside a write has copied whole pages of it (both multiples of this). Where
+/// a write stopped, the frame holds a piece of this size, at a multiple of it in the file,
+/// that is still all zeroes.
+const TORN_WRITE_UNIT_BYTES: usize = 512;
 const SEGMENT_PREFIX: &str = "segment-";
 const SEGMENT_SUFFIX: &str = ".log";
 /// Appends queued to the log's sync thread, at most this many before senders wait.
@@ -169,9 +184,33 @@ fn frame_header(length: u32) -> [u8; FRAME_HEADER_BYTES as usize] {
 
 /// What reading a segment found at its end.
 enum Tail {
-    Clean,
-    /// A record cut short starting at this offset.
+    /// The data ends at this offset: the file ends there, or only zeroes follow (the
+    /// preallocated space no append has reached).
+    End(u64),
+    /// A frame whose write was cut short starts at this offset.
     Torn(u64),
+}
+
+/// Whether a frame that does not check out, `bytes[start..end]`, is a write cut short rather
+/// than damage: nothing after it was ever written (all zeroes to the end of the file), and
+/// some piece of it, `TORN_WRITE_UNIT_BYTES` long and at a multiple of that in the file
+/// (clipped to the frame), is all zeroes, as the unwritten rest of a write reads in a
+/// preallocated segment. A damaged byte in the last frame leaves no such piece, and stops the
+/// log from opening as any other damage does.
+fn cut_short(bytes: &[u8], start: usize, end: usize) -> bool {
+    let end = end.min(bytes.len());
+    if bytes[end..].iter().any(|&byte| byte != 0) {
+        return false;
+    }
+    let mut piece = start;
+    while piece < end {
+        let piece_end = ((piece / TORN_WRITE_UNIT_BYTES + 1) * TORN_WRITE_UNIT_BYTES).min(end);
+        if bytes[piece..piece_end].iter().all(|&byte| byte == 0) {
+            return true;
+        }
+        piece = piece_end;
+    }
+    false
 }
 
 /// Reads the records of one segment whose first entry is `first_index`; calls `found` with the
@@ -198,14 +237,22 @@ fn scan_segment(
     let mut offset = 0_u64;
     let mut index = first_index;
     while (offset as usize) < bytes.len() {
-        let rest = &bytes[offset as usize..];
-        // A write cut short leaves less than a header, or zeroes where the file grew first.
-        if rest.len() < FRAME_HEADER_BYTES as usize || rest.iter().all(|&byte| byte == 0) {
+        let start = offset as usize;
+        let rest = &bytes[start..];
+        // The preallocated space no append has reached, or where the file grew first.
+        if rest.iter().all(|&byte| byte == 0) {
+            return Ok(Tail::End(offset));
+        }
+        // A write cut short by the end of the file leaves less than a header.
+        if rest.len() < FRAME_HEADER_BYTES as usize {
             return Ok(Tail::Torn(offset));
         }
         let length = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
         let checksum = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
         if checksum != crc32fast::hash(&rest[..4]) || length == 0 || length > RECORD_BYTES_MAX {
+            if cut_short(bytes, start, start + FRAME_HEADER_BYTES as usize) {
+                return Ok(Tail::Torn(offset));
+            }
             return Err(StoreError::corrupt(format!(
                 "log entry {index}: damaged record frame in {}",
                 path.display()
@@ -216,17 +263,18 @@ fn scan_segment(
             // The header is whole and sound: the record's write was cut short.
             return Ok(Tail::Torn(offset));
         }
+        let record = &rest[FRAME_HEADER_BYTES as usize..end];
+        // Checked here only for the last frame (`cut_short` looks for anything after it
+        // first): `found` checks every record it decodes.
+        if cut_short(bytes, start, start + end) && !crate::record::checksum_holds(record) {
+            return Ok(Tail::Torn(offset));
+        }
         let skipped = skip_through.is_some_and(|purged| index <= purged);
-        found(
-            index,
-            offset + FRAME_HEADER_BYTES,
-            &rest[FRAME_HEADER_BYTES as usize..end],
-            skipped,
-        )?;
+        found(index, offset + FRAME_HEADER_BYTES, record, skipped)?;
         offset += end as u64;
         index += 1;
     }
-    Ok(Tail::Clean)
+    Ok(Tail::End(offset))
 }
 
 /// Decodes a whole segment from its bytes as opening the log would: every frame checked, every
@@ -338,28 +386,35 @@ impl LogFiles {
                     Ok(())
                 },
             )?;
-            let mut bytes = std::fs::metadata(&path)?.len();
-            if let Tail::Torn(offset) = tail {
-                if position + 1 != count {
-                    return Err(StoreError::corrupt(format!(
-                        "log segment {} is cut short before the segments after it",
-                        path.display()
-                    )));
-                }
-                tracing::warn!(
-                    segment = %path.display(),
-                    offset,
-                    "cutting off a log record whose write never completed"
-                );
-                let file = OpenOptions::new().write(true).open(&path)?;
-                file.set_len(offset)?;
-                file.sync_all()?;
-                bytes = offset;
-            }
+            let last = position + 1 == count;
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let bytes = match tail {
+                Tail::End(offset) => offset,
+                Tail::Torn(offset) => {
+                    if !last {
+                        return Err(StoreError::corrupt(format!(
+                            "log segment {} is cut short before the segments after it",
+                            path.display()
+                        )));
+                    }
+                    tracing::warn!(
+                        segment = %path.display(),
+                        offset,
+                        "cutting off a log record whose write never completed"
+                    );
+                    // Zeroes from the cut on: the torn bytes must not be read as a frame.
+                    file.set_len(offset)?;
+                    offset
+                }
+            };
+            if last {
+                // The segment appends go to (one written before segments were preallocated,
+                // or just cut) is made full length.
+                preallocate(&file, bytes, segment_bytes_max)?;
+            }
             // What a crashed process wrote may still be only in the page cache: from here on
-            // it counts as durable, so make it so.
-            file.sync_data()?;
+            // it counts as durable, so make it so (the size too, if it changed above).
+            file.sync_all()?;
             inner.segments.insert(
                 first_index,
                 Segment {
@@ -489,6 +544,7 @@ impl LogFiles {
             .write(true)
             .create_new(true)
             .open(&path)?;
+        preallocate(&file, 0, self.segment_bytes_max)?;
         inner.segments.insert(
             first,
             Segment {
@@ -593,8 +649,11 @@ impl LogFiles {
                 .segments
                 .get_mut(&cut.segment)
                 .expect("a slot's segment exists");
+            // Zeroes from the cut on (the file keeps its preallocated length): the entries cut
+            // off must not be read back on the next open.
             segment.file.set_len(frame_start)?;
-            segment.file.sync_data()?;
+            preallocate(&segment.file, frame_start, self.segment_bytes_max)?;
+            segment.file.sync_all()?;
             segment.bytes = frame_start;
         }
         sync_directory(&self.dir)?;
@@ -650,6 +709,16 @@ impl LogFiles {
         }
         Ok(())
     }
+}
+
+/// Makes a segment whose data ends at `data_end` `segment_bytes_max` long, with zeroes past its
+/// data (see the module's notes: appends then leave the file's size alone). A sparse extension:
+/// nothing is written, so it costs no time and no disk until appends reach it.
+fn preallocate(file: &File, data_end: u64, segment_bytes_max: u64) -> Result<(), StoreError> {
+    if file.metadata()?.len() < segment_bytes_max && data_end < segment_bytes_max {
+        file.set_len(segment_bytes_max)?;
+    }
+    Ok(())
 }
 
 fn read_slot(inner: &Inner, index: u64, slot: &Slot) -> Result<Entry, StoreError> {
@@ -896,6 +965,130 @@ mod tests {
             .expect_err("a log with a hole is refused");
         assert!(
             refused.to_string().contains("log gap"),
+            "refused with {refused}"
+        );
+    }
+
+    /// Large enough that a segment holds several entries and leaves preallocated space.
+    const PREALLOCATED_SEGMENT_BYTES: u64 = 64 * 1024;
+
+    fn reopen_preallocated(dir: &Path) -> Result<Arc<LogFiles>, StoreError> {
+        LogFiles::open_with(dir, None, None, PREALLOCATED_SEGMENT_BYTES)
+    }
+
+    #[test]
+    fn a_segment_is_made_full_length_and_its_zeroes_are_not_entries() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = segment_path(dir.path(), 0);
+        let log = reopen_preallocated(dir.path()).expect("log opens");
+        log.append((0..10).map(|index| blank_entry(1, index)))
+            .expect("appended");
+        log.sync_blocking();
+        let length = || std::fs::metadata(&first).expect("segment").len();
+        assert_eq!(
+            length(),
+            PREALLOCATED_SEGMENT_BYTES,
+            "appends do not grow it"
+        );
+        drop(log);
+
+        let log = reopen_preallocated(dir.path()).expect("log reopens");
+        assert_eq!(indexes(&log), (0..10).collect::<Vec<_>>());
+        log.append((10..20).map(|index| blank_entry(1, index)))
+            .expect("appends continue after the data, not after the zeroes");
+        log.sync_blocking();
+        drop(log);
+
+        let log = reopen_preallocated(dir.path()).expect("log reopens");
+        assert_eq!(indexes(&log), (0..20).collect::<Vec<_>>());
+        log.truncate(5).expect("truncated");
+        assert_eq!(
+            length(),
+            PREALLOCATED_SEGMENT_BYTES,
+            "a cut keeps the length"
+        );
+        drop(log);
+
+        let log = reopen_preallocated(dir.path()).expect("log reopens");
+        assert_eq!(
+            indexes(&log),
+            (0..5).collect::<Vec<_>>(),
+            "the entries cut off are not read back from the preallocated space"
+        );
+        assert_eq!(log.last_log_id(), Some(log_id(1, 4)));
+    }
+
+    /// Entries 0..=2 and a last entry, 3, long enough to span several torn-write units, in a
+    /// preallocated segment, synced and closed. Returns where entry 3's frame starts and ends.
+    fn write_a_long_last_entry(dir: &Path) -> (usize, usize) {
+        let log = reopen_preallocated(dir).expect("log opens");
+        let long = crate::tests::group_entry(
+            1,
+            3,
+            (0..40)
+                .map(|n| {
+                    crate::tests::assign(
+                        &format!("req-{n}"),
+                        &format!("user-{n}"),
+                        "US",
+                        "us-east-1/pg-1",
+                    )
+                })
+                .collect(),
+        );
+        log.append((0..3).map(|index| blank_entry(1, index)).chain([long]))
+            .expect("appended");
+        log.sync_blocking();
+        let slot = log.lock().slots[&3];
+        let start = (slot.offset - FRAME_HEADER_BYTES) as usize;
+        let end = (slot.offset + u64::from(slot.length)) as usize;
+        assert!(
+            end - start > 3 * TORN_WRITE_UNIT_BYTES,
+            "the entry spans several units"
+        );
+        (start, end)
+    }
+
+    fn rewrite_segment(dir: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+        let path = segment_path(dir, 0);
+        let mut bytes = std::fs::read(&path).expect("segment reads");
+        change(&mut bytes);
+        std::fs::write(&path, bytes).expect("segment rewritten");
+    }
+
+    /// A process killed inside a write, or power lost before its sync, leaves the last frame's
+    /// start and zeroes from a unit boundary on: cut off, and the log takes the entry again.
+    #[test]
+    fn a_write_cut_short_in_a_preallocated_segment_is_cut_off() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (start, end) = write_a_long_last_entry(dir.path());
+        rewrite_segment(dir.path(), |bytes| {
+            let unit = TORN_WRITE_UNIT_BYTES;
+            let written_to = (start + FRAME_HEADER_BYTES as usize + 20).div_ceil(unit) * unit;
+            bytes[written_to..end].fill(0);
+        });
+        let log = reopen_preallocated(dir.path()).expect("a torn last write is not damage");
+        assert_eq!(indexes(&log), vec![0, 1, 2]);
+        log.append([blank_entry(2, 3)]).expect("entry 3 again");
+        log.sync_blocking();
+        drop(log);
+        let log = reopen_preallocated(dir.path()).expect("log reopens");
+        assert_eq!(indexes(&log), vec![0, 1, 2, 3]);
+        assert_eq!(log.last_log_id(), Some(log_id(2, 3)));
+    }
+
+    /// A damaged byte in the last frame, with only zeroes after it, is damage: the entry may
+    /// have been acknowledged, so the log refuses to open rather than drop it.
+    #[test]
+    fn a_damaged_last_entry_in_a_preallocated_segment_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (start, end) = write_a_long_last_entry(dir.path());
+        rewrite_segment(dir.path(), |bytes| bytes[(start + end) / 2] ^= 0x08);
+        let refused = reopen_preallocated(dir.path()).expect_err("a damaged entry is refused");
+        assert!(
+            refused
+                .to_string()
+                .contains("log entry 3: checksum mismatch"),
             "refused with {refused}"
         );
     }

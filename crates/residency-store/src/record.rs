@@ -46,6 +46,11 @@ fn checked_body<'a>(bytes: &'a [u8], what: &str) -> Result<(u8, &'a [u8]), Store
     Ok((bytes[0], body))
 }
 
+/// Whether the record's checksum holds (its format and body are not looked at).
+pub(crate) fn checksum_holds(bytes: &[u8]) -> bool {
+    checked_body(bytes, "").is_ok()
+}
+
 fn decode_body<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, StoreError> {
     postcard::from_bytes(body).map_err(|error| StoreError::corrupt(format!("{what}: {error}")))
 }
