@@ -245,9 +245,10 @@ fn bench_codecs(c: &mut Criterion) {
     });
     let entry = residency_store::Entry {
         log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), revision + 1),
-        payload: openraft::EntryPayload::Normal(residency_types::Proposal {
-            commands: vec![command(7, assign(7))],
-        }),
+        payload: openraft::EntryPayload::Normal(residency_types::Proposal::new(vec![command(
+            7,
+            assign(7),
+        )])),
     };
     let record = residency_store::record::seal_entry(&entry);
     group.bench_function("log_record_seal", |b| {

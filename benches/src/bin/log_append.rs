@@ -41,9 +41,7 @@ struct Round {
 fn entry(index: u64) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(residency_types::Proposal {
-            commands: vec![sample_command(index)],
-        }),
+        payload: EntryPayload::Normal(residency_types::Proposal::new(vec![sample_command(index)])),
     }
 }
 

@@ -18,12 +18,13 @@
 //! without bound. A write whose caller has gone (its deadline passed) before the group is
 //! formed is dropped unproposed; the caller was told `DEADLINE_EXCEEDED`, which allows it.
 
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
-use residency_store::{LogProgress, Raft, StateReader};
+use residency_store::{AnswerBoard, LogProgress, Raft, StateReader};
 use residency_types::limits::COMMAND_BYTES_MAX;
-use residency_types::{ApplyResult, Command, Outcome, Proposal, ReasonCode};
+use residency_types::{AnswerTag, ApplyResult, Command, Outcome, Proposal, ReasonCode};
 use tokio::sync::oneshot;
 
 use crate::error::ApiError;
@@ -147,7 +148,12 @@ async fn run(parts: ProposerParts, mut groups: Groups<Command>) {
         metrics::histogram!("residency_proposal_writes").record(group.len() as f64);
         let at_least = parts.log.next_index();
         let (done, done_receiver) = oneshot::channel();
-        tokio::spawn(submit(parts.raft.clone(), group, done));
+        tokio::spawn(submit(
+            parts.raft.clone(),
+            parts.reader.answer_board(),
+            group,
+            done,
+        ));
         in_flight.push_back(InFlight {
             at_least,
             done: done_receiver,
@@ -201,27 +207,59 @@ fn has_applied_own_term(raft: &Raft) -> bool {
         .is_some_and(|applied| applied.leader_id.term == metrics.current_term)
 }
 
-/// Proposes one group as one entry and hands each write its own answer. `done` is dropped on
-/// return, which tells the proposer the entry is past the log whatever happened to it.
-async fn submit(raft: Raft, group: Vec<Queued<Command>>, done: oneshot::Sender<()>) {
+/// The writes of an entry on its way, and the proposer's signal that it is past the log:
+/// whichever answers first, this node's apply or openraft, takes them.
+type Unanswered = Arc<Mutex<Option<(Vec<Answer>, oneshot::Sender<()>)>>>;
+
+fn take_unanswered(unanswered: &Unanswered) -> Option<(Vec<Answer>, oneshot::Sender<()>)> {
+    unanswered.lock().expect("unanswered lock poisoned").take()
+}
+
+fn send_results(answers: Vec<Answer>, results: impl ExactSizeIterator<Item = ApplyResult>) {
+    assert_eq!(
+        results.len(),
+        answers.len(),
+        "an entry's answer has one result per write"
+    );
+    for (answer, result) in answers.into_iter().zip(results) {
+        let _ = answer.send(Ok(result));
+    }
+}
+
+/// Proposes one group as one entry and hands each write its own answer: from this node's
+/// apply as soon as it has decided the entry (`residency_store::answers`), or else when
+/// openraft's `client_write` returns. `done` is dropped with the answers, which tells the
+/// proposer the entry is past the log whatever happened to it.
+async fn submit(
+    raft: Raft,
+    board: AnswerBoard,
+    group: Vec<Queued<Command>>,
+    done: oneshot::Sender<()>,
+) {
     let (commands, answers): (Vec<Command>, Vec<Answer>) = group
         .into_iter()
         .map(|queued| (queued.write, queued.answer))
         .unzip();
-    let written = raft.client_write(Proposal { commands }).await;
+    let unanswered: Unanswered = Arc::new(Mutex::new(Some((answers, done))));
+    let registration = board.register({
+        let unanswered = unanswered.clone();
+        Box::new(move |results: &[ApplyResult]| {
+            if let Some((answers, _done)) = take_unanswered(&unanswered) {
+                send_results(answers, results.iter().cloned());
+            }
+        })
+    });
+    let mut proposal = Proposal::new(commands);
+    proposal.answer_tag = AnswerTag(Some(registration.tag()));
+    let written = raft.client_write(proposal).await;
+    drop(registration);
+    let Some((answers, done)) = take_unanswered(&unanswered) else {
+        // Answered from apply.
+        return;
+    };
     drop(done);
     match written {
-        Ok(response) => {
-            let results = response.data.results;
-            assert_eq!(
-                results.len(),
-                answers.len(),
-                "an entry's answer has one result per write"
-            );
-            for (answer, result) in answers.into_iter().zip(results) {
-                let _ = answer.send(Ok(result));
-            }
-        }
+        Ok(response) => send_results(answers, response.data.results.into_iter()),
         Err(error) => {
             let error = match error {
                 RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {

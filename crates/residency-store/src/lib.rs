@@ -9,9 +9,11 @@
 //!   record, `redo.rs`).
 //! - [`snapshot`]: the snapshot file format (header, length-prefixed records, CRC trailer).
 //! - [`reader`]: the read API the server answers queries with.
+//! - [`answers`]: the leader's own writes answered as soon as apply has decided them.
 //!
 //! This crate knows openraft and sled and nothing of gRPC.
 
+pub mod answers;
 pub(crate) mod capture;
 pub mod durable;
 pub mod error;
@@ -35,6 +37,7 @@ use std::path::Path;
 use residency_types::{Proposal, ProposalResult};
 use serde::{Deserialize, Serialize};
 
+pub use answers::{AnswerBoard, Registration};
 pub use durable::{Durable, StoreOptions};
 pub use error::StoreError;
 pub use log_store::{CommittedIndex, LogProgress, LogStore};

@@ -40,6 +40,11 @@ impl StateReader {
         StateReader { shared }
     }
 
+    /// Where the proposer registers for answers from apply (`answers.rs`).
+    pub fn answer_board(&self) -> crate::AnswerBoard {
+        self.shared.answers.clone()
+    }
+
     /// The revision of the last applied entry on this node (0 before any).
     pub fn applied_revision(&self) -> Revision {
         Revision(

@@ -118,9 +118,9 @@ mod legacy {
     pub fn grouped(entry: Entry) -> crate::Entry {
         let payload = match entry.payload {
             openraft::EntryPayload::Blank => openraft::EntryPayload::Blank,
-            openraft::EntryPayload::Normal(command) => openraft::EntryPayload::Normal(Proposal {
-                commands: vec![command],
-            }),
+            openraft::EntryPayload::Normal(command) => {
+                openraft::EntryPayload::Normal(Proposal::new(vec![command]))
+            }
             openraft::EntryPayload::Membership(membership) => {
                 openraft::EntryPayload::Membership(membership)
             }

@@ -201,11 +201,13 @@ pub(crate) struct Shared {
     /// Held by a walk over the capture (a snapshot build, a digest) from its start to its end,
     /// and by an install, which replaces the tree a walk reads.
     build_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The proposer's callbacks for its own entries (`answers.rs`).
+    pub(crate) answers: crate::AnswerBoard,
 }
 
 #[derive(Clone)]
 pub struct StateMachineStore {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -278,6 +280,7 @@ impl StateMachineStore {
             incoming: Mutex::new(Vec::new()),
             capture: Capture::default(),
             build_lock: Arc::default(),
+            answers: crate::AnswerBoard::default(),
         };
         Ok(StateMachineStore {
             shared: Arc::new(shared),
@@ -338,6 +341,8 @@ impl StateMachineStore {
         let mut results = Vec::with_capacity(entries.len());
         let mut last_applied = None;
         let mut writes = 0_u64;
+        // (tag, position in `results`) of this node's own proposals (`answers.rs`).
+        let mut tagged = Vec::new();
         for entry in entries {
             let revision = Revision(entry.log_id.index);
             let applied = match &entry.payload {
@@ -346,6 +351,9 @@ impl StateMachineStore {
                 }
                 EntryPayload::Normal(proposal) => {
                     writes += proposal.commands.len() as u64;
+                    if let Some(tag) = proposal.answer_tag.0 {
+                        tagged.push((tag, results.len()));
+                    }
                     residency_core::apply(
                         &overlay,
                         &*overlay.requests,
@@ -374,6 +382,11 @@ impl StateMachineStore {
         self.shared.capture.record(tree, overlay.pending.keys())?;
         let _change = StateChange::begin(&self.shared);
         let changes = overlay.into_changes();
+        // Decided: the proposer may answer its writes now, inside the change (`answers.rs`).
+        for (tag, position) in tagged {
+            let decided: &ProposalResult = &results[position];
+            self.shared.answers.answer(tag, &decided.results);
+        }
         if changes.len() <= REDO_CHANGES_MAX {
             // Key by key behind a redo record: as atomic as a sled batch, and for a small
             // apply far cheaper (`redo.rs`).

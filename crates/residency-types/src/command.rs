@@ -323,7 +323,35 @@ pub struct ApplyResult {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     pub commands: Vec<Command>,
+    /// Set by the node that proposes the entry, for itself alone: never written to the log or
+    /// sent to a peer, so an entry read back or received has none.
+    #[serde(skip)]
+    pub answer_tag: AnswerTag,
 }
+
+impl Proposal {
+    /// A proposal of `commands`, with no answer tag.
+    pub fn new(commands: Vec<Command>) -> Proposal {
+        Proposal {
+            commands,
+            answer_tag: AnswerTag::default(),
+        }
+    }
+}
+
+/// Which of its own proposals the leader's apply should answer as soon as it has decided
+/// them (the server's proposer waits on it). Not part of what an entry says: every tag equals
+/// every other, so two proposals of the same writes are equal whoever tagged them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnswerTag(pub Option<u64>);
+
+impl PartialEq for AnswerTag {
+    fn eq(&self, _other: &AnswerTag) -> bool {
+        true
+    }
+}
+
+impl Eq for AnswerTag {}
 
 /// What applying one log entry answered: one result per write of its `Proposal`, in the same
 /// order; none for an entry that carries no write (blank and membership entries).

@@ -28,7 +28,8 @@ pub mod reason;
 pub use access::{AccessOperation, Decision, DecisionAt, DenyReason};
 pub use catalog::{Labels, Location, LocationState, Policy};
 pub use command::{
-    ApplyResult, AssignItem, Command, Outcome, Proposal, ProposalResult, Rejection, WriteBody,
+    AnswerTag, ApplyResult, AssignItem, Command, Outcome, Proposal, ProposalResult, Rejection,
+    WriteBody,
 };
 pub use consistency::Consistency;
 pub use event::{Change, Event};

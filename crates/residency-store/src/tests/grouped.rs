@@ -157,3 +157,77 @@ async fn a_log_from_before_grouping_reads_as_entries_of_one_write() {
         crate::record::unseal_entry(&unknown, "log entry 1").expect_err("an unknown format");
     assert!(refused.to_string().contains("unknown record format 9"));
 }
+
+/// The leader's own entry, tagged by its proposer, is answered from apply with exactly what
+/// apply returns, while the change is under way (so no read that starts after the answer can
+/// miss it); an entry whose registration is gone, or that carries no tag, calls nothing.
+#[tokio::test]
+async fn a_tagged_entry_is_answered_from_apply_inside_the_change() {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut store = open_store(dir.path()).await;
+    let board = store.reader.answer_board();
+    // Each answer heard, and whether the state change was under way when it came.
+    type Heard = Vec<(Vec<residency_types::ApplyResult>, bool)>;
+    let heard: Arc<Mutex<Heard>> = Arc::default();
+    let mut entries = seeded_history(&[1]);
+    let tagged_entry = |index, tag, commands| {
+        let mut entry = group_entry(1, index, commands);
+        let openraft::EntryPayload::Normal(proposal) = &mut entry.payload else {
+            unreachable!("a group entry carries a proposal")
+        };
+        proposal.answer_tag = residency_types::AnswerTag(Some(tag));
+        entry
+    };
+    let shared = store.state_machine.shared.clone();
+    let registration = board.register({
+        let heard = heard.clone();
+        Box::new(move |results| {
+            let in_change = !shared.change_seq.load(Ordering::SeqCst).is_multiple_of(2);
+            heard
+                .lock()
+                .expect("lock")
+                .push((results.to_vec(), in_change));
+        })
+    });
+    let dropped = board.register(Box::new(|_| panic!("a dropped registration was called")));
+    let dropped_tag = dropped.tag();
+    drop(dropped);
+    entries.push(tagged_entry(
+        SEEDED,
+        registration.tag(),
+        vec![
+            assign("t-1", "ann", "US", "us-east-1/pg-1"),
+            assign("t-2", "ben", "US", "ca-central-1/pg-7"),
+        ],
+    ));
+    entries.push(tagged_entry(
+        SEEDED + 1,
+        dropped_tag,
+        vec![assign("t-3", "cat", "CA", "ca-central-1/pg-7")],
+    ));
+    entries.push(group_entry(
+        1,
+        SEEDED + 2,
+        vec![assign("t-4", "dan", "US", "us-east-1/pg-1")],
+    ));
+    store
+        .log
+        .blocking_append(entries.clone())
+        .await
+        .expect("log appended");
+    let results = store.state_machine.apply(entries).await.expect("applied");
+    let heard = heard.lock().expect("lock").clone();
+    assert_eq!(heard.len(), 1, "one tagged entry with a live registration");
+    let (answered, in_change) = &heard[0];
+    assert_eq!(
+        answered, &results[SEEDED as usize].results,
+        "the answer is what apply returns"
+    );
+    assert!(*in_change, "answered while the state change is under way");
+    assert_eq!(board.waiting(), 0, "an answered callback leaves the board");
+    drop(registration);
+    assert_eq!(board.waiting(), 0);
+}

@@ -129,7 +129,7 @@ pub(crate) fn write_entry(term: u64, index: u64, command: Command) -> Entry {
 pub(crate) fn group_entry(term: u64, index: u64, commands: Vec<Command>) -> Entry {
     Entry {
         log_id: log_id(term, index),
-        payload: EntryPayload::Normal(Proposal { commands }),
+        payload: EntryPayload::Normal(Proposal::new(commands)),
     }
 }
 
