@@ -64,6 +64,34 @@ impl CallStream {
         CallStream { requests, answers }.answer().await
     }
 
+    /// Sends `payload` on `held`, or on a stream `open` opens when there is none. When the held
+    /// stream fails, the request goes again on a new one if it surely never left
+    /// (`Failed::unsent`), or if `resend_after_failure` says that receiving it twice is harmless
+    /// (an AppendEntries on a stream taken from the idle pool, which may have died while idle);
+    /// otherwise the failure is the answer, since the request may have been acted on.
+    pub async fn call_or_open<F, Fut>(
+        held: Option<CallStream>,
+        resend_after_failure: bool,
+        rpc: &'static str,
+        payload: RaftPayload,
+        open: F,
+    ) -> Result<(CallStream, RaftPayload), Status>
+    where
+        F: FnOnce(Requests) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Streaming<RaftPayload>>, Status>>,
+    {
+        let Some(held) = held else {
+            return CallStream::open(rpc, payload, open).await;
+        };
+        match held.call(payload.clone()).await {
+            Ok(answered) => Ok(answered),
+            Err(failed) if failed.unsent || resend_after_failure => {
+                CallStream::open(rpc, payload, open).await
+            }
+            Err(failed) => Err(failed.status),
+        }
+    }
+
     /// Sends the next request and waits for its answer.
     pub async fn call(self, payload: RaftPayload) -> Result<(CallStream, RaftPayload), Failed> {
         if self.requests.send(payload).await.is_err() {

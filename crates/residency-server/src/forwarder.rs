@@ -169,50 +169,28 @@ async fn send_group(
         Some((addr, held)) if addr == peer_addr => Some(held),
         _ => None,
     };
-    let payload_again = payload.clone();
-    let streamed = !peers.unary_calls(peer_addr);
-    let exchange = async {
-        if !streamed {
-            return client
-                .forward_writes(payload)
-                .await
-                .map(|response| (None, response.into_inner()));
-        }
-        let answered = match held {
-            Some(held) => match held.call(payload.clone()).await {
-                Ok(answered) => Ok(answered),
-                Err(failed) if failed.unsent => {
-                    CallStream::open("forward_writes", payload, |requests| {
-                        client.forward_writes_stream(requests)
-                    })
-                    .await
-                }
-                Err(failed) => Err(failed.status),
-            },
-            None => {
-                CallStream::open("forward_writes", payload, |requests| {
-                    client.forward_writes_stream(requests)
-                })
-                .await
+    let until = tokio::time::Instant::now() + deadline;
+    if !peers.unary_calls(peer_addr) {
+        // A group that failed on its stream may have been proposed: no resend.
+        let exchange =
+            CallStream::call_or_open(held, false, "forward_writes", payload.clone(), |requests| {
+                client.forward_writes_stream(requests)
+            });
+        match tokio::time::timeout_at(until, exchange).await {
+            Ok(Ok((held, response))) => {
+                *stream = Some((peer_addr.to_string(), held));
+                return Ok(response);
             }
-        };
-        answered.map(|(held, response)| (Some(held), response))
-    };
-    match tokio::time::timeout(deadline, exchange).await {
-        Ok(Ok((held, response))) => {
-            *stream = held.map(|held| (peer_addr.to_string(), held));
-            Ok(response)
-        }
-        Ok(Err(status)) if streamed && status.code() == tonic::Code::Unimplemented => {
             // Refused before anything was proposed: the leader has no streams. As one call.
-            peers.use_unary_calls(peer_addr);
-            let mut client = peers.client(peer_addr).map_err(Unanswered::Client)?;
-            match tokio::time::timeout(deadline, client.forward_writes(payload_again)).await {
-                Ok(Ok(response)) => Ok(response.into_inner()),
-                Ok(Err(status)) => Err(Unanswered::Failed(status)),
-                Err(_) => Err(Unanswered::TimedOut),
+            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                peers.use_unary_calls(peer_addr);
             }
+            Ok(Err(status)) => return Err(Unanswered::Failed(status)),
+            Err(_) => return Err(Unanswered::TimedOut),
         }
+    }
+    match tokio::time::timeout_at(until, client.forward_writes(payload)).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
         Ok(Err(status)) => Err(Unanswered::Failed(status)),
         Err(_) => Err(Unanswered::TimedOut),
     }

@@ -290,30 +290,17 @@ impl PeerConnection {
             Some(stream) => (Some(stream), false),
             None => (self.channels.take_idle(&self.peer_addr), true),
         };
+        let started = Instant::now();
         let exchange = async {
             let client = match &mut self.client {
                 Ok(client) => client,
                 Err(error) => return Err(tonic::Status::unavailable(error.to_string())),
             };
-            let held = match held {
-                Some(held) => held,
-                None => {
-                    return CallStream::open("append_entries", payload, |requests| {
-                        client.append_entries_stream(requests)
-                    })
-                    .await;
-                }
-            };
-            match held.call(payload.clone()).await {
-                Ok(answered) => Ok(answered),
-                Err(failed) if idle || failed.unsent => {
-                    CallStream::open("append_entries", payload, |requests| {
-                        client.append_entries_stream(requests)
-                    })
-                    .await
-                }
-                Err(failed) => Err(failed.status),
-            }
+            // AppendEntries is idempotent: a stream taken idle that fails is replaced.
+            CallStream::call_or_open(held, idle, "append_entries", payload, |requests| {
+                client.append_entries_stream(requests)
+            })
+            .await
         };
         match tokio::time::timeout(deadline, exchange).await {
             Ok(Ok((stream, response))) => {
@@ -322,7 +309,8 @@ impl PeerConnection {
             }
             Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
                 self.channels.use_unary_calls(&self.peer_addr);
-                self.call(RpcKind::AppendEntries, request, deadline).await
+                let left = deadline.saturating_sub(started.elapsed());
+                self.call(RpcKind::AppendEntries, request, left).await
             }
             Ok(Err(status)) => Err(rpc_error(&status)),
             Err(elapsed) => Err(RPCError::Network(NetworkError::new(&elapsed))),
