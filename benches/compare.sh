@@ -4,6 +4,8 @@
 #
 #   ./benches/compare.sh                  release build, 3 rounds of 5 s per workload
 #   ./benches/compare.sh --smoke          debug build, 1 short round per workload (CI)
+#   ./benches/compare.sh --plaintext      the registry without TLS too, as etcd runs here: the
+#                                         two systems on the same footing (not how it ships)
 #   ./benches/compare.sh -- --rounds 5    anything after -- goes to both `residency-bench run`
 #
 # It builds what it needs, starts a fresh three-node registry (./cluster/local.sh with its
@@ -22,9 +24,11 @@ source "$root/cluster/common.sh"
 
 profile=release
 bench_args=()
+registry_tls=on
 while [ $# -gt 0 ]; do
     case "$1" in
         --smoke) profile=debug; bench_args+=(--rounds 1 --seconds 0.5 --warmup 0.2 --users 2000) ;;
+        --plaintext) registry_tls=off ;;
         --) shift; bench_args+=("$@"); break ;;
         *) die "unknown argument $1 (see the head of $0)" ;;
     esac
@@ -51,8 +55,16 @@ say "building residencyd, residencyctl and residency-bench ($profile)..."
 cargo build "${flags[@]}" --bin residencyd --bin residencyctl --bin residency-bench
 
 registry_data="$out/registry-data"
-# local.sh makes the cluster's certificates there; the bench presents the operator's.
-export RESIDENCY_CERTS_DIR="$registry_data/certs"
+if [ "$registry_tls" = on ]; then
+    # local.sh makes the cluster's certificates there; the bench presents the operator's.
+    export RESIDENCY_CERTS_DIR="$registry_data/certs"
+else
+    # No certificates anywhere the bench looks: it speaks plaintext.
+    export RESIDENCY_CERTS_DIR=""
+    [ ! -e data/certs/ca.pem ] || die "data/certs exists, so the bench would speak TLS: move it aside for --plaintext"
+fi
+export RESIDENCY_TLS="$registry_tls"
+say "the registry runs with TLS $registry_tls; etcd without TLS"
 etcd_pids=()
 stop_all() {
     RESIDENCY_DATA="$registry_data" RESIDENCY_PROFILE="$profile" ./cluster/local.sh down >/dev/null 2>&1 || true
