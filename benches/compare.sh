@@ -60,7 +60,7 @@ if [ "$registry_tls" = on ]; then
     export RESIDENCY_CERTS_DIR="$registry_data/certs"
 else
     # No certificates anywhere the bench looks: it speaks plaintext.
-    export RESIDENCY_CERTS_DIR=""
+    unset RESIDENCY_CERTS_DIR
     [ ! -e data/certs/ca.pem ] || die "data/certs exists, so the bench would speak TLS: move it aside for --plaintext"
 fi
 export RESIDENCY_TLS="$registry_tls"
