@@ -61,6 +61,15 @@ use crate::config::ValidConfig;
 use crate::network::{NetworkFactory, PeerChannels};
 use crate::node::Node;
 
+/// Streams a peer may open and reset before the peer listener has accepted them, at most,
+/// before h2 ends the connection. h2's default (20) guards against rapid-reset floods. But a
+/// leader whose appends miss their deadline resets one stream per try, every heartbeat, for as
+/// long as a partition lasts; when it heals they arrive together, and at 20 the peer's
+/// connection was cut again and again, holding the cluster without a stable leader for seconds
+/// after an asymmetric partition (found by the fault suite). Only nodes speak on the peer
+/// listener, so the bound is raised there alone; the client listener keeps h2's.
+const PEER_PENDING_RESET_STREAMS_MAX: usize = 1_024;
+
 /// How long in-flight requests get to finish once shutdown starts.
 const SHUTDOWN_GRACE_MS: u64 = 5_000;
 /// How often the node looks whether Raft stopped on a fatal error. Polled, not awaited on
@@ -242,7 +251,8 @@ pub async fn run(
     };
     let mut client_builder = keepalive(tonic::transport::Server::builder())
         .max_concurrent_streams(limits.connection_streams_max);
-    let mut peer_builder = keepalive(tonic::transport::Server::builder());
+    let mut peer_builder = keepalive(tonic::transport::Server::builder())
+        .http2_max_pending_accept_reset_streams(Some(PEER_PENDING_RESET_STREAMS_MAX));
     if let Some(node_tls) = &node_tls {
         client_builder = client_builder
             .tls_config(node_tls.client_listener())
