@@ -8,12 +8,15 @@
 //!   `residency_core::apply`, written atomically with the applied log id (behind a redo
 //!   record, `redo.rs`).
 //! - [`snapshot`]: the snapshot file format (header, length-prefixed records, CRC trailer).
+//! - [`base`]: the base file: the state at one revision as sorted compressed blocks with an
+//!   index, for point reads and walks without loading it anywhere.
 //! - [`reader`]: the read API the server answers queries with.
 //! - [`answers`]: the leader's own writes answered as soon as apply has decided them.
 //!
 //! This crate knows openraft and sled and nothing of gRPC.
 
 pub mod answers;
+pub mod base;
 pub(crate) mod capture;
 pub mod durable;
 pub mod error;
