@@ -179,7 +179,7 @@ fn export_pages(
     scope: ExportScope,
     send: impl Fn(Result<ExportPage, Status>) -> bool,
 ) {
-    let mut reader = match residency_store::snapshot::SnapshotReader::open(file) {
+    let mut reader = match residency_store::snapshot::open_snapshot(file) {
         Ok((reader, _)) => reader,
         Err(error) => {
             send(Err(Status::internal(format!(

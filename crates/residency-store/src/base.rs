@@ -359,9 +359,32 @@ impl BlockCache {
     }
 }
 
+/// Where a base's bytes are read from: its file, or (for the fuzz target) memory.
+trait Source: Send + Sync {
+    fn read_exact_at(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl Source for File {
+    fn read_exact_at(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, bytes, offset)
+    }
+}
+
+impl Source for Vec<u8> {
+    fn read_exact_at(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let piece = start
+            .checked_add(bytes.len())
+            .and_then(|end| self.get(start..end))
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        bytes.copy_from_slice(piece);
+        Ok(())
+    }
+}
+
 /// An open base file.
 pub struct Base {
-    file: File,
+    file: Box<dyn Source>,
     meta: SnapshotMeta,
     index: Vec<BlockEntry>,
     pairs: u64,
@@ -380,7 +403,7 @@ impl std::fmt::Debug for Base {
     }
 }
 
-fn read_at(file: &File, offset: u64, length: usize) -> Result<Vec<u8>, StoreError> {
+fn read_at(file: &dyn Source, offset: u64, length: usize) -> Result<Vec<u8>, StoreError> {
     let mut bytes = vec![0_u8; length];
     file.read_exact_at(&mut bytes, offset).map_err(|error| {
         if error.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -402,13 +425,49 @@ impl Base {
     pub(crate) fn open_with_cache(path: &Path, cache_bytes_max: usize) -> Result<Base, StoreError> {
         let file = File::open(path)?;
         let bytes = file.metadata()?.len();
-        let corrupt =
-            |what: &str| StoreError::corrupt(format!("base file {}: {what}", path.display()));
+        Base::from_source(
+            Box::new(file),
+            bytes,
+            &path.display().to_string(),
+            cache_bytes_max,
+        )
+    }
+
+    /// As `open`, from a file already open (a snapshot handed over by openraft).
+    pub fn from_file(file: File) -> Result<Base, StoreError> {
+        let bytes = file.metadata()?.len();
+        Base::from_source(Box::new(file), bytes, "(open file)", BLOCK_CACHE_BYTES_MAX)
+    }
+
+    /// As `open`, from bytes in memory (the fuzz target).
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Base, StoreError> {
+        let length = bytes.len() as u64;
+        Base::from_source(
+            Box::new(bytes),
+            length,
+            "(in memory)",
+            BLOCK_CACHE_BYTES_MAX,
+        )
+    }
+
+    /// Whether a file beginning with `prefix` is a base file.
+    pub fn is_base(prefix: &[u8]) -> bool {
+        prefix.starts_with(MAGIC)
+    }
+
+    fn from_source(
+        source: Box<dyn Source>,
+        bytes: u64,
+        name: &str,
+        cache_bytes_max: usize,
+    ) -> Result<Base, StoreError> {
+        let file = &*source;
+        let corrupt = |what: &str| StoreError::corrupt(format!("base file {name}: {what}"));
         let opening = (MAGIC.len() + 4) as u64;
         if bytes < opening + FOOTER_BYTES as u64 {
             return Err(corrupt("shorter than a header and a footer"));
         }
-        let start = read_at(&file, 0, MAGIC.len() + 4)?;
+        let start = read_at(file, 0, MAGIC.len() + 4)?;
         if &start[..MAGIC.len()] != MAGIC {
             return Err(corrupt("not a registry base file (bad magic)"));
         }
@@ -416,7 +475,7 @@ impl Base {
         if header_len > HEADER_BYTES_MAX || opening + header_len as u64 + 4 > bytes {
             return Err(corrupt("header length out of bounds"));
         }
-        let header = read_at(&file, opening, header_len + 4)?;
+        let header = read_at(file, opening, header_len + 4)?;
         if crc32fast::hash(&header[..header_len]) != be_u32(&header[header_len..]) {
             return Err(corrupt("header checksum mismatch"));
         }
@@ -424,7 +483,7 @@ impl Base {
             .map_err(|error| corrupt(&format!("header: {error}")))?;
         let blocks_start = opening + header_len as u64 + 4;
 
-        let footer = read_at(&file, bytes - FOOTER_BYTES as u64, FOOTER_BYTES)?;
+        let footer = read_at(file, bytes - FOOTER_BYTES as u64, FOOTER_BYTES)?;
         if &footer[FOOTER_BYTES - MAGIC.len()..] != MAGIC {
             return Err(corrupt("no footer (the file is cut short)"));
         }
@@ -442,7 +501,7 @@ impl Base {
         {
             return Err(corrupt("index out of bounds"));
         }
-        let raw_index = read_at(&file, index_offset, index_len as usize)?;
+        let raw_index = read_at(file, index_offset, index_len as usize)?;
         if crc32fast::hash(&raw_index) != index_crc {
             return Err(corrupt("index checksum mismatch"));
         }
@@ -456,7 +515,7 @@ impl Base {
             return Err(corrupt("the footer's pair count disagrees with the index"));
         }
         let base = Base {
-            file,
+            file: source,
             meta,
             index,
             pairs,
@@ -543,7 +602,7 @@ impl Base {
             }
             debug_assert!(window_end <= end);
             let bytes = read_at(
-                &self.file,
+                &*self.file,
                 window_start,
                 (window_end - window_start) as usize,
             )?;
@@ -603,7 +662,7 @@ impl Base {
     /// Reads and decodes block `number` from the file (not from the cache).
     fn read_block(&self, number: usize) -> Result<Block, StoreError> {
         let entry = &self.index[number];
-        let bytes = read_at(&self.file, entry.offset, 8 + entry.stored_len as usize)?;
+        let bytes = read_at(&*self.file, entry.offset, 8 + entry.stored_len as usize)?;
         let body = &bytes[8..];
         if be_u32(&bytes[4..]) != crc32fast::hash(body) {
             return Err(StoreError::corrupt(format!(
@@ -670,6 +729,7 @@ impl Base {
             current: None,
             seek: Some(start.to_vec()),
             cache,
+            previous_last: None,
         }
     }
 }
@@ -682,6 +742,10 @@ pub struct BaseCursor {
     current: Option<(Arc<Block>, usize)>,
     seek: Option<Vec<u8>>,
     cache: bool,
+    /// The last key of the block read last: each block must begin past it (a block's own
+    /// order is checked when it is decoded), so a walk of a damaged file that `verify` was not
+    /// run on still never yields keys out of order.
+    previous_last: Option<Vec<u8>>,
 }
 
 impl BaseCursor {
@@ -705,6 +769,17 @@ impl BaseCursor {
                 Arc::new(self.base.read_block(self.next_block)?)
             };
             self.next_block += 1;
+            let (first, _) = block.pair(0);
+            if self
+                .previous_last
+                .as_deref()
+                .is_some_and(|last| first <= last)
+            {
+                return Err(StoreError::corrupt(
+                    "base file: the blocks' keys are not sorted",
+                ));
+            }
+            self.previous_last = Some(block.pair(block.starts.len() - 1).0.to_vec());
             let at = match self.seek.take() {
                 Some(start) => block.seek(&start),
                 None => 0,

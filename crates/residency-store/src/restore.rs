@@ -1,7 +1,8 @@
 //! Building a new node's data from a backup: the state of the backup, under a new membership.
 //!
-//! A backup is a snapshot file (see `snapshot.rs`), verified whole (its trailer count and CRC)
-//! before anything is kept. Restoring writes the backup's pairs as the node's state, replaces
+//! A backup is a snapshot file of either format (a base file, `base.rs`, or the older stream,
+//! `snapshot.rs`), verified whole (every block, or the trailer's count and CRC) before anything
+//! is kept. Restoring writes the backup's pairs as the node's state, replaces
 //! the membership it recorded with the new cluster's, and starts the Raft log just after the
 //! backup's revision, with a vote for this node in the backup's term, so that the new
 //! cluster's first election happens in a later term than any entry the state covers. Every node
@@ -16,7 +17,7 @@ use openraft::Membership;
 use residency_core::codec;
 
 use crate::log_store::LogStore;
-use crate::snapshot::SnapshotReader;
+use crate::snapshot::open_snapshot;
 use crate::state_machine::{applied_key, membership_key, read_applied};
 use crate::{Durable, LogId, NodeId, NodeInfo, StoreError, StoreOptions, StoredMembership, Vote};
 
@@ -31,7 +32,7 @@ pub struct Restored {
 
 /// Reads a whole backup file and checks it: returns the log id it stands at and its pair count.
 pub fn verify_backup(backup: &Path) -> Result<Restored, StoreError> {
-    let (mut reader, meta) = SnapshotReader::open(File::open(backup)?)?;
+    let (mut reader, meta) = open_snapshot(File::open(backup)?)?;
     let mut pairs = 0;
     let mut applied = None;
     while let Some((key, value)) = reader.next_pair()? {
@@ -79,7 +80,7 @@ pub fn restore(
     let state = durable
         .db()
         .open_tree(crate::state_machine::INITIAL_STATE_TREE)?;
-    let (mut reader, _) = SnapshotReader::open(File::open(backup)?)?;
+    let (mut reader, _) = open_snapshot(File::open(backup)?)?;
     crate::state_machine::load_pairs(&mut reader, &state)?;
     let applied = read_applied(&state)?
         .ok_or_else(|| StoreError::corrupt("restored state has no applied revision"))?;

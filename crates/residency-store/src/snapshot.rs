@@ -277,3 +277,49 @@ impl<R: BufRead> SnapshotReader<R> {
         Ok(Some((key, value)))
     }
 }
+
+/// The pairs of a snapshot file of either format, in key order: a base file (`base.rs`, what
+/// builds write since 2026-12-08) or the stream above (older snapshots and backups).
+#[derive(Debug)]
+pub enum SnapshotPairs<R: BufRead = BufReader<File>> {
+    Stream(SnapshotReader<R>),
+    Base(crate::base::BaseCursor),
+}
+
+impl<R: BufRead> SnapshotPairs<R> {
+    /// The next pair, or `None` past the last (for a stream, after its trailer checked out).
+    pub fn next_pair(&mut self) -> Result<Option<StatePair>, StoreError> {
+        match self {
+            SnapshotPairs::Stream(reader) => reader.next_pair(),
+            SnapshotPairs::Base(cursor) => cursor.next_pair(),
+        }
+    }
+}
+
+/// Opens a snapshot file of either format: its pairs and its meta. A base file's header,
+/// index and block checksums are checked here, a stream's as it is read.
+pub fn open_snapshot(file: File) -> Result<(SnapshotPairs, SnapshotMeta), StoreError> {
+    use std::os::unix::fs::FileExt;
+    let mut prefix = [0_u8; 8];
+    let read = file.read_at(&mut prefix, 0)?;
+    if crate::base::Base::is_base(&prefix[..read]) {
+        let base = std::sync::Arc::new(crate::base::Base::from_file(file)?);
+        let meta = base.meta().clone();
+        return Ok((SnapshotPairs::Base(base.pairs_from(b"", false)), meta));
+    }
+    let (reader, meta) = SnapshotReader::open(file)?;
+    Ok((SnapshotPairs::Stream(reader), meta))
+}
+
+/// As `open_snapshot`, from bytes in memory (the fuzz target).
+pub fn snapshot_from_bytes(
+    bytes: &[u8],
+) -> Result<(SnapshotPairs<&[u8]>, SnapshotMeta), StoreError> {
+    if crate::base::Base::is_base(bytes) {
+        let base = std::sync::Arc::new(crate::base::Base::from_bytes(bytes.to_vec())?);
+        let meta = base.meta().clone();
+        return Ok((SnapshotPairs::Base(base.pairs_from(b"", false)), meta));
+    }
+    let (reader, meta) = SnapshotReader::from_reader(bytes)?;
+    Ok((SnapshotPairs::Stream(reader), meta))
+}

@@ -29,10 +29,11 @@ use residency_core::{HashedRequestIndex, KvRead, Mutation, codec, keys};
 use residency_types::{ProposalResult, Revision};
 use tokio::sync::RwLock;
 
+use crate::base::BaseWriter;
 use crate::capture::{AsOfStart, Capture};
 use crate::error::{sm_error, snapshot_error};
 use crate::reader::StateReader;
-use crate::snapshot::{SnapshotReader, SnapshotWriter};
+use crate::snapshot::{SnapshotPairs, open_snapshot};
 use crate::{
     Durable, Entry, LogId, SnapshotMeta, StorageError, StoreError, StoredMembership, TypeConfig,
 };
@@ -471,7 +472,7 @@ fn adopt_installed_partial(
     if !received || applied.is_none() {
         return Ok(None);
     }
-    let Ok((mut reader, meta)) = SnapshotReader::open(File::open(path)?) else {
+    let Ok((mut reader, meta)) = open_snapshot(File::open(path)?) else {
         return Ok(None);
     };
     if meta.last_log_id != applied {
@@ -516,7 +517,7 @@ fn find_current_snapshot(
                 }
             }
         }
-        let (_, meta) = SnapshotReader::open(File::open(&path)?)?;
+        let (_, meta) = open_snapshot(File::open(&path)?)?;
         let newer = newest
             .as_ref()
             .is_none_or(|(best, _)| meta.last_log_id > best.last_log_id);
@@ -605,13 +606,13 @@ impl Shared {
         };
         let partial = self.next_path("build", PARTIAL_SUFFIX)?;
         let file = File::create(&partial)?;
-        let mut writer = SnapshotWriter::new(file, &meta)?;
+        let mut writer = BaseWriter::new(file, &meta)?;
         let mut walk = AsOfStart::new(&self.capture, &start.tree);
         while let Some((key, value)) = walk.next_pair()? {
             writer.pair(&key, &value)?;
         }
         let captured = self.capture.counts();
-        let pairs = writer.finish()?;
+        let pairs = writer.finish()?.pairs;
         let file = self.adopt_snapshot(meta.clone(), &partial)?;
         let bytes = file.metadata()?.len();
         metrics::histogram!("residency_snapshot_build_seconds")
@@ -654,7 +655,7 @@ impl Shared {
 
     /// Loads a received snapshot file into a fresh tree, verifies it, then switches to it.
     fn install_snapshot_file(&self, meta: &SnapshotMeta, partial: &Path) -> Result<(), StoreError> {
-        let (mut reader, header) = SnapshotReader::open(File::open(partial)?)?;
+        let (mut reader, header) = open_snapshot(File::open(partial)?)?;
         if header.last_log_id != meta.last_log_id {
             return Err(StoreError::corrupt(format!(
                 "snapshot file is for {:?}, the leader announced {:?}",
@@ -738,7 +739,7 @@ fn load_request_index(tree: &sled::Tree) -> Result<HashedRequestIndex, StoreErro
 /// to it (or, for a restore, a store no node runs yet): so the pairs go in one by one, not in
 /// batches. Applied as 10,000-pair sled batches, ten million pairs held 21 GiB of memory at
 /// the peak and went in at under a fifth of the speed (docs/performance.md).
-pub(crate) fn load_pairs(reader: &mut SnapshotReader, tree: &sled::Tree) -> Result<(), StoreError> {
+pub(crate) fn load_pairs(reader: &mut SnapshotPairs, tree: &sled::Tree) -> Result<(), StoreError> {
     while let Some((key, value)) = reader.next_pair()? {
         tree.insert(key, value)?;
     }

@@ -10,7 +10,7 @@ use super::{
     SEEDED, Store, assert_accepted, assign, command, open_store, seeded_history, user, write_entry,
 };
 use crate::capture::AsOfStart;
-use crate::snapshot::{SnapshotReader, StatePair};
+use crate::snapshot::{StatePair, open_snapshot};
 use crate::{Entry, LogId, StateMachineStore};
 
 /// Users the source store starts with.
@@ -135,7 +135,7 @@ async fn a_walk_sees_the_state_at_its_start_while_writes_land_around_it() {
 
 /// The snapshot's pairs, and its meta's revision.
 fn snapshot_pairs(file: std::fs::File) -> (Option<LogId>, Vec<StatePair>) {
-    let (mut reader, meta) = SnapshotReader::open(file).expect("snapshot opens");
+    let (mut reader, meta) = open_snapshot(file).expect("snapshot opens");
     let mut pairs = Vec::new();
     while let Some(pair) = reader.next_pair().expect("snapshot reads") {
         pairs.push(pair);
