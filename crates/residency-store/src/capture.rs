@@ -130,16 +130,6 @@ impl Capture {
         counts
     }
 
-    /// What the running capture has recorded so far.
-    pub(crate) fn counts(&self) -> CaptureCounts {
-        self.lock()
-            .as_ref()
-            .map_or_else(CaptureCounts::default, |recording| CaptureCounts {
-                total: recording.recorded_total,
-                peak: recording.peak,
-            })
-    }
-
     /// Waits while a capture is at its bound, that is until its walk ends. An apply calls this
     /// before it takes the state lock.
     pub(crate) async fn wait_for_room(&self) {

@@ -1,12 +1,13 @@
-//! The node's storage: the Raft log's entries in segment files, the vote and the state machine
-//! in one sled database per node, plus snapshot files streamed from and to disk.
+//! The node's storage: the Raft log's entries in segment files, the vote and the state's recent
+//! changes in one sled database per node, and the state as of the last snapshot in a base file.
 //!
 //! - [`durable`]: the database handle and its group-commit flusher (`flush` + `fdatasync`).
 //! - `log_file`: the log's segment files and their own group commit (`fdatasync`).
 //! - [`log_store`]: openraft's `RaftLogStorage`: checksummed records, verified on open.
 //! - [`state_machine`]: openraft's `RaftStateMachine`: applies entries through
 //!   `residency_core::apply`, written atomically with the applied log id (behind a redo
-//!   record, `redo.rs`).
+//!   record, `redo.rs`), into the state's layers (`layers.rs`): sled trees of the changes
+//!   since the last snapshot over that snapshot's base file.
 //! - [`snapshot`]: the snapshot file format (header, length-prefixed records, CRC trailer).
 //! - [`base`]: the base file: the state at one revision as sorted compressed blocks with an
 //!   index, for point reads and walks without loading it anywhere.
@@ -20,6 +21,7 @@ pub mod base;
 pub(crate) mod capture;
 pub mod durable;
 pub mod error;
+pub(crate) mod layers;
 pub(crate) mod log_file;
 
 /// Decoders of what the store reads from disk, for the fuzz targets.
@@ -44,7 +46,7 @@ pub use answers::{AnswerBoard, Registration};
 pub use durable::{Durable, StoreOptions};
 pub use error::StoreError;
 pub use log_store::{CommittedIndex, LogProgress, LogStore};
-pub use reader::{DigestAt, StateReader, TreeView};
+pub use reader::{DigestAt, StateReader, StateView};
 pub use state_machine::StateMachineStore;
 
 /// What the cluster knows of a member: where to reach it and which jurisdiction it declares.

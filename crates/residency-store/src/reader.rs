@@ -8,8 +8,9 @@ use residency_core::StateDigest;
 use residency_types::{ApplyResult, Command, Placement, Revision, UserId};
 
 use crate::StoreError;
+use crate::layers::{Layers, Merged, PairSource};
 use crate::state_machine::Shared;
-pub use crate::state_machine::TreeView;
+pub use crate::state_machine::StateView;
 
 /// Optimistic read attempts before a read waits for the state lock instead.
 const OPTIMISTIC_READ_ATTEMPTS_MAX: usize = 64;
@@ -79,7 +80,7 @@ impl StateReader {
     /// Runs a query of the core against one applied state, with that state's revision.
     pub async fn query<T>(
         &self,
-        read: impl Fn(&TreeView<'_>) -> Result<T, StoreError>,
+        read: impl Fn(&StateView<'_>) -> Result<T, StoreError>,
     ) -> Result<(T, Revision), StoreError> {
         self.read_consistent(read).await
     }
@@ -95,7 +96,7 @@ impl StateReader {
     /// seqlock could say "read again". The fault suite's crash-during-snapshot-install run found
     /// exactly that: a leader panicked on a torn pre-check.
     pub async fn evaluate(&self, commands: &[Command]) -> Result<Vec<ApplyResult>, StoreError> {
-        let tree = self.shared.state.read().await;
+        let layers = self.shared.state.read().await;
         let next = Revision(self.applied_revision().0 + 1);
         let requests = self
             .shared
@@ -103,7 +104,7 @@ impl StateReader {
             .read()
             .expect("request index lock poisoned");
         Ok(residency_core::check(
-            &TreeView(&tree),
+            &StateView(&layers),
             &*requests,
             next,
             commands,
@@ -116,7 +117,7 @@ impl StateReader {
     /// so a read always finishes.
     async fn read_consistent<T>(
         &self,
-        read: impl Fn(&TreeView<'_>) -> Result<T, StoreError>,
+        read: impl Fn(&StateView<'_>) -> Result<T, StoreError>,
     ) -> Result<(T, Revision), StoreError> {
         let shared = &self.shared;
         for _ in 0..OPTIMISTIC_READ_ATTEMPTS_MAX {
@@ -125,21 +126,21 @@ impl StateReader {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let tree = shared
-                .read_tree
+            let layers = shared
+                .read_layers
                 .read()
-                .expect("read tree lock poisoned")
+                .expect("read layers lock poisoned")
                 .clone();
-            let result = read(&TreeView(&tree));
+            let result = read(&StateView(&layers));
             let revision = self.applied_revision();
             if shared.change_seq.load(Ordering::SeqCst) == before {
                 return result.map(|value| (value, revision));
             }
-            // The state changed under the read (an error included: an install may have dropped
-            // the tree being read); try again.
+            // The state changed under the read (an error included: a build or an install may
+            // have dropped a tree being read); try again.
         }
-        let tree = shared.state.read().await;
-        let value = read(&TreeView(&tree))?;
+        let layers = shared.state.read().await;
+        let value = read(&StateView(&layers))?;
         Ok((value, self.applied_revision()))
     }
 
@@ -158,14 +159,14 @@ impl StateReader {
     /// The state digest at the current applied revision. Like a snapshot build, it walks the
     /// state as of its start while applies go on (see `capture.rs`).
     pub async fn digest(&self) -> Result<DigestAt, StoreError> {
-        let (walking, tree, revision) = self
+        let (walking, layers, revision) = self
             .shared
             .start_walk(|_| Ok(self.applied_revision()))
             .await?;
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
             let _walking = walking;
-            digest_as_of_start(&shared, &tree).map(|(sha256_hex, pairs)| DigestAt {
+            digest_as_of_start(&shared, &layers).map(|(sha256_hex, pairs)| DigestAt {
                 revision,
                 sha256_hex,
                 pairs,
@@ -176,9 +177,20 @@ impl StateReader {
     }
 }
 
-fn digest_as_of_start(shared: &Shared, tree: &sled::Tree) -> Result<(String, u64), StoreError> {
+/// The digest of the layers as of the walk's start: the live tree through the capture, merged
+/// with the frozen trees and the base, which do not change.
+fn digest_as_of_start(shared: &Shared, layers: &Layers) -> Result<(String, u64), StoreError> {
     let mut digest = StateDigest::new();
-    let mut walk = crate::capture::AsOfStart::new(&shared.capture, tree);
+    let mut sources: Vec<Box<dyn PairSource + Send + '_>> = vec![Box::new(
+        crate::capture::AsOfStart::new(&shared.capture, &layers.live),
+    )];
+    for tree in &layers.frozen {
+        sources.push(Box::new(tree.iter()));
+    }
+    if let Some(base) = &layers.base {
+        sources.push(Box::new(base.pairs_from(b"", false)));
+    }
+    let mut walk = Merged::new(sources);
     while let Some((key, value)) = walk.next_pair()? {
         digest.update(&key, &value);
     }

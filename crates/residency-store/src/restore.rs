@@ -2,8 +2,8 @@
 //!
 //! A backup is a snapshot file of either format (a base file, `base.rs`, or the older stream,
 //! `snapshot.rs`), verified whole (every block, or the trailer's count and CRC) before anything
-//! is kept. Restoring writes the backup's pairs as the node's state, replaces
-//! the membership it recorded with the new cluster's, and starts the Raft log just after the
+//! is kept. Restoring writes the backup's pairs as the node's base file, with the membership it
+//! recorded replaced by the new cluster's, and starts the Raft log just after the
 //! backup's revision, with a vote for this node in the backup's term, so that the new
 //! cluster's first election happens in a later term than any entry the state covers. Every node
 //! of the new cluster restores the same file with the same member list, so all start from the
@@ -18,8 +18,11 @@ use residency_core::codec;
 
 use crate::log_store::LogStore;
 use crate::snapshot::open_snapshot;
-use crate::state_machine::{applied_key, membership_key, read_applied};
-use crate::{Durable, LogId, NodeId, NodeInfo, StoreError, StoreOptions, StoredMembership, Vote};
+use crate::state_machine::{applied_key, membership_key};
+use crate::{
+    Durable, LogId, NodeId, NodeInfo, SnapshotMeta, StoreError, StoreOptions, StoredMembership,
+    Vote,
+};
 
 /// What a restore produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,21 +80,43 @@ pub fn restore(
     // Verify the whole file before writing anything.
     let verified = verify_backup(backup)?;
     let durable = Durable::open(dir, options)?;
-    let state = durable
-        .db()
-        .open_tree(crate::state_machine::INITIAL_STATE_TREE)?;
-    let (mut reader, _) = open_snapshot(File::open(backup)?)?;
-    crate::state_machine::load_pairs(&mut reader, &state)?;
-    let applied = read_applied(&state)?
-        .ok_or_else(|| StoreError::corrupt("restored state has no applied revision"))?;
-    assert_eq!(
-        applied, verified.applied,
-        "the backup changed between its check and its load"
-    );
+    let applied = verified.applied;
     let voters: BTreeSet<NodeId> = members.keys().copied().collect();
     let membership = Membership::new(vec![voters], members);
     let stored = StoredMembership::new(Some(applied), membership);
-    state.insert(membership_key(), codec::encode(&stored))?;
+    let meta = SnapshotMeta {
+        last_log_id: Some(applied),
+        last_membership: stored.clone(),
+        snapshot_id: format!("restored-{}-{}", applied.leader_id.term, applied.index),
+    };
+    let (mut reader, _) = open_snapshot(File::open(backup)?)?;
+    let membership_key = membership_key();
+    let membership_value = codec::encode(&stored);
+    crate::state_machine::create_layers(&durable, &meta, |writer| {
+        // The pairs as backed up, in order, with the new membership in its place.
+        let mut membership_written = false;
+        let mut pairs = 0;
+        while let Some((key, value)) = reader.next_pair()? {
+            if !membership_written && key >= membership_key {
+                writer.pair(&membership_key, &membership_value)?;
+                membership_written = true;
+                if key == membership_key {
+                    pairs += 1;
+                    continue;
+                }
+            }
+            writer.pair(&key, &value)?;
+            pairs += 1;
+        }
+        if !membership_written {
+            writer.pair(&membership_key, &membership_value)?;
+        }
+        assert_eq!(
+            pairs, verified.pairs,
+            "the backup changed between its check and its load"
+        );
+        Ok(())
+    })?;
 
     let log = LogStore::open(durable.clone())?;
     log.mark_restored(applied, Vote::new(applied.leader_id.term, node_id))?;

@@ -1,19 +1,27 @@
-//! The replicated state machine on sled: apply, snapshot build and install.
+//! The replicated state machine: apply, snapshot build and install, over the state's layers
+//! (`layers.rs`): sled trees of the changes since the last snapshot over that snapshot's base
+//! file (`base.rs`).
 //!
-//! The state lives in one sled tree (named by the `sm_pointer` tree, so that installing a
-//! snapshot can build a whole new tree and switch to it in one durable step). Each `apply` call
-//! decides its entries through `residency_core::apply` over an overlay, then writes all their
-//! mutations *and* the applied log id atomically (key by key behind a redo record that a crash
-//! cannot leave half-made, `redo.rs`): the applied revision is always
-//! exactly the revision of the data beside it.
+//! Each `apply` call decides its entries through `residency_core::apply` over an overlay, then
+//! writes all their mutations *and* the applied log id into the live tree atomically (key by
+//! key behind a redo record that a crash cannot leave half-made, `redo.rs`): the applied
+//! revision is always exactly the revision of the data beside it. Apply does not fsync: after a
+//! crash the node re-applies from its durable log.
 //!
-//! Apply does not fsync: after a crash the node re-applies from its durable log. Before a
-//! snapshot is written (after which the log may be purged) the state is synced.
+//! A snapshot build freezes the live tree and starts a new one (holding the state lock only for
+//! that), merges the frozen changes with the base into a new base file while applies go on, and
+//! switches to it in one durable step; the frozen tree and the old base are then dropped. So a
+//! build walks no live tree and holds nothing aside. An install verifies the received base file
+//! and adopts it as it is, with an empty live tree, in one durable step: nothing is loaded
+//! pair by pair. A digest walks the layers as of its start while applies go on, through a
+//! capture of the live tree (`capture.rs`). Reads never take the state lock: they use the
+//! `change_seq` seqlock, see `reader.rs`.
 //!
-//! A snapshot build holds the state lock only while it starts: it reads the applied log id and
-//! the membership, and starts a capture (`capture.rs`), so that it can then stream the state as
-//! of that revision while applies go on. An install waits for a running build (the build lock).
-//! Reads never take the state lock: they use the `change_seq` seqlock, see `reader.rs`.
+//! Durable steps, in order, and what a crash between two of them leaves (docs/storage.md):
+//! a build renames its fsynced base into place, then records the new layers in `sm_pointer`
+//! and syncs sled, then drops the frozen trees and deletes the old base; an install does the
+//! same with the received file. Until the pointer is synced the old layers are whole, and on
+//! open every tree and file the pointer does not name is removed.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -29,21 +37,27 @@ use residency_core::{HashedRequestIndex, KvRead, Mutation, codec, keys};
 use residency_types::{ProposalResult, Revision};
 use tokio::sync::RwLock;
 
-use crate::base::BaseWriter;
-use crate::capture::{AsOfStart, Capture};
+use crate::base::{Base, BaseWriter};
+use crate::capture::Capture;
 use crate::error::{sm_error, snapshot_error};
+use crate::layers::{LayerNames, Layers, Merged, tagged};
 use crate::reader::StateReader;
-use crate::snapshot::{SnapshotPairs, open_snapshot};
+use crate::snapshot::open_snapshot;
 use crate::{
     Durable, Entry, LogId, SnapshotMeta, StorageError, StoreError, StoredMembership, TypeConfig,
 };
 
 const POINTER_TREE: &str = "sm_pointer";
-const CURRENT_TREE_KEY: &str = "current";
+/// The layers of the state (`LayerNames`, JSON).
+const LAYERS_KEY: &str = "layers";
+/// Before the state was layered: the one sled tree that held the whole state, untagged.
+const LEGACY_CURRENT_TREE_KEY: &str = "current";
 const NEXT_SEQ_KEY: &str = "next_seq";
-const STATE_TREE_PREFIX: &str = "state-";
-/// The state tree of a store no snapshot was ever installed into.
-pub(crate) const INITIAL_STATE_TREE: &str = "state-0";
+const DELTA_TREE_PREFIX: &str = "delta-";
+/// The prefix of the whole-state trees of stores written before the state was layered.
+const LEGACY_STATE_TREE_PREFIX: &str = "state-";
+/// The state tree of such a store no snapshot was ever installed into.
+const LEGACY_INITIAL_STATE_TREE: &str = "state-0";
 const SNAPSHOT_SUFFIX: &str = ".snap";
 const PARTIAL_SUFFIX: &str = ".partial";
 /// The most changes one apply writes behind a redo record (`redo.rs`); more go in one sled
@@ -51,6 +65,21 @@ const PARTIAL_SUFFIX: &str = ".partial";
 /// waking all of sled's pool threads), a redo costs each change once more: past a few hundred
 /// changes the batch is the cheaper of the two atomic writes.
 const REDO_CHANGES_MAX: usize = 512;
+
+/// The durable steps of a build, an install and the switch both end with, in order; a test
+/// can stop the store right after any of them (`Shared::step_done`), as a crash would.
+pub(crate) mod step {
+    /// A build: the live tree frozen under a new one, recorded in `sm_pointer`.
+    pub(crate) const LIVE_FROZEN: &str = "live tree frozen";
+    /// A build: the merged base file written, fsynced and renamed into place.
+    pub(crate) const BASE_WRITTEN: &str = "base written";
+    /// An install: the received file verified and in place as a base file.
+    pub(crate) const BASE_RECEIVED: &str = "base received";
+    /// The switch: the new layers recorded in `sm_pointer` and sled synced.
+    pub(crate) const LAYERS_SWITCHED: &str = "layers switched";
+    /// The switch: the replaced base file deleted (the replaced trees are dropped next).
+    pub(crate) const OLD_BASE_DELETED: &str = "old base deleted";
+}
 
 pub(crate) fn applied_key() -> Vec<u8> {
     keys::meta_key("applied")
@@ -60,66 +89,68 @@ pub(crate) fn membership_key() -> Vec<u8> {
     keys::meta_key("membership")
 }
 
-/// A read view of the live state tree, for the core's queries.
+/// A read view of the state's layers, for the core's queries.
 #[derive(Debug)]
-pub struct TreeView<'a>(pub(crate) &'a sled::Tree);
+pub struct StateView<'a>(pub(crate) &'a Layers);
 
-impl KvRead for TreeView<'_> {
-    type Error = sled::Error;
+impl KvRead for StateView<'_> {
+    type Error = StoreError;
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
-        Ok(self.0.get(key)?.map(|value| value.to_vec()))
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(key)
     }
 }
 
-impl residency_core::KvScan for TreeView<'_> {
+impl residency_core::KvScan for StateView<'_> {
     fn scan_prefix(
         &self,
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, sled::Error> {
-        let start = match after {
-            Some(after) => std::ops::Bound::Excluded(after.to_vec()),
-            None => std::ops::Bound::Included(prefix.to_vec()),
-        };
-        self.0
-            .range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded))
-            .take_while(|item| {
-                item.as_ref()
-                    .map_or(true, |(key, _)| key.starts_with(prefix))
-            })
-            .take(limit)
-            .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())))
-            .collect()
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let start = after.unwrap_or(prefix);
+        let mut merged = self.0.pairs_from(start, false);
+        let mut found = Vec::new();
+        while found.len() < limit {
+            let Some((key, value)) = merged.next_pair()? else {
+                break;
+            };
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if after.is_some_and(|after| key.as_slice() <= after) {
+                continue;
+            }
+            found.push((key, value));
+        }
+        Ok(found)
     }
 }
 
-/// The tree plus the not yet written mutations of the entries applied so far in this call.
-/// The tree does not change during the call (the state lock is held), so what was read from it
-/// is remembered: the entries of one call read their catalog and counters from sled once.
+/// The layers plus the not yet written mutations of the entries applied so far in this call.
+/// The layers do not change during the call (the state lock is held), so what was read from
+/// them is remembered: the entries of one call read their catalog and counters once.
 struct Overlay<'a> {
-    tree: &'a sled::Tree,
+    layers: &'a Layers,
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    seen: std::cell::RefCell<BTreeMap<Vec<u8>, Option<sled::IVec>>>,
+    seen: std::cell::RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
     /// The request index, with the changes of the entries applied so far in this call.
     requests: &'a mut HashedRequestIndex,
 }
 
 impl KvRead for Overlay<'_> {
-    type Error = sled::Error;
+    type Error = StoreError;
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(value) = self.pending.get(key) {
             return Ok(value.clone());
         }
         if let Some(value) = self.seen.borrow().get(key) {
-            return Ok(value.as_deref().map(<[u8]>::to_vec));
+            return Ok(value.clone());
         }
-        let value = self.tree.get(key)?;
-        let found = value.as_deref().map(<[u8]>::to_vec);
-        self.seen.borrow_mut().insert(key.to_vec(), value);
-        Ok(found)
+        let value = self.layers.get(key)?;
+        self.seen.borrow_mut().insert(key.to_vec(), value.clone());
+        Ok(value)
     }
 }
 
@@ -137,16 +168,21 @@ impl Overlay<'_> {
         }
     }
 
-    /// The changes to make, each value checked against sled's inline bound.
+    /// The changes to make in the live tree, tagged (a delete is a tombstone there), each
+    /// checked against sled's inline bound.
     fn into_changes(self) -> crate::redo::Changes {
-        for value in self.pending.values().flatten() {
-            assert!(
-                value.len() <= crate::durable::SLED_INLINE_VALUE_BYTES_MAX,
-                "a state value of {} bytes would go to sled's unsynced blob files",
-                value.len()
-            );
-        }
         self.pending
+            .into_iter()
+            .map(|(key, value)| {
+                let stored = tagged(value.as_deref());
+                assert!(
+                    stored.len() <= crate::durable::SLED_INLINE_VALUE_BYTES_MAX,
+                    "a state value of {} bytes would go to sled's unsynced blob files",
+                    stored.len()
+                );
+                (key, Some(stored))
+            })
+            .collect()
     }
 }
 
@@ -178,32 +214,35 @@ pub(crate) struct Shared {
     pointer: sled::Tree,
     /// Where an apply records its changes before it makes them (`redo.rs`).
     redo: sled::Tree,
-    pub(crate) state: Arc<RwLock<sled::Tree>>,
+    pub(crate) state: Arc<RwLock<Layers>>,
     /// Where the state's remembered request ids are (`residency_core::requests`): derived from
     /// the state's `Q/` and `q/` keys when it is opened or replaced, and changed by each apply
-    /// under the state write lock, so that it always describes the tree in `state`.
+    /// under the state write lock, so that it always describes the layers in `state`.
     pub(crate) requests: std::sync::RwLock<HashedRequestIndex>,
     /// One more than the index of the last applied entry (0 before any: index 0 is a real
     /// entry, the initial membership). Updated under the state write lock.
     pub(crate) applied_next: AtomicU64,
-    /// The live tree as readers see it. Readers take no part in the `state` lock, so a snapshot
-    /// build (which holds it for as long as it streams the tree) delays applies, never reads.
-    pub(crate) read_tree: std::sync::RwLock<sled::Tree>,
-    /// A seqlock over (tree, applied revision): odd while an apply or install changes them. A
-    /// reader that saw the same even value before and after its reads saw one applied state.
+    /// The layers as readers see them. Readers take no part in the `state` lock, so a
+    /// digest (which holds it only to start) or an install never delays a read.
+    pub(crate) read_layers: std::sync::RwLock<Layers>,
+    /// A seqlock over (layers, applied revision): odd while an apply, a build's switch or an
+    /// install changes them. A reader that saw the same even value before and after its reads
+    /// saw one applied state.
     pub(crate) change_seq: AtomicU64,
     /// The applied revision, for watchers to wait on (sent after the state holds it).
     pub(crate) applied_notify: tokio::sync::watch::Sender<u64>,
     snapshot_dir: PathBuf,
+    /// The base file: the current snapshot, with its meta.
     current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf)>>,
     incoming: Mutex<Vec<PathBuf>>,
-    /// What the running snapshot build must see of keys that applies change under it.
+    /// What a running digest must see of keys that applies change in the live tree under it.
     pub(crate) capture: Capture,
-    /// Held by a walk over the capture (a snapshot build, a digest) from its start to its end,
-    /// and by an install, which replaces the tree a walk reads.
+    /// Held by a build, a digest and an install from start to end: one at a time.
     build_lock: Arc<tokio::sync::Mutex<()>>,
     /// The proposer's callbacks for its own entries (`answers.rs`).
     pub(crate) answers: crate::AnswerBoard,
+    /// The step after which a test stops the store (`step_done`); never set outside tests.
+    crash_after: Mutex<Option<&'static str>>,
 }
 
 #[derive(Clone)]
@@ -217,47 +256,243 @@ impl std::fmt::Debug for StateMachineStore {
     }
 }
 
-pub(crate) fn read_applied(tree: &sled::Tree) -> Result<Option<LogId>, StoreError> {
-    match tree.get(applied_key())? {
+pub(crate) fn read_applied(
+    view: &impl KvRead<Error = StoreError>,
+) -> Result<Option<LogId>, StoreError> {
+    match view.get(&applied_key())? {
         Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
         None => Ok(None),
     }
 }
 
-fn read_membership(tree: &sled::Tree) -> Result<StoredMembership, StoreError> {
-    match tree.get(membership_key())? {
+fn read_membership(view: &impl KvRead<Error = StoreError>) -> Result<StoredMembership, StoreError> {
+    match view.get(&membership_key())? {
         Some(bytes) => Ok(codec::decode(&bytes)?),
         None => Ok(StoredMembership::default()),
     }
+}
+
+/// A sled tree read as it is stored, untagged (a legacy whole-state tree).
+struct PlainTree<'a>(&'a sled::Tree);
+
+impl KvRead for PlainTree<'_> {
+    type Error = StoreError;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.0.get(key)?.map(|value| value.to_vec()))
+    }
+}
+
+fn pointer_layers(pointer: &sled::Tree) -> Result<Option<LayerNames>, StoreError> {
+    match pointer.get(LAYERS_KEY)? {
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|error| StoreError::corrupt(format!("state layer pointer: {error}"))),
+        None => Ok(None),
+    }
+}
+
+fn set_pointer_layers(pointer: &sled::Tree, names: &LayerNames) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(names).expect("layer names always serialize");
+    pointer.insert(LAYERS_KEY, bytes)?;
+    Ok(())
+}
+
+/// A number never handed out before on this node, for file and tree names. Kept in sled so
+/// that a restart cannot reuse the name of a live tree or file.
+fn next_seq(pointer: &sled::Tree) -> Result<u64, StoreError> {
+    let bumped = pointer.update_and_fetch(NEXT_SEQ_KEY, |old| {
+        let old = old
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+            .map_or(1, u64::from_be_bytes);
+        Some((old + 1).to_be_bytes().to_vec())
+    })?;
+    let bytes = bumped.expect("update_and_fetch always stores a value here");
+    let bytes: [u8; 8] = bytes.as_ref().try_into().expect("the counter is 8 bytes");
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn snapshot_name(seq: u64) -> String {
+    format!("snapshot-{seq:020}{SNAPSHOT_SUFFIX}")
+}
+
+/// Writes a base file named by a new sequence number into `dir` from `fill`, fsynced, and
+/// renamed into place with the directory fsynced. Returns its name.
+pub(crate) fn write_base(
+    pointer: &sled::Tree,
+    dir: &Path,
+    meta: &SnapshotMeta,
+    fill: impl FnOnce(&mut BaseWriter) -> Result<(), StoreError>,
+) -> Result<(String, crate::base::BaseSummary), StoreError> {
+    let seq = next_seq(pointer)?;
+    let partial = dir.join(format!("build-{seq:020}{PARTIAL_SUFFIX}"));
+    let written = File::create(&partial)
+        .map_err(StoreError::from)
+        .and_then(|file| {
+            let mut writer = BaseWriter::new(file, meta)?;
+            fill(&mut writer)?;
+            writer.finish()
+        });
+    let summary = match written {
+        Ok(summary) => summary,
+        Err(error) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
+        }
+    };
+    let name = snapshot_name(seq);
+    std::fs::rename(&partial, dir.join(&name))?;
+    crate::durable::sync_directory(dir)?;
+    Ok((name, summary))
+}
+
+/// Makes the layers of a new store: the base file `fill` writes (at `meta`) under an empty live
+/// tree. For `restore`, before any node runs on the store; the caller syncs.
+pub(crate) fn create_layers(
+    durable: &Durable,
+    meta: &SnapshotMeta,
+    fill: impl FnOnce(&mut BaseWriter) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let pointer = durable.db().open_tree(POINTER_TREE)?;
+    assert!(
+        pointer_layers(&pointer)?.is_none(),
+        "layers created over an existing store"
+    );
+    let snapshot_dir = durable.dir().join("snapshots");
+    std::fs::create_dir_all(&snapshot_dir)?;
+    let (base, _) = write_base(&pointer, &snapshot_dir, meta, fill)?;
+    let names = LayerNames {
+        base: Some(base),
+        deltas: vec![format!("{DELTA_TREE_PREFIX}{}", next_seq(&pointer)?)],
+    };
+    set_pointer_layers(&pointer, &names)
+}
+
+/// The snapshot id of a base at `applied`, with sequence number `seq`.
+fn snapshot_id(applied: Option<LogId>, seq: u64) -> String {
+    match applied {
+        Some(log_id) => format!("{}-{}-{seq}", log_id.leader_id.term, log_id.index),
+        None => format!("empty-{seq}"),
+    }
+}
+
+/// Turns the whole-state tree of a store written before the state was layered into a base
+/// file under empty layers, once, on its first open by this version. Returns the new names
+/// (not yet synced: the caller syncs before it removes the old tree).
+fn migrate_legacy_state(
+    db: &sled::Db,
+    pointer: &sled::Tree,
+    snapshot_dir: &Path,
+) -> Result<LayerNames, StoreError> {
+    let legacy_name = match pointer.get(LEGACY_CURRENT_TREE_KEY)? {
+        Some(name) => Some(
+            String::from_utf8(name.to_vec())
+                .map_err(|_| StoreError::corrupt("state tree pointer is not UTF-8"))?,
+        ),
+        None => db
+            .tree_names()
+            .iter()
+            .any(|name| name == LEGACY_INITIAL_STATE_TREE.as_bytes())
+            .then(|| LEGACY_INITIAL_STATE_TREE.to_string()),
+    };
+    let mut base = None;
+    if let Some(legacy_name) = legacy_name {
+        // An apply a crash cut short is finished before the state is read.
+        crate::redo::finish_interrupted(db, &legacy_name)?;
+        let tree = db.open_tree(&legacy_name)?;
+        if !tree.is_empty() {
+            let started = std::time::Instant::now();
+            let applied = read_applied(&PlainTree(&tree))?;
+            let meta = SnapshotMeta {
+                last_log_id: applied,
+                last_membership: read_membership(&PlainTree(&tree))?,
+                snapshot_id: snapshot_id(applied, 0),
+            };
+            let (name, summary) = write_base(pointer, snapshot_dir, &meta, |writer| {
+                for pair in tree.iter() {
+                    let (key, value) = pair?;
+                    writer.pair(&key, &value)?;
+                }
+                Ok(())
+            })?;
+            tracing::info!(
+                pairs = summary.pairs,
+                bytes = summary.bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "the state of an earlier version became a base file"
+            );
+            base = Some(name);
+        }
+    }
+    let names = LayerNames {
+        base,
+        deltas: vec![format!("{DELTA_TREE_PREFIX}{}", next_seq(pointer)?)],
+    };
+    set_pointer_layers(pointer, &names)?;
+    pointer.remove(LEGACY_CURRENT_TREE_KEY)?;
+    Ok(names)
 }
 
 impl StateMachineStore {
     pub async fn open(durable: Durable) -> Result<StateMachineStore, StoreError> {
         let db = durable.db().clone();
         let pointer = db.open_tree(POINTER_TREE)?;
-        let current_name = match pointer.get(CURRENT_TREE_KEY)? {
-            Some(name) => String::from_utf8(name.to_vec())
-                .map_err(|_| StoreError::corrupt("state tree pointer is not UTF-8"))?,
-            None => INITIAL_STATE_TREE.to_string(),
-        };
-        // An apply a crash cut short is finished before anything reads the state.
-        crate::redo::finish_interrupted(&db, &current_name)?;
-        let redo = db.open_tree(crate::redo::REDO_TREE)?;
-        for name in db.tree_names() {
-            let stale =
-                name.starts_with(STATE_TREE_PREFIX.as_bytes()) && name != current_name.as_bytes();
-            if stale {
-                // Left by an install that crashed before switching to it.
-                db.drop_tree(&name)?;
-            }
-        }
-        let tree = db.open_tree(&current_name)?;
-        let applied = read_applied(&tree)?;
-        let requests = load_request_index(&tree)?;
         let snapshot_dir = durable.dir().join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)?;
-        let current_snapshot = find_current_snapshot(&snapshot_dir, applied)?;
-        raise_seq_past_existing_names(&pointer, &db, current_snapshot.as_ref())?;
+        let names = match pointer_layers(&pointer)? {
+            Some(names) => names,
+            None => {
+                let names = migrate_legacy_state(&db, &pointer, &snapshot_dir)?;
+                durable.sync_blocking();
+                names
+            }
+        };
+        let live_name = names
+            .deltas
+            .first()
+            .ok_or_else(|| StoreError::corrupt("the state's layers name no live tree"))?;
+        // An apply a crash cut short is finished before anything reads the state.
+        crate::redo::finish_interrupted(&db, live_name)?;
+        let redo = db.open_tree(crate::redo::REDO_TREE)?;
+        for name in db.tree_names() {
+            let name = String::from_utf8_lossy(&name).into_owned();
+            let state_tree =
+                name.starts_with(DELTA_TREE_PREFIX) || name.starts_with(LEGACY_STATE_TREE_PREFIX);
+            if state_tree && !names.deltas.contains(&name) {
+                // Left by a build or an install that crashed before or after its switch.
+                db.drop_tree(name.as_bytes())?;
+            }
+        }
+        remove_unnamed_files(&snapshot_dir, names.base.as_deref())?;
+        let base = match &names.base {
+            Some(name) => {
+                let path = snapshot_dir.join(name);
+                if !path.exists() {
+                    return Err(StoreError::corrupt(format!(
+                        "the state's base file {} is missing",
+                        path.display()
+                    )));
+                }
+                Some(Arc::new(Base::open(&path)?))
+            }
+            None => None,
+        };
+        let layers = Layers {
+            live: db.open_tree(live_name)?,
+            frozen: names.deltas[1..]
+                .iter()
+                .map(|name| db.open_tree(name))
+                .collect::<Result<_, _>>()?,
+            base_name: names.base.clone(),
+            base,
+        };
+        let applied = read_applied(&StateView(&layers))?;
+        let requests = load_request_index(&layers)?;
+        let current_snapshot = match (&layers.base, &names.base) {
+            (Some(base), Some(name)) => Some((base.meta().clone(), snapshot_dir.join(name))),
+            _ => None,
+        };
+        raise_seq_past_existing_names(&pointer, &db, names.base.as_deref())?;
         if let Some(log_id) = current_snapshot
             .as_ref()
             .and_then(|(meta, _)| meta.last_log_id)
@@ -268,9 +503,9 @@ impl StateMachineStore {
             durable,
             pointer,
             redo,
-            read_tree: std::sync::RwLock::new(tree.clone()),
+            read_layers: std::sync::RwLock::new(layers.clone()),
             change_seq: AtomicU64::new(0),
-            state: Arc::new(RwLock::new(tree)),
+            state: Arc::new(RwLock::new(layers)),
             requests: std::sync::RwLock::new(requests),
             applied_next: AtomicU64::new(applied.map_or(0, |log_id| log_id.index + 1)),
             applied_notify: tokio::sync::watch::Sender::new(
@@ -282,6 +517,7 @@ impl StateMachineStore {
             capture: Capture::default(),
             build_lock: Arc::default(),
             answers: crate::AnswerBoard::default(),
+            crash_after: Mutex::new(None),
         };
         Ok(StateMachineStore {
             shared: Arc::new(shared),
@@ -290,11 +526,18 @@ impl StateMachineStore {
 
     /// The lock applies and installs take; tests hold it to stand in for either.
     #[cfg(test)]
-    pub(crate) fn state_lock(&self) -> Arc<RwLock<sled::Tree>> {
+    pub(crate) fn state_lock(&self) -> Arc<RwLock<Layers>> {
         self.shared.state.clone()
     }
 
-    /// The capture a snapshot build starts; tests drive it step by step.
+    /// Makes the next build or install stop right after `step` with an error, as a crash
+    /// there would (the test then drops the store and opens it again).
+    #[cfg(test)]
+    pub(crate) fn crash_after(&self, step: &'static str) {
+        *self.shared.crash_after.lock().expect("crash hook lock") = Some(step);
+    }
+
+    /// The capture a digest starts; tests drive it step by step.
     #[cfg(test)]
     pub(crate) fn capture(&self) -> &Capture {
         &self.shared.capture
@@ -312,16 +555,16 @@ impl StateMachineStore {
         }
         // A capture at its bound holds applies off until its walk ends (see `capture.rs`).
         self.shared.capture.wait_for_room().await;
-        let tree = self.shared.state.write().await;
+        let layers = self.shared.state.write().await;
         let mut requests = self
             .shared
             .requests
             .write()
             .expect("request index lock poisoned");
-        let applied = self.apply_locked(&tree, &mut requests, entries);
+        let applied = self.apply_locked(&layers, &mut requests, entries);
         if applied.is_err() {
-            // The index may hold changes the tree does not: derive it again from the tree.
-            *requests = load_request_index(&tree)?;
+            // The index may hold changes the state does not: derive it again from the state.
+            *requests = load_request_index(&layers)?;
         }
         applied
     }
@@ -329,12 +572,12 @@ impl StateMachineStore {
     /// `apply_entries` under the state write lock and the request index's.
     fn apply_locked(
         &self,
-        tree: &sled::Tree,
+        layers: &Layers,
         requests: &mut HashedRequestIndex,
         entries: Vec<Entry>,
     ) -> Result<Vec<ProposalResult>, StoreError> {
         let mut overlay = Overlay {
-            tree,
+            layers,
             pending: BTreeMap::new(),
             seen: std::cell::RefCell::default(),
             requests,
@@ -343,7 +586,7 @@ impl StateMachineStore {
         let mut last_applied = None;
         let mut writes = 0_u64;
         // (tag, position in `results`) of this node's own proposals (`answers.rs`).
-        let mut tagged = Vec::new();
+        let mut tagged_entries = Vec::new();
         for entry in entries {
             let revision = Revision(entry.log_id.index);
             let applied = match &entry.payload {
@@ -353,7 +596,7 @@ impl StateMachineStore {
                 EntryPayload::Normal(proposal) => {
                     writes += proposal.commands.len() as u64;
                     if let Some(tag) = proposal.answer_tag.0 {
-                        tagged.push((tag, results.len()));
+                        tagged_entries.push((tag, results.len()));
                     }
                     residency_core::apply(
                         &overlay,
@@ -380,19 +623,20 @@ impl StateMachineStore {
             });
             last_applied = Some(entry.log_id);
         }
-        self.shared.capture.record(tree, overlay.pending.keys())?;
+        let live = &layers.live;
+        self.shared.capture.record(live, overlay.pending.keys())?;
         let _change = StateChange::begin(&self.shared);
         let changes = overlay.into_changes();
         // Decided: the proposer may answer its writes now, inside the change (`answers.rs`).
-        for (tag, position) in tagged {
+        for (tag, position) in tagged_entries {
             let decided: &ProposalResult = &results[position];
             self.shared.answers.answer(tag, &decided.results);
         }
         if changes.len() <= REDO_CHANGES_MAX {
             // Key by key behind a redo record: as atomic as a sled batch, and for a small
             // apply far cheaper (`redo.rs`).
-            let tree_name = String::from_utf8_lossy(&tree.name()).into_owned();
-            crate::redo::write(&self.shared.redo, tree, &tree_name, &changes)?;
+            let tree_name = String::from_utf8_lossy(&live.name()).into_owned();
+            crate::redo::write(&self.shared.redo, live, &tree_name, &changes)?;
         } else {
             // A large apply: the batch's fixed cost is shared by many changes, while a redo
             // would write each of them twice.
@@ -403,7 +647,7 @@ impl StateMachineStore {
                     None => batch.remove(key),
                 }
             }
-            tree.apply_batch(batch)?;
+            live.apply_batch(batch)?;
         }
         if let Some(log_id) = last_applied {
             let previous = self
@@ -419,30 +663,36 @@ impl StateMachineStore {
     }
 }
 
-/// The number in a name such as `snapshot-00000000000000000042.snap` or `state-42`.
+/// The number in a name such as `snapshot-00000000000000000042.snap`, `delta-42` or `state-42`.
 fn seq_in_name(name: &str) -> Option<u64> {
-    let stem = name.strip_suffix(SNAPSHOT_SUFFIX).unwrap_or(name);
+    let stem = name
+        .strip_suffix(SNAPSHOT_SUFFIX)
+        .or_else(|| name.strip_suffix(PARTIAL_SUFFIX))
+        .unwrap_or(name);
     stem.rsplit('-').next()?.parse().ok()
 }
 
 /// The sequence counter is bumped without a sync, so a crash can leave it behind names that
-/// did reach the disk (a renamed snapshot file). Handing such a number out again would make a
-/// new snapshot overwrite, then delete, the current one. So on open the counter is raised past
-/// every number in use.
+/// did reach the disk (a renamed base file, a tree). Handing such a number out again would
+/// make a new file overwrite, then delete, the current one. So on open the counter is raised
+/// past every number in use.
 fn raise_seq_past_existing_names(
     pointer: &sled::Tree,
     db: &sled::Db,
-    current_snapshot: Option<&(SnapshotMeta, PathBuf)>,
+    base_name: Option<&str>,
 ) -> Result<(), StoreError> {
-    let snapshot_seq =
-        current_snapshot.and_then(|(_, path)| path.file_name()?.to_str().and_then(seq_in_name));
     let tree_seqs = db
         .tree_names()
         .into_iter()
         .filter_map(|name| String::from_utf8(name.to_vec()).ok())
-        .filter(|name| name.starts_with(STATE_TREE_PREFIX))
+        .filter(|name| {
+            name.starts_with(DELTA_TREE_PREFIX) || name.starts_with(LEGACY_STATE_TREE_PREFIX)
+        })
         .filter_map(|name| seq_in_name(&name));
-    let floor = tree_seqs.chain(snapshot_seq).max().unwrap_or(0);
+    let floor = tree_seqs
+        .chain(base_name.and_then(seq_in_name))
+        .max()
+        .unwrap_or(0);
     pointer.update_and_fetch(NEXT_SEQ_KEY, |old| {
         let old = old
             .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
@@ -452,128 +702,34 @@ fn raise_seq_past_existing_names(
     Ok(())
 }
 
-/// A received snapshot that the state was switched to before a crash kept it from becoming
-/// the current snapshot (the install switches the state first, then adopts the file): whole,
-/// and at exactly the state's applied log id. Adopted under a `.snap` name of its own, so
-/// that openraft never sees the state ahead of the snapshot that produced it.
-fn adopt_installed_partial(
-    dir: &Path,
-    path: &Path,
-    name: &str,
-    applied: Option<LogId>,
-) -> Result<Option<PathBuf>, StoreError> {
-    let received = name.starts_with("incoming-") || name.starts_with("copied-");
-    let Some(seq) = name
-        .strip_suffix(PARTIAL_SUFFIX)
-        .and_then(|stem| stem.rsplit('-').next())
-    else {
-        return Ok(None);
-    };
-    if !received || applied.is_none() {
-        return Ok(None);
-    }
-    let Ok((mut reader, meta)) = open_snapshot(File::open(path)?) else {
-        return Ok(None);
-    };
-    if meta.last_log_id != applied {
-        return Ok(None);
-    }
-    loop {
-        match reader.next_pair() {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => return Ok(None),
-        }
-    }
-    let adopted = dir.join(format!("snapshot-{seq}{SNAPSHOT_SUFFIX}"));
-    std::fs::rename(path, &adopted)?;
-    crate::durable::sync_directory(dir)?;
-    tracing::info!(
-        index = applied.map(|log_id| log_id.index),
-        "adopted the snapshot an interrupted install had switched the state to"
-    );
-    Ok(Some(adopted))
-}
-
-fn find_current_snapshot(
-    dir: &Path,
-    applied: Option<LogId>,
-) -> Result<Option<(SnapshotMeta, PathBuf)>, StoreError> {
-    let mut newest: Option<(SnapshotMeta, PathBuf)> = None;
+/// Removes every file of the snapshot directory but the base the layers name: partial builds
+/// and receptions from before a crash, a base a crash left unnamed, snapshots of an earlier
+/// version.
+fn remove_unnamed_files(dir: &Path, base_name: Option<&str>) -> Result<(), StoreError> {
     for item in std::fs::read_dir(dir)? {
-        let mut path = item?.path();
-        let name = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .unwrap_or_default()
-            .to_string();
-        if !name.ends_with(SNAPSHOT_SUFFIX) {
-            match adopt_installed_partial(dir, &path, &name, applied)? {
-                Some(adopted) => path = adopted,
-                None => {
-                    // Partial builds and receptions from before a crash.
-                    std::fs::remove_file(&path)?;
-                    continue;
-                }
-            }
-        }
-        let (_, meta) = open_snapshot(File::open(&path)?)?;
-        let newer = newest
-            .as_ref()
-            .is_none_or(|(best, _)| meta.last_log_id > best.last_log_id);
-        if newer {
-            if let Some((_, older)) = newest.take() {
-                std::fs::remove_file(older)?;
-            }
-            newest = Some((meta, path));
-        } else {
+        let path = item?.path();
+        let name = path.file_name().and_then(|name| name.to_str());
+        if name != base_name {
             std::fs::remove_file(&path)?;
         }
     }
-    Ok(newest)
+    Ok(())
 }
 
 impl Shared {
-    /// A number never handed out before on this node, for file and tree names. Kept in sled so
-    /// that a restart cannot reuse the name of the live state tree or snapshot.
-    fn next_seq(&self) -> Result<u64, StoreError> {
-        let bumped = self.pointer.update_and_fetch(NEXT_SEQ_KEY, |old| {
-            let old = old
-                .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
-                .map_or(1, u64::from_be_bytes);
-            Some((old + 1).to_be_bytes().to_vec())
-        })?;
-        let bytes = bumped.expect("update_and_fetch always stores a value here");
-        let bytes: [u8; 8] = bytes.as_ref().try_into().expect("the counter is 8 bytes");
-        Ok(u64::from_be_bytes(bytes))
+    /// `step` is done and durable: stops here if a test asked for it.
+    fn step_done(&self, step: &'static str) -> Result<(), StoreError> {
+        let mut crash_after = self.crash_after.lock().expect("crash hook lock");
+        if *crash_after == Some(step) {
+            *crash_after = None;
+            return Err(StoreError::corrupt(format!("test crash after: {step}")));
+        }
+        Ok(())
     }
 
     fn next_path(&self, stem: &str, suffix: &str) -> Result<PathBuf, StoreError> {
-        let seq = self.next_seq()?;
+        let seq = next_seq(&self.pointer)?;
         Ok(self.snapshot_dir.join(format!("{stem}-{seq:020}{suffix}")))
-    }
-
-    /// Makes `path` the current snapshot and deletes the one it replaces.
-    /// Returns the new snapshot opened: opened under the same lock that deletes replaced
-    /// snapshots, so a concurrent build or install cannot delete it before it is read.
-    fn adopt_snapshot(&self, meta: SnapshotMeta, partial: &Path) -> Result<File, StoreError> {
-        let path = self.next_path("snapshot", SNAPSHOT_SUFFIX)?;
-        std::fs::rename(partial, &path)?;
-        crate::durable::sync_directory(&self.snapshot_dir)?;
-        let mut current = self
-            .current_snapshot
-            .lock()
-            .expect("snapshot lock poisoned");
-        let opened = File::open(&path)?;
-        if let Some(log_id) = meta.last_log_id {
-            self.durable.set_snapshot_floor(log_id.index);
-        }
-        if let Some((_, old_path)) = current.replace((meta, path.clone()))
-            && old_path != path
-        {
-            std::fs::remove_file(old_path)?;
-        }
-        Ok(opened)
     }
 
     /// The current snapshot, opened under the lock that deletes replaced ones.
@@ -588,46 +744,103 @@ impl Shared {
         }
     }
 
-    /// Streams the state as of `start` to a new snapshot file, while applies go on.
+    /// Makes `base` (named `name`, at `meta`) the state's base under `live`, with no frozen
+    /// tree, in one durable step; then drops the trees and the base file it replaces. Runs
+    /// under the state write lock, given as `state`.
+    /// `inside_change` runs inside the readers' state change, with the new layers in place.
+    fn switch_base(
+        &self,
+        state: &mut Layers,
+        base: Arc<Base>,
+        name: String,
+        meta: &SnapshotMeta,
+        live: sled::Tree,
+        inside_change: impl FnOnce(),
+    ) -> Result<(), StoreError> {
+        let new_layers = Layers {
+            live,
+            frozen: Vec::new(),
+            base: Some(base),
+            base_name: Some(name.clone()),
+        };
+        set_pointer_layers(&self.pointer, &new_layers.names())?;
+        self.durable.sync_blocking();
+        self.step_done(step::LAYERS_SWITCHED)?;
+        let old = {
+            let _change = StateChange::begin(self);
+            *self.read_layers.write().expect("read layers lock poisoned") = new_layers.clone();
+            let old = std::mem::replace(state, new_layers);
+            inside_change();
+            old
+        };
+        {
+            let mut current = self
+                .current_snapshot
+                .lock()
+                .expect("snapshot lock poisoned");
+            *current = Some((meta.clone(), self.snapshot_dir.join(&name)));
+            if let Some(log_id) = meta.last_log_id {
+                self.durable.set_snapshot_floor(log_id.index);
+            }
+            // Deleted under the lock that opens the current snapshot: a reader that opened the
+            // old one keeps reading it through its handle.
+            if let Some(old_name) = &old.base_name
+                && *old_name != name
+            {
+                std::fs::remove_file(self.snapshot_dir.join(old_name))?;
+            }
+        }
+        self.step_done(step::OLD_BASE_DELETED)?;
+        let db = self.durable.db();
+        for tree in std::iter::once(&old.live).chain(&old.frozen) {
+            if tree.name() != state.live.name() {
+                db.drop_tree(tree.name())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges the frozen trees of `frozen` with its base into a new base file and switches to
+    /// it. Runs on a blocking thread while applies go on into the live tree.
     fn write_snapshot(&self, start: &BuildStart) -> Result<(SnapshotMeta, File), StoreError> {
         let started = std::time::Instant::now();
-        // The log may be purged up to this snapshot, so the state it covers must be durable.
-        // It is once this returns: it was applied before the build started.
-        self.durable.sync_blocking();
-        let seq = self.next_seq()?;
-        let snapshot_id = match start.last_log_id {
-            Some(log_id) => format!("{}-{}-{seq}", log_id.leader_id.term, log_id.index),
-            None => format!("empty-{seq}"),
-        };
+        let seq = next_seq(&self.pointer)?;
         let meta = SnapshotMeta {
             last_log_id: start.last_log_id,
             last_membership: start.last_membership.clone(),
-            snapshot_id,
+            snapshot_id: snapshot_id(start.last_log_id, seq),
         };
-        let partial = self.next_path("build", PARTIAL_SUFFIX)?;
-        let file = File::create(&partial)?;
-        let mut writer = BaseWriter::new(file, &meta)?;
-        let mut walk = AsOfStart::new(&self.capture, &start.tree);
-        while let Some((key, value)) = walk.next_pair()? {
-            writer.pair(&key, &value)?;
+        let mut merged: Merged<'static> = start.layers.below_live();
+        let (name, summary) = write_base(&self.pointer, &self.snapshot_dir, &meta, |writer| {
+            while let Some((key, value)) = merged.next_pair()? {
+                writer.pair(&key, &value)?;
+            }
+            Ok(())
+        })?;
+        self.step_done(step::BASE_WRITTEN)?;
+        let path = self.snapshot_dir.join(&name);
+        let base = Arc::new(Base::open(&path)?);
+        {
+            let mut state = self.state.blocking_write();
+            let live = state.live.clone();
+            self.switch_base(&mut state, base, name, &meta, live, || {})?;
         }
-        let captured = self.capture.counts();
-        let pairs = writer.finish()?.pairs;
-        let file = self.adopt_snapshot(meta.clone(), &partial)?;
-        let bytes = file.metadata()?.len();
+        let file = self
+            .open_current_snapshot()?
+            .expect("the base just switched to is the current snapshot")
+            .1;
         metrics::histogram!("residency_snapshot_build_seconds")
             .record(started.elapsed().as_secs_f64());
-        metrics::gauge!("residency_snapshot_bytes").set(bytes as f64);
-        metrics::gauge!("residency_snapshot_pairs").set(pairs as f64);
-        metrics::gauge!("residency_snapshot_captured_keys").set(captured.peak as f64);
+        metrics::gauge!("residency_snapshot_bytes").set(summary.bytes as f64);
+        metrics::gauge!("residency_snapshot_pairs").set(summary.pairs as f64);
         tracing::info!(
-            pairs,
-            bytes,
-            captured = captured.total,
-            captured_peak = captured.peak,
+            pairs = summary.pairs,
+            bytes = summary.bytes,
+            blocks = summary.blocks,
+            frozen_trees = start.layers.frozen.len(),
             seconds = started.elapsed().as_secs_f64(),
             index = meta.last_log_id.map(|log_id| log_id.index),
-            "snapshot built"
+            "snapshot built: a new base file"
         );
         Ok((meta, file))
     }
@@ -653,78 +866,97 @@ impl Shared {
         Ok(path)
     }
 
-    /// Loads a received snapshot file into a fresh tree, verifies it, then switches to it.
+    /// Verifies a received snapshot file and makes it the state's base, under a new empty live
+    /// tree. A base file is adopted as it is; one in the older stream format is first written
+    /// out as a base.
     fn install_snapshot_file(&self, meta: &SnapshotMeta, partial: &Path) -> Result<(), StoreError> {
-        let (mut reader, header) = open_snapshot(File::open(partial)?)?;
+        let started = std::time::Instant::now();
+        let (mut pairs, header) = open_snapshot(File::open(partial)?)?;
         if header.last_log_id != meta.last_log_id {
             return Err(StoreError::corrupt(format!(
                 "snapshot file is for {:?}, the leader announced {:?}",
                 header.last_log_id, meta.last_log_id
             )));
         }
-        let started = std::time::Instant::now();
+        let name = match &mut pairs {
+            crate::snapshot::SnapshotPairs::Base(_) => {
+                let name = snapshot_name(next_seq(&self.pointer)?);
+                std::fs::rename(partial, self.snapshot_dir.join(&name))?;
+                crate::durable::sync_directory(&self.snapshot_dir)?;
+                name
+            }
+            crate::snapshot::SnapshotPairs::Stream(_) => {
+                let (name, _) = write_base(&self.pointer, &self.snapshot_dir, &header, |writer| {
+                    while let Some((key, value)) = pairs.next_pair()? {
+                        writer.pair(&key, &value)?;
+                    }
+                    Ok(())
+                })?;
+                std::fs::remove_file(partial)?;
+                name
+            }
+        };
+        self.step_done(step::BASE_RECEIVED)?;
+        let path = self.snapshot_dir.join(&name);
         let db = self.durable.db();
-        let name = format!("{STATE_TREE_PREFIX}{}", self.next_seq()?);
-        let live = self.pointer.get(CURRENT_TREE_KEY)?;
-        assert_ne!(
-            live.as_deref(),
-            Some(name.as_bytes()),
-            "a new state tree reuses the live one's name"
-        );
-        db.drop_tree(&name)?;
-        let tree = db.open_tree(&name)?;
-        let loaded = load_pairs(&mut reader, &tree).and_then(|()| {
-            let applied = read_applied(&tree)?;
+        let live_name = format!("{DELTA_TREE_PREFIX}{}", next_seq(&self.pointer)?);
+        let checked = Base::open(&path).and_then(|base| {
+            base.verify()?;
+            let adopted = Layers {
+                live: db.open_tree(&live_name)?,
+                frozen: Vec::new(),
+                base: Some(Arc::new(base)),
+                base_name: Some(name.clone()),
+            };
+            let applied = read_applied(&StateView(&adopted))?;
             if applied != meta.last_log_id {
                 return Err(StoreError::corrupt(
                     "snapshot state disagrees with its header",
                 ));
             }
-            Ok(applied)
+            let requests = load_request_index(&adopted)?;
+            Ok((adopted, applied, requests))
         });
-        let loaded = loaded.and_then(|applied| Ok((applied, load_request_index(&tree)?)));
-        let (applied, requests) = match loaded {
-            Ok(loaded) => loaded,
+        let (adopted, applied, requests) = match checked {
+            Ok(checked) => checked,
             Err(error) => {
-                db.drop_tree(&name)?;
+                let _ = std::fs::remove_file(&path);
+                let _ = db.drop_tree(live_name.as_bytes());
                 return Err(error);
             }
         };
-        self.durable.sync_blocking();
-        let old_name = {
-            let mut current = self.state.blocking_write();
-            self.pointer.insert(CURRENT_TREE_KEY, name.as_bytes())?;
-            self.durable.sync_blocking();
-            let _change = StateChange::begin(self);
-            *self.read_tree.write().expect("read tree lock poisoned") = tree.clone();
-            let old = std::mem::replace(&mut *current, tree);
-            *self.requests.write().expect("request index lock poisoned") = requests;
-            self.applied_next.store(
-                applied.map_or(0, |log_id| log_id.index + 1),
-                Ordering::SeqCst,
-            );
-            self.applied_notify
-                .send_replace(applied.map_or(0, |log_id| log_id.index));
-            old.name()
-        };
-        db.drop_tree(&old_name)?;
-        self.adopt_snapshot(meta.clone(), partial)?;
+        {
+            let mut state = self.state.blocking_write();
+            let base = adopted.base.expect("set above");
+            let mut requests = Some(requests);
+            self.switch_base(&mut state, base, name, meta, adopted.live, || {
+                *self.requests.write().expect("request index lock poisoned") =
+                    requests.take().expect("switched once");
+                self.applied_next.store(
+                    applied.map_or(0, |log_id| log_id.index + 1),
+                    Ordering::SeqCst,
+                );
+                self.applied_notify
+                    .send_replace(applied.map_or(0, |log_id| log_id.index));
+            })?;
+        }
         crate::log_store::finish_held_back_purge(&self.durable)?;
         metrics::histogram!("residency_snapshot_install_seconds")
             .record(started.elapsed().as_secs_f64());
         tracing::info!(
             index = applied.map(|log_id| log_id.index),
-            "snapshot installed"
+            seconds = started.elapsed().as_secs_f64(),
+            "snapshot installed: its base file adopted"
         );
         Ok(())
     }
 }
 
-/// The request index of the state in `tree`.
-fn load_request_index(tree: &sled::Tree) -> Result<HashedRequestIndex, StoreError> {
+/// The request index of the state in `layers`.
+fn load_request_index(layers: &Layers) -> Result<HashedRequestIndex, StoreError> {
     let started = std::time::Instant::now();
     let mut index = HashedRequestIndex::default();
-    residency_core::requests::load_index(&TreeView(tree), |request_id, place| {
+    residency_core::requests::load_index(&StateView(layers), |request_id, place| {
         index.insert(&request_id, place);
     })?;
     tracing::debug!(
@@ -735,24 +967,14 @@ fn load_request_index(tree: &sled::Tree) -> Result<HashedRequestIndex, StoreErro
     Ok(index)
 }
 
-/// Loads every pair of a snapshot into `tree`, a tree nothing reads until the caller switches
-/// to it (or, for a restore, a store no node runs yet): so the pairs go in one by one, not in
-/// batches. Applied as 10,000-pair sled batches, ten million pairs held 21 GiB of memory at
-/// the peak and went in at under a fifth of the speed (docs/performance.md).
-pub(crate) fn load_pairs(reader: &mut SnapshotPairs, tree: &sled::Tree) -> Result<(), StoreError> {
-    while let Some((key, value)) = reader.next_pair()? {
-        tree.insert(key, value)?;
-    }
-    Ok(())
-}
-
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        let tree = self.shared.state.read().await;
-        let applied = read_applied(&tree).map_err(sm_error(ErrorVerb::Read))?;
-        let membership = read_membership(&tree).map_err(sm_error(ErrorVerb::Read))?;
+        let layers = self.shared.state.read().await;
+        let view = StateView(&layers);
+        let applied = read_applied(&view).map_err(sm_error(ErrorVerb::Read))?;
+        let membership = read_membership(&view).map_err(sm_error(ErrorVerb::Read))?;
         Ok((applied, membership))
     }
 
@@ -802,7 +1024,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let file = snapshot.into_std().await;
         let shared = self.shared.clone();
         let meta = meta.clone();
-        // A running build walks the tree this install replaces.
+        // A running build or digest reads the layers this install replaces.
         let building = self.shared.build_lock.clone().lock_owned().await;
         // Syncing (and maybe copying) a large file must not hold up an async worker thread.
         tokio::task::spawn_blocking(move || {
@@ -845,9 +1067,10 @@ impl std::fmt::Debug for SnapshotBuilder {
     }
 }
 
-/// What a build reads while applies are held off: the tree, the revision and membership it is at.
+/// What a build merges: the layers as they were frozen, and the revision and membership the
+/// frozen state is at.
 struct BuildStart {
-    tree: sled::Tree,
+    layers: Layers,
     last_log_id: Option<LogId>,
     last_membership: StoredMembership,
 }
@@ -861,44 +1084,75 @@ pub(crate) struct Walking {
 
 impl Drop for Walking {
     fn drop(&mut self) {
-        self.shared.capture.stop();
+        let counts = self.shared.capture.stop();
+        metrics::gauge!("residency_snapshot_captured_keys").set(counts.peak as f64);
     }
 }
 
 impl Shared {
-    /// Starts a walk of the state as it is now (see `capture.rs`): waits for any other walk or
-    /// install, and holds off applies only while `at_start` reads what the walk needs.
+    /// Starts a walk of the state as it is now (see `capture.rs`): waits for any build, digest
+    /// or install, and holds off applies only while `at_start` reads what the walk needs.
     pub(crate) async fn start_walk<T>(
         self: &Arc<Self>,
-        at_start: impl FnOnce(&sled::Tree) -> Result<T, StoreError>,
-    ) -> Result<(Walking, sled::Tree, T), StoreError> {
+        at_start: impl FnOnce(&Layers) -> Result<T, StoreError>,
+    ) -> Result<(Walking, Layers, T), StoreError> {
         let building = self.build_lock.clone().lock_owned().await;
-        let tree = self.state.read().await;
-        let read = at_start(&tree)?;
+        let layers = self.state.read().await;
+        let read = at_start(&layers)?;
         self.capture.start();
         let walking = Walking {
             shared: self.clone(),
             _building: building,
         };
-        Ok((walking, tree.clone(), read))
+        Ok((walking, layers.clone(), read))
+    }
+
+    /// Freezes the live tree under a new empty one (not synced: sled keeps its writes in order,
+    /// so after a crash the new tree's changes are there only if the pointer naming it is).
+    /// Returns what the build merges.
+    async fn freeze_live(&self) -> Result<BuildStart, StoreError> {
+        let mut state = self.state.write().await;
+        let view = StateView(&state);
+        let last_log_id = read_applied(&view)?;
+        let last_membership = read_membership(&view)?;
+        let fresh = self
+            .durable
+            .db()
+            .open_tree(format!("{DELTA_TREE_PREFIX}{}", next_seq(&self.pointer)?))?;
+        let mut frozen = vec![state.live.clone()];
+        frozen.extend(state.frozen.iter().cloned());
+        let layers = Layers {
+            live: fresh,
+            frozen,
+            base: state.base.clone(),
+            base_name: state.base_name.clone(),
+        };
+        set_pointer_layers(&self.pointer, &layers.names())?;
+        {
+            let _change = StateChange::begin(self);
+            *self.read_layers.write().expect("read layers lock poisoned") = layers.clone();
+            *state = layers.clone();
+        }
+        self.step_done(step::LIVE_FROZEN)?;
+        Ok(BuildStart {
+            layers,
+            last_log_id,
+            last_membership,
+        })
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (walking, tree, (last_log_id, last_membership)) = self
+        let building = self.shared.build_lock.clone().lock_owned().await;
+        let start = self
             .shared
-            .start_walk(|tree| Ok((read_applied(tree)?, read_membership(tree)?)))
+            .freeze_live()
             .await
             .map_err(snapshot_error(ErrorVerb::Read))?;
-        let start = BuildStart {
-            tree,
-            last_log_id,
-            last_membership,
-        };
         let shared = self.shared.clone();
         let (meta, file) = tokio::task::spawn_blocking(move || {
-            let _walking = walking;
+            let _building = building;
             shared.write_snapshot(&start)
         })
         .await

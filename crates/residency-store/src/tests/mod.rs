@@ -11,6 +11,7 @@
 
 mod determinism;
 mod grouped;
+mod layers;
 mod leader_appends;
 mod log_corruption;
 mod reads;

@@ -61,10 +61,25 @@ async fn source_store(store: &mut Store) -> u64 {
     index
 }
 
+/// Every pair of the state, its layers merged.
 async fn all_pairs(store: &Store) -> Vec<StatePair> {
     let lock = store.state_machine.state_lock();
-    let tree = lock.read().await;
-    tree.iter()
+    let layers = lock.read().await;
+    let mut merged = layers.pairs_from(b"", false);
+    let mut pairs = Vec::new();
+    while let Some(pair) = merged.next_pair().expect("the state reads") {
+        pairs.push(pair);
+    }
+    pairs
+}
+
+/// The live tree's pairs as stored (tagged).
+async fn live_pairs(store: &Store) -> Vec<StatePair> {
+    let lock = store.state_machine.state_lock();
+    let layers = lock.read().await;
+    layers
+        .live
+        .iter()
         .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())))
         .collect::<Result<_, _>>()
         .expect("tree reads")
@@ -83,8 +98,8 @@ async fn a_walk_sees_the_state_at_its_start_while_writes_land_around_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut store = open_store(dir.path()).await;
     let mut index = source_store(&mut store).await;
-    let at_start = all_pairs(&store).await;
-    let tree = store.state_machine.state_lock().read().await.clone();
+    let at_start = live_pairs(&store).await;
+    let tree = store.state_machine.state_lock().read().await.live.clone();
 
     store.state_machine.capture().start();
     let mut writer = store.state_machine.clone();
@@ -122,7 +137,7 @@ async fn a_walk_sees_the_state_at_its_start_while_writes_land_around_it() {
         "entries the walk passed were dropped: {captured:?}"
     );
     assert_ne!(
-        all_pairs(&store).await,
+        live_pairs(&store).await,
         at_start,
         "the writes changed the live state"
     );

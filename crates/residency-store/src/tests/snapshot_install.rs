@@ -418,50 +418,6 @@ async fn the_log_is_not_purged_past_a_snapshot_still_being_installed() {
     );
 }
 
-/// An install switches the state to the received snapshot, then makes the file the current
-/// snapshot. A crash between the two left the state ahead of every snapshot, and openraft
-/// refuses to start from that (the fault suite's crash-during-snapshot-install found it). The
-/// store now adopts the received file at open when the state stands exactly at it.
-#[tokio::test]
-async fn a_snapshot_whose_install_was_cut_short_is_adopted_at_open() {
-    let source_dir = tempfile::tempdir().expect("tempdir");
-    let mut source = source_store(source_dir.path()).await;
-    let (meta, bytes) = build_snapshot(&mut source).await;
-    let receiver_dir = tempfile::tempdir().expect("tempdir");
-    let mut receiver = open_store(receiver_dir.path()).await;
-    receive(&mut receiver, &meta, &bytes)
-        .await
-        .expect("installed");
-    drop(receiver);
-    // Put the disk back as the crash left it: the state switched, the file still partial.
-    let snapshots = receiver_dir.path().join("snapshots");
-    let installed: Vec<_> = std::fs::read_dir(&snapshots)
-        .expect("snapshot dir")
-        .map(|entry| entry.expect("entry").path())
-        .collect();
-    assert_eq!(installed.len(), 1, "{installed:?}");
-    std::fs::rename(
-        &installed[0],
-        snapshots.join("incoming-00000000000000009999.partial"),
-    )
-    .expect("renamed back");
-
-    let mut reopened = open_store(receiver_dir.path()).await;
-    let (applied, _) = reopened
-        .state_machine
-        .applied_state()
-        .await
-        .expect("applied state");
-    let current = reopened
-        .state_machine
-        .get_current_snapshot()
-        .await
-        .expect("current snapshot")
-        .expect("the received snapshot was adopted");
-    assert_eq!(current.meta.last_log_id, applied);
-    assert_eq!(current.meta.last_log_id, meta.last_log_id);
-}
-
 /// A snapshot is built as a base file; one in the older stream format (sent by a node not yet
 /// upgraded, or restored from an old backup) installs to the same state.
 #[tokio::test]
