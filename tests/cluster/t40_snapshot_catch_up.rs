@@ -182,3 +182,36 @@ fn a_learner_joining_after_the_log_is_purged_installs_one_snapshot_however_long_
         assert!(read.placement.is_some());
     });
 }
+
+/// Entries that carry many writes each fill sled long before `snapshot_logs_since_last`
+/// entries: past `snapshot_live_changes_max` changes in its live tree, a node builds a
+/// snapshot anyway, moving them into its base file.
+#[test]
+fn a_node_whose_live_tree_fills_builds_a_snapshot_before_the_entry_count_asks() {
+    serially(|| async {
+        let raft = "heartbeat_interval_ms = 500\nelection_timeout_ms_min = 2500\n\
+                    election_timeout_ms_max = 6000\nsnapshot_logs_since_last = 1000000\n\
+                    snapshot_live_changes_max = 2000";
+        let cluster = Cluster::start(3, raft).await;
+        let client = cluster.client();
+        // 6 entries of 500 placements: far below 1,000,000 entries, above 2,000 changes.
+        assign_batches(&client, "full", 6, |batch, n| {
+            format!("full-{batch:03}-{n:03}")
+        })
+        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for id in [1, 2, 3] {
+            loop {
+                let status = cluster.member_status(id).await;
+                if status.snapshot_index.is_some() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "node {id} built no snapshot although its live tree is full"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+}

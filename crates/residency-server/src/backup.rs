@@ -21,6 +21,8 @@ const BACKUP_CHUNK_BYTES: usize = 256 * 1024;
 const BACKUP_CHUNKS_IN_FLIGHT_MAX: usize = 4;
 /// How long the fresh snapshot may take to build before the backup gives up.
 const BACKUP_SNAPSHOT_WAIT_MS_MAX: u64 = 300_000;
+/// How often the state's live tree is measured against `raft.snapshot_live_changes_max`.
+const LIVE_CHANGES_CHECK_INTERVAL_MS: u64 = 1_000;
 
 pub type BackupStream = Pin<Box<dyn Stream<Item = Result<BackupChunk, Status>> + Send>>;
 
@@ -29,6 +31,32 @@ fn chunk(part: backup_chunk::Part) -> Result<BackupChunk, Status> {
 }
 
 impl Node {
+    /// Asks for a snapshot build whenever the state's live sled tree holds at least
+    /// `raft.snapshot_live_changes_max` changes since the last build, until the node stops: a
+    /// build moves them into the base file, so sled (its disk, its open after a restart) stays
+    /// small whatever the entries carry.
+    pub async fn snapshot_when_live_tree_full(self: std::sync::Arc<Self>) {
+        let bound = self.config.raft.snapshot_live_changes_max;
+        loop {
+            tokio::time::sleep(Duration::from_millis(LIVE_CHANGES_CHECK_INTERVAL_MS)).await;
+            if self.raft.metrics().borrow().running_state.is_err() {
+                return;
+            }
+            let changes = self.reader.live_changes();
+            metrics::gauge!("residency_state_live_changes").set(changes as f64);
+            if changes >= bound {
+                tracing::info!(
+                    changes,
+                    bound,
+                    "the state's live tree is full: building a snapshot"
+                );
+                if self.raft.trigger().snapshot().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
     /// Builds a snapshot covering at least what this node has applied now, and opens it.
     async fn fresh_snapshot(&self) -> Result<(u64, std::fs::File), ApiError> {
         let applied = self.reader.applied_revision().0;

@@ -20,6 +20,9 @@ pub struct RaftConfig {
     pub election_timeout_ms_max: u64,
     /// Build a snapshot after this many entries since the last one.
     pub snapshot_logs_since_last: u64,
+    /// Build a snapshot once the state's sled tree holds this many changes since the last one
+    /// (checked every second), whatever the entries: a bulk import carries 500 per entry.
+    pub snapshot_live_changes_max: u64,
     /// Entries kept in the log behind a snapshot, so a briefly lagging follower needs no snapshot.
     pub max_in_snapshot_log_to_keep: u64,
     pub snapshot_chunk_bytes_max: u64,
@@ -44,6 +47,7 @@ impl Default for RaftConfig {
             election_timeout_ms_min: 1_000,
             election_timeout_ms_max: 3_000,
             snapshot_logs_since_last: 10_000,
+            snapshot_live_changes_max: 2_000_000,
             max_in_snapshot_log_to_keep: 1_000,
             snapshot_chunk_bytes_max: 1024 * 1024,
             install_snapshot_timeout_ms: 10_000,
@@ -386,10 +390,14 @@ impl Config {
                 "must be at least 2 × raft.election_timeout_ms_min: a narrow window risks repeated split votes",
             ));
         }
-        if raft.snapshot_logs_since_last == 0 || raft.max_payload_entries == 0 {
+        if raft.snapshot_logs_since_last == 0
+            || raft.snapshot_live_changes_max == 0
+            || raft.max_payload_entries == 0
+        {
             return Err(invalid(
                 "raft",
-                "snapshot_logs_since_last and max_payload_entries must be positive",
+                "snapshot_logs_since_last, snapshot_live_changes_max and max_payload_entries \
+                 must be positive",
             ));
         }
         let limits = &self.limits;

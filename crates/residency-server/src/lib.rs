@@ -210,6 +210,7 @@ pub async fn run(
     ));
     tokio::spawn(observability::sample_raft_metrics(node.clone()));
     tokio::spawn(node.clone().learn_ready_index());
+    tokio::spawn(node.clone().snapshot_when_live_tree_full());
 
     let (stop, stop_flag) = watch::channel(false);
     let message_bytes_max = config.limits.grpc_message_bytes_max;

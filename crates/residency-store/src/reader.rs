@@ -46,6 +46,12 @@ impl StateReader {
         self.shared.answers.clone()
     }
 
+    /// Changes written into the state's live sled tree since its last snapshot build (or since
+    /// the node started): the server builds a snapshot past a bound, so sled stays small.
+    pub fn live_changes(&self) -> u64 {
+        self.shared.live_changes.load(Ordering::Relaxed)
+    }
+
     /// The revision of the last applied entry on this node (0 before any).
     pub fn applied_revision(&self) -> Revision {
         Revision(

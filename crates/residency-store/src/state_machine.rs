@@ -241,6 +241,9 @@ pub(crate) struct Shared {
     build_lock: Arc<tokio::sync::Mutex<()>>,
     /// The proposer's callbacks for its own entries (`answers.rs`).
     pub(crate) answers: crate::AnswerBoard,
+    /// Changes written into the live tree since it was made (counted from 0 after a restart):
+    /// the server asks for a snapshot build past a bound, so sled stays small.
+    pub(crate) live_changes: AtomicU64,
     /// The step after which a test stops the store (`step_done`); never set outside tests.
     crash_after: Mutex<Option<&'static str>>,
 }
@@ -517,6 +520,7 @@ impl StateMachineStore {
             capture: Capture::default(),
             build_lock: Arc::default(),
             answers: crate::AnswerBoard::default(),
+            live_changes: AtomicU64::new(0),
             crash_after: Mutex::new(None),
         };
         Ok(StateMachineStore {
@@ -627,6 +631,9 @@ impl StateMachineStore {
         self.shared.capture.record(live, overlay.pending.keys())?;
         let _change = StateChange::begin(&self.shared);
         let changes = overlay.into_changes();
+        self.shared
+            .live_changes
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
         // Decided: the proposer may answer its writes now, inside the change (`answers.rs`).
         for (tag, position) in tagged_entries {
             let decided: &ProposalResult = &results[position];
@@ -745,12 +752,14 @@ impl Shared {
     }
 
     /// Makes `base` (named `name`, at `meta`) the state's base under `live`, with no frozen
-    /// tree, in one durable step; then drops the trees and the base file it replaces. Runs
-    /// under the state write lock, given as `state`.
+    /// tree, in one durable step; then drops the trees and the base file it replaces.
     /// `inside_change` runs inside the readers' state change, with the new layers in place.
+    ///
+    /// The caller holds the build lock, so nothing else changes which layers make up the state;
+    /// the sync is made before the state lock is taken, so applies (into `live`, the live tree
+    /// before and after) wait only for the swap in memory.
     fn switch_base(
         &self,
-        state: &mut Layers,
         base: Arc<Base>,
         name: String,
         meta: &SnapshotMeta,
@@ -766,13 +775,19 @@ impl Shared {
         set_pointer_layers(&self.pointer, &new_layers.names())?;
         self.durable.sync_blocking();
         self.step_done(step::LAYERS_SWITCHED)?;
+        let mut state = self.state.blocking_write();
         let old = {
             let _change = StateChange::begin(self);
             *self.read_layers.write().expect("read layers lock poisoned") = new_layers.clone();
-            let old = std::mem::replace(state, new_layers);
+            let old = std::mem::replace(&mut *state, new_layers);
+            if old.live.name() != state.live.name() {
+                self.live_changes.store(0, Ordering::Relaxed);
+            }
             inside_change();
             old
         };
+        let live_name = state.live.name();
+        drop(state);
         {
             let mut current = self
                 .current_snapshot
@@ -793,7 +808,7 @@ impl Shared {
         self.step_done(step::OLD_BASE_DELETED)?;
         let db = self.durable.db();
         for tree in std::iter::once(&old.live).chain(&old.frozen) {
-            if tree.name() != state.live.name() {
+            if tree.name() != live_name {
                 db.drop_tree(tree.name())?;
             }
         }
@@ -820,11 +835,8 @@ impl Shared {
         self.step_done(step::BASE_WRITTEN)?;
         let path = self.snapshot_dir.join(&name);
         let base = Arc::new(Base::open(&path)?);
-        {
-            let mut state = self.state.blocking_write();
-            let live = state.live.clone();
-            self.switch_base(&mut state, base, name, &meta, live, || {})?;
-        }
+        let live = self.state.blocking_read().live.clone();
+        self.switch_base(base, name, &meta, live, || {})?;
         let file = self
             .open_current_snapshot()?
             .expect("the base just switched to is the current snapshot")
@@ -926,10 +938,11 @@ impl Shared {
             }
         };
         {
-            let mut state = self.state.blocking_write();
+            // openraft's state machine worker runs an install and applies one at a time, so no
+            // apply writes into the live tree this replaces while it is switched.
             let base = adopted.base.expect("set above");
             let mut requests = Some(requests);
-            self.switch_base(&mut state, base, name, meta, adopted.live, || {
+            self.switch_base(base, name, meta, adopted.live, || {
                 *self.requests.write().expect("request index lock poisoned") =
                     requests.take().expect("switched once");
                 self.applied_next.store(
@@ -1132,6 +1145,7 @@ impl Shared {
             let _change = StateChange::begin(self);
             *self.read_layers.write().expect("read layers lock poisoned") = layers.clone();
             *state = layers.clone();
+            self.live_changes.store(0, Ordering::Relaxed);
         }
         self.step_done(step::LIVE_FROZEN)?;
         Ok(BuildStart {
