@@ -4,7 +4,7 @@
 //! [`KvRead`], decides, and returns the mutations to make plus the answer. It reads no clock, no
 //! randomness and no configuration, and it iterates nothing whose order is not fixed, so every
 //! replica that applies the same log reaches the same bytes (invariant I7). The store turns the
-//! mutations into one atomic sled batch together with the applied revision.
+//! mutations atomically together with the applied revision (behind a redo record).
 //!
 //! - [`keys`]: the layout of the state key space, shared with the store and the digest.
 //! - [`codec`]: the versioned disk encoding of values (not the wire format).

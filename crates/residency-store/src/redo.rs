@@ -2,10 +2,11 @@
 //!
 //! sled makes a `Batch` atomic by rolling its IO buffer twice per batch, and each roll is a
 //! write handed to sled's thread pool, which wakes every waiting pool thread: at one write per
-//! entry that cost more CPU than the write itself (docs/performance.md). Instead an apply of
-//! up to `REDO_CHANGES_MAX` changes (`state_machine.rs`; a larger one shares a batch's fixed
-//! cost) first records its whole change set, the *redo*, in the `sm_redo` tree, then makes the
-//! changes key by key, then drops the redo.
+//! entry that cost more CPU than the write itself (docs/performance.md). And a batch holds
+//! sled's global write lock while it may wait for sled's flusher, which needs that lock: a
+//! large batch during a snapshot build hung a node (docs/storage.md). Instead every apply first
+//! records its whole change set, the *redo*, in the `sm_redo` tree, then makes the changes key
+//! by key, then drops the redo.
 //!
 //! Why that is as atomic as a batch: sled recovers a prefix of its log, in the order the writes
 //! were made (it stops at the first torn or missing segment). So after a crash either the redo's

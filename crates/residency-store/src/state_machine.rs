@@ -60,11 +60,6 @@ const LEGACY_STATE_TREE_PREFIX: &str = "state-";
 const LEGACY_INITIAL_STATE_TREE: &str = "state-0";
 const SNAPSHOT_SUFFIX: &str = ".snap";
 const PARTIAL_SUFFIX: &str = ".partial";
-/// The most changes one apply writes behind a redo record (`redo.rs`); more go in one sled
-/// batch. A batch costs about the same whatever its size (two rolls of sled's IO buffer, each
-/// waking all of sled's pool threads), a redo costs each change once more: past a few hundred
-/// changes the batch is the cheaper of the two atomic writes.
-const REDO_CHANGES_MAX: usize = 512;
 
 /// The durable steps of a build, an install and the switch both end with, in order; a test
 /// can stop the store right after any of them (`Shared::step_done`), as a crash would.
@@ -639,23 +634,13 @@ impl StateMachineStore {
             let decided: &ProposalResult = &results[position];
             self.shared.answers.answer(tag, &decided.results);
         }
-        if changes.len() <= REDO_CHANGES_MAX {
-            // Key by key behind a redo record: as atomic as a sled batch, and for a small
-            // apply far cheaper (`redo.rs`).
-            let tree_name = String::from_utf8_lossy(&live.name()).into_owned();
-            crate::redo::write(&self.shared.redo, live, &tree_name, &changes)?;
-        } else {
-            // A large apply: the batch's fixed cost is shared by many changes, while a redo
-            // would write each of them twice.
-            let mut batch = sled::Batch::default();
-            for (key, value) in changes {
-                match value {
-                    Some(value) => batch.insert(key, value),
-                    None => batch.remove(key),
-                }
-            }
-            live.apply_batch(batch)?;
-        }
+        // Key by key behind a redo record, whatever the apply's size: as atomic as a sled
+        // batch, cheaper for a small apply, and never under sled's global write lock, which a
+        // batch holds while it may wait for sled's flusher: a batch that had to read back a page
+        // still in an unwritten IO buffer hung the whole node (the flusher waits for that lock;
+        // docs/storage.md).
+        let tree_name = String::from_utf8_lossy(&live.name()).into_owned();
+        crate::redo::write(&self.shared.redo, live, &tree_name, &changes)?;
         if let Some(log_id) = last_applied {
             let previous = self
                 .shared
