@@ -36,9 +36,11 @@ use crate::{SnapshotMeta, StoreError};
 
 const MAGIC: &[u8; 8] = b"RRBASE01";
 /// The decoded bytes a block holds, about: a block ends at the first pair that reaches it.
-/// Small enough that a point read decodes little, large enough that zstd finds the repeats
-/// between neighbouring keys.
-const BLOCK_RAW_BYTES_TARGET: usize = 16 * 1024;
+/// A point read that misses the cache decodes one block: 2,000,000 placement-sized pairs read
+/// at random through the 64 MiB cache took 15 us a read with 16 KiB blocks, 9.2 with 8 KiB
+/// and 9.4 with 4 KiB (the file 2% and 10% larger); zstd still finds the repeats between
+/// neighbouring keys.
+const BLOCK_RAW_BYTES_TARGET: usize = 8 * 1024;
 /// zstd's fastest level: blocks are written once per snapshot build and read often.
 const BLOCK_ZSTD_LEVEL: i32 = 1;
 /// The same bounds as the snapshot stream's: keys are ids and names, values placements and
@@ -58,6 +60,13 @@ const FOOTER_BYTES: usize = 8 * 4 + 4 + 4 + MAGIC.len();
 pub const BLOCK_CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// The file is read in pieces of this size when every block's checksum is checked.
 const VERIFY_READ_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// A zstd decompression context per thread, kept: making one for every block read cost
+    /// more than decompressing a small block.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 fn push_varint(out: &mut Vec<u8>, mut value: usize) {
     while value >= 0x80 {
@@ -670,9 +679,18 @@ impl Base {
                 entry.offset
             )));
         }
-        let raw = zstd::bulk::decompress(body, entry.raw_len as usize).map_err(|error| {
-            StoreError::corrupt(format!("base file: a block does not decompress: {error}"))
-        })?;
+        let raw = DECOMPRESSOR
+            .with(|decompressor| {
+                let mut decompressor = decompressor.borrow_mut();
+                let decompressor = match &mut *decompressor {
+                    Some(decompressor) => decompressor,
+                    None => decompressor.insert(zstd::bulk::Decompressor::new()?),
+                };
+                decompressor.decompress(body, entry.raw_len as usize)
+            })
+            .map_err(|error| {
+                StoreError::corrupt(format!("base file: a block does not decompress: {error}"))
+            })?;
         if raw.len() != entry.raw_len as usize {
             return Err(StoreError::corrupt(
                 "base file: a block's size disagrees with the index",
