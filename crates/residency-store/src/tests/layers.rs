@@ -7,8 +7,9 @@ use std::path::Path;
 use openraft::RaftSnapshotBuilder;
 use openraft::storage::RaftStateMachine;
 use residency_types::{Revision, WriteBody};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
+use super::snapshot_install::receive;
 use super::{
     SEEDED, Store, assign, command, open_store, seeded_history, test_options, user, write_entry,
 };
@@ -166,18 +167,7 @@ async fn reads_see_the_changes_over_the_base_and_every_path_keeps_the_digest() {
     // The base installs elsewhere with the same digest, and survives a restart there.
     let other_dir = tempfile::tempdir().expect("temp dir");
     let mut other = open_store(other_dir.path()).await;
-    let mut file = other
-        .state_machine
-        .begin_receiving_snapshot()
-        .await
-        .expect("receiving");
-    file.write_all(&bytes).await.expect("written");
-    file.flush().await.expect("flushed");
-    other
-        .state_machine
-        .install_snapshot(&meta, file)
-        .await
-        .expect("installed");
+    receive(&mut other, &meta, &bytes).await.expect("installed");
     assert_eq!(digest(&other).await, expected, "installed");
     drop(other);
     let other = open_store(other_dir.path()).await;
@@ -250,14 +240,7 @@ async fn a_crash_after_any_step_of_an_install_leaves_one_state_or_the_other() {
         let own = digest(&store).await;
 
         store.state_machine.crash_after(crash);
-        let mut file = store
-            .state_machine
-            .begin_receiving_snapshot()
-            .await
-            .expect("receiving");
-        file.write_all(&bytes).await.expect("written");
-        file.flush().await.expect("flushed");
-        let result = store.state_machine.install_snapshot(&meta, file).await;
+        let result = receive(&mut store, &meta, &bytes).await;
         assert!(result.is_err(), "{crash}: the install stopped");
         drop(store);
         let store = open_store(dir.path()).await;

@@ -69,7 +69,11 @@ async fn snapshot_bytes(mut snapshot: Snapshot<crate::TypeConfig>) -> Vec<u8> {
 
 /// Receives `bytes` the way openraft does (into the file `begin_receiving_snapshot` made),
 /// then installs them as the snapshot `meta` describes.
-async fn receive(store: &mut Store, meta: &SnapshotMeta, bytes: &[u8]) -> Result<(), StorageError> {
+pub(super) async fn receive(
+    store: &mut Store,
+    meta: &SnapshotMeta,
+    bytes: &[u8],
+) -> Result<(), StorageError> {
     let mut file = store.state_machine.begin_receiving_snapshot().await?;
     file.write_all(bytes).await.expect("snapshot bytes written");
     file.flush().await.expect("snapshot bytes flushed");
