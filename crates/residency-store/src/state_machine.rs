@@ -868,52 +868,65 @@ impl Shared {
     /// out as a base.
     fn install_snapshot_file(&self, meta: &SnapshotMeta, partial: &Path) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
-        let (mut pairs, header) = open_snapshot(File::open(partial)?)?;
-        if header.last_log_id != meta.last_log_id {
-            return Err(StoreError::corrupt(format!(
+        let announced = |header: &SnapshotMeta| {
+            if header.last_log_id == meta.last_log_id {
+                return Ok(());
+            }
+            Err(StoreError::corrupt(format!(
                 "snapshot file is for {:?}, the leader announced {:?}",
                 header.last_log_id, meta.last_log_id
-            )));
-        }
-        let name = match &mut pairs {
-            crate::snapshot::SnapshotPairs::Base(_) => {
-                let name = snapshot_name(next_seq(&self.pointer)?);
-                std::fs::rename(partial, self.snapshot_dir.join(&name))?;
-                crate::durable::sync_directory(&self.snapshot_dir)?;
-                name
-            }
-            crate::snapshot::SnapshotPairs::Stream(_) => {
-                let (name, _) = write_base(&self.pointer, &self.snapshot_dir, &header, |writer| {
-                    while let Some((key, value)) = pairs.next_pair()? {
-                        writer.pair(&key, &value)?;
-                    }
-                    Ok(())
-                })?;
-                std::fs::remove_file(partial)?;
-                name
-            }
+            )))
+        };
+        let file = File::open(partial)?;
+        let mut prefix = [0_u8; 8];
+        let read = std::os::unix::fs::FileExt::read_at(&file, &mut prefix, 0)?;
+        let (base, name) = if Base::is_base(&prefix[..read]) {
+            // Opened once: its checksums when opened, every block decoded by `verify`; the
+            // handle stays good across the rename.
+            let base = Base::from_file(file)?;
+            announced(base.meta())?;
+            base.verify()?;
+            let name = snapshot_name(next_seq(&self.pointer)?);
+            std::fs::rename(partial, self.snapshot_dir.join(&name))?;
+            crate::durable::sync_directory(&self.snapshot_dir)?;
+            (base, name)
+        } else {
+            // The older stream, checked as it is read: written out as a base first.
+            let (mut pairs, header) = open_snapshot(file)?;
+            announced(&header)?;
+            let (name, _) = write_base(&self.pointer, &self.snapshot_dir, &header, |writer| {
+                while let Some((key, value)) = pairs.next_pair()? {
+                    writer.pair(&key, &value)?;
+                }
+                Ok(())
+            })?;
+            std::fs::remove_file(partial)?;
+            let base = Base::open(&self.snapshot_dir.join(&name))?;
+            (base, name)
         };
         self.step_done(step::BASE_RECEIVED)?;
         let path = self.snapshot_dir.join(&name);
         let db = self.durable.db();
         let live_name = format!("{DELTA_TREE_PREFIX}{}", next_seq(&self.pointer)?);
-        let checked = Base::open(&path).and_then(|base| {
-            base.verify()?;
-            let adopted = Layers {
-                live: db.open_tree(&live_name)?,
-                frozen: Vec::new(),
-                base: Some(Arc::new(base)),
-                base_name: Some(name.clone()),
-            };
-            let applied = read_applied(&StateView(&adopted))?;
-            if applied != meta.last_log_id {
-                return Err(StoreError::corrupt(
-                    "snapshot state disagrees with its header",
-                ));
-            }
-            let requests = load_request_index(&adopted)?;
-            Ok((adopted, applied, requests))
-        });
+        let checked = db
+            .open_tree(&live_name)
+            .map_err(StoreError::from)
+            .and_then(|live| {
+                let adopted = Layers {
+                    live,
+                    frozen: Vec::new(),
+                    base: Some(Arc::new(base)),
+                    base_name: Some(name.clone()),
+                };
+                let applied = read_applied(&StateView(&adopted))?;
+                if applied != meta.last_log_id {
+                    return Err(StoreError::corrupt(
+                        "snapshot state disagrees with its header",
+                    ));
+                }
+                let requests = load_request_index(&adopted)?;
+                Ok((adopted, applied, requests))
+            });
         let (adopted, applied, requests) = match checked {
             Ok(checked) => checked,
             Err(error) => {
