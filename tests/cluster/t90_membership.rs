@@ -73,10 +73,20 @@ fn a_node_joins_as_learner_is_promoted_and_another_is_removed() {
         // The removed node cannot come back under its old id.
         cluster.restart(leader);
         cluster.wait_serving(leader).await;
-        let rejoin = client
-            .add_learner(&cluster.nodes[&leader].peer_addr())
-            .await
-            .expect_err("id reused");
+        // Its client port accepts connections as soon as it is bound, before the node serves:
+        // a status call to its peer port may find it still opening its store for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let rejoin = loop {
+            let refused = client
+                .add_learner(&cluster.nodes[&leader].peer_addr())
+                .await
+                .expect_err("id reused");
+            let starting = refused.reason() == Some(ReasonCode::MemberUnreachable);
+            if !starting || std::time::Instant::now() > deadline {
+                break refused;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
         assert_eq!(
             rejoin.reason(),
             Some(ReasonCode::MemberIdReused),
